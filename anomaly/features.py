@@ -1,0 +1,135 @@
+"""Locally aware patch features (PatchCore, Roth et al. 2022, section 3.1)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbone import DEFAULT_BACKBONE, create_backbone, normalisation
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    backbone: str = DEFAULT_BACKBONE
+    # timm feature stages; (2, 3) are the two mid-level stages (strides 8 and 16): WideResNet's
+    # layer2 + layer3, EfficientNet's stages at 1/8 and 1/16 resolution.
+    layers: tuple[int, ...] = (2, 3)
+    # every image is resized by the same factor (aspect kept), so a texture has the same scale in
+    # every image: resizing each to a fixed size would show the network different scales
+    input_scale: float = 1.0
+    # > 0: resize every image to this square side instead (aspect not kept)
+    square_side: int = 0
+    size_multiple: int = 16
+    patch_size: int = 3
+    layer_dim: int = 256
+    embed_dim: int = 256
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FeatureConfig":
+        data = dict(data)
+        data["layers"] = tuple(data["layers"])
+        return cls(**data)
+
+
+@dataclass
+class PatchFeatures:
+    """The patch vectors of one image, row-major over a grid of ``grid`` positions."""
+
+    vectors: np.ndarray          # (grid_h * grid_w, embed_dim) float32
+    grid: tuple[int, int]        # (grid_h, grid_w)
+    image_shape: tuple[int, int]  # (height, width) of the original image
+    input_shape: tuple[int, int]  # (height, width) the network saw
+
+
+def input_shape_for(height: int, width: int, scale: float, multiple: int) -> tuple[int, int]:
+    """Network input size: the image scaled by ``scale``, each side rounded to ``multiple``."""
+    return (max(multiple, round(height * scale / multiple) * multiple),
+            max(multiple, round(width * scale / multiple) * multiple))
+
+
+def to_float_rgb(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1] from grey, grey+alpha, RGB or RGBA arrays of any integer depth."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3:
+        raise ValueError(f"expected a 2-D or 3-D image array, got shape {image.shape}")
+    if np.issubdtype(image.dtype, np.integer):
+        scaled = image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max)
+    else:
+        scaled = image.astype(np.float32)
+    channels = scaled.shape[2]
+    if channels in (2, 4):  # drop alpha: nominal appearance is what counts
+        scaled = scaled[:, :, : channels - 1]
+    if scaled.shape[2] == 1:
+        scaled = np.repeat(scaled, 3, axis=2)
+    if scaled.shape[2] != 3:
+        raise ValueError(f"unsupported number of channels: {image.shape[2]}")
+    return scaled
+
+
+class PatchFeatureExtractor:
+    """Backbone + local neighbourhood aggregation + adaptive pooling to a fixed dimension."""
+
+    def __init__(self, config: FeatureConfig = FeatureConfig(), device: str | torch.device = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        self.model = create_backbone(config.backbone, features_only=True, out_indices=config.layers)
+        self.model.to(self.device)
+        mean, std = normalisation(config.backbone)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.reduction = min(self.model.feature_info.reduction())
+        self.min_side = max(self.model.feature_info.reduction())
+
+    def input_shape(self, height: int, width: int) -> tuple[int, int]:
+        if self.config.square_side:
+            return (self.config.square_side, self.config.square_side)
+        return input_shape_for(height, width, self.config.input_scale, self.config.size_multiple)
+
+    def preprocess(self, images: list[np.ndarray], shape: tuple[int, int]) -> torch.Tensor:
+        batch = []
+        for image in images:
+            rgb = torch.from_numpy(to_float_rgb(image)).permute(2, 0, 1)[None]
+            batch.append(F.interpolate(rgb, size=shape, mode="bilinear", align_corners=False, antialias=True))
+        tensor = torch.cat(batch).to(self.device)
+        return (tensor - self.mean) / self.std
+
+    @torch.inference_mode()
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) normalised inputs -> (B, embed_dim, h/r, w/r) patch features."""
+        maps = self.model(inputs)
+        pad = self.config.patch_size // 2
+        # locally aware: each position averages its p x p neighbourhood (stride 1)
+        maps = [F.avg_pool2d(m, self.config.patch_size, stride=1, padding=pad, count_include_pad=False)
+                for m in maps]
+        grid = maps[0].shape[-2:]
+        maps = [m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+                for m in maps]
+        batch, (grid_h, grid_w) = maps[0].shape[0], grid
+        per_layer = []
+        for m in maps:
+            vectors = m.permute(0, 2, 3, 1).reshape(-1, 1, m.shape[1])
+            # adaptive pooling equalises the layers' widths so neither dominates the distance
+            per_layer.append(F.adaptive_avg_pool1d(vectors, self.config.layer_dim))
+        stacked = torch.cat(per_layer, dim=1).reshape(-1, 1, len(maps) * self.config.layer_dim)
+        embedded = F.adaptive_avg_pool1d(stacked, self.config.embed_dim)
+        return embedded.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2)
+
+    def extract(self, images: list[np.ndarray]) -> list[PatchFeatures]:
+        """Patch features of each image; images of equal network input size share a batch."""
+        results: list[PatchFeatures | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(self.input_shape(*image.shape[:2]), []).append(i)
+        for shape, members in groups.items():
+            features = self.embed(self.preprocess([images[i] for i in members], shape)).cpu()
+            for i, fmap in zip(members, features):
+                grid = (fmap.shape[1], fmap.shape[2])
+                vectors = fmap.permute(1, 2, 0).reshape(-1, fmap.shape[0]).numpy().astype(np.float32)
+                results[i] = PatchFeatures(vectors, grid, tuple(images[i].shape[:2]), shape)
+        return results

@@ -1,0 +1,109 @@
+"""Evaluate flow: fit on a split CSV's train rows, score its test rows, compute the metrics."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from tqdm.auto import tqdm
+
+from anomaly.maps import heatmap_overlay
+from anomaly.metrics import evaluate_detection
+from storage.images import ImageReadError, read_image, read_mask
+from storage.locations import join
+from storage.results_store import ResultStore
+
+from .fit import fit_flow
+from .report import markdown_table
+from .runner import dask_cluster, run_on_dask
+from .score import score_flow
+
+OVERLAYS = 6
+
+
+def _clean(value):
+    """JSON has no NaN: undefined metrics are written as null."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(split_csv: str, out: str, feature_config: dict | None = None,
+                  detector_config: dict | None = None, batch_size: int = 32, dask_address: str | None = None,
+                  workers: int | None = None) -> dict:
+    logger = get_run_logger()
+    root, results = join(out, "model"), join(out, "results")
+    with dask_cluster(dask_address, workers) as address:
+        fit = run_on_dask(fit_flow, address, images=split_csv, root=root, split="train",
+                          feature_config=feature_config, detector_config=detector_config, batch_size=batch_size)
+        scored = run_on_dask(score_flow, address, images=split_csv, root=root, results=results, split="test",
+                             batch_size=batch_size)
+    started = time.perf_counter()
+    store = ResultStore(results)
+    table = store.scores().sort_values("image_id").reset_index(drop=True)
+    labels, masks, maps, kept = [], [], [], []
+    for row in tqdm(table.itertuples(index=False), total=len(table), desc="metrics", unit="image"):
+        amap = store.read_map(row.image_id)
+        has_mask = isinstance(row.mask_uri, str) and row.mask_uri
+        try:
+            mask = read_mask(row.mask_uri, amap.shape) if has_mask else np.zeros(amap.shape, bool)
+        except ImageReadError as error:
+            logger.error("left out of the metrics: %s", error)
+            continue
+        labels.append(row.label == "defect")
+        masks.append(mask)
+        maps.append(amap)
+        kept.append(row)
+    table = pd.DataFrame(kept)
+    metrics = evaluate_detection(np.array(labels), table.score.to_numpy(), masks, maps,
+                                 table.defect_type.fillna("").to_numpy())
+    metrics["timings"] = {"fit_s": fit["fit_s"], "extract_s": fit["extract_s"], "coreset_s": fit["coreset_s"],
+                          "index_s": fit["index_s"], "score_s": scored["score_s"],
+                          "metrics_s": time.perf_counter() - started}
+    metrics["counts"] = {"train_images": fit["images"], "test_images": int(len(table)),
+                         "skipped": fit["skipped"] + scored["skipped"]}
+    metrics = _clean(metrics)
+    store.write_file("metrics.json", json.dumps(metrics, indent=2).encode())
+    table.assign(anomalous_at_f1=table.score >= (metrics["f1_threshold"] or np.inf)).to_csv(
+        buf := io.StringIO(), index=False)
+    store.write_file("scores.csv", buf.getvalue().encode())
+    _write_overlays(store, table, maps, labels)
+    create_markdown_artifact(key="evaluation", markdown="# Evaluation\n\n" + markdown_table(
+        {k: v for k, v in metrics.items() if not isinstance(v, dict)}), description=f"evaluation of {split_csv}")
+    return metrics
+
+
+def _write_overlays(store: ResultStore, table: pd.DataFrame, maps: list, labels: list) -> None:
+    """Heat-map overlays of the most anomalous images, and (with labels) the worst mistakes."""
+    if not len(table):
+        return
+    sample = np.concatenate([m[::8, ::8].ravel() for m in maps])
+    low, high = float(np.percentile(sample, 50)), float(np.percentile(sample, 99.9))
+    order = np.argsort(-table.score.to_numpy())
+    labels = np.array(labels)
+    picks = [("most-anomalous", i) for i in order[:OVERLAYS]]
+    picks += [("false-alarm", i) for i in order if not labels[i]][:OVERLAYS // 2]
+    picks += [("missed", i) for i in order[::-1] if labels[i]][:OVERLAYS // 2]
+    for rank, (kind, i) in enumerate(picks):
+        row = table.iloc[i]
+        try:
+            image = read_image(row.uri)
+        except ImageReadError:
+            continue
+        name = f"overlays/{kind}-{rank:02d}-{row.image_id.replace('/', '_')}.png"
+        store.write_file(name, _png(heatmap_overlay(image, maps[i], low, high)))

@@ -1,0 +1,60 @@
+"""Fit flow: list -> batches -> patch features on Dask workers -> Zarr bank -> coreset -> index."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from anomaly.features import FeatureConfig
+from anomaly.patchcore import PatchCoreConfig
+from storage.model_store import ModelStore
+from tasks.coreset import select_coreset_task
+from tasks.features import extract_features_task
+from tasks.index import build_index_task
+from tasks.listing import chunk, list_images_task
+
+from .runner import gather
+from .report import markdown_rows, markdown_table
+
+
+@flow(name="fit", log_prints=True)
+def fit_flow(images: str, root: str, split: str | None = None, feature_config: dict | None = None,
+             detector_config: dict | None = None, batch_size: int = 32,
+             coreset_chunk_rows: int = 1 << 20) -> dict:
+    logger = get_run_logger()
+    features = FeatureConfig.from_dict(feature_config) if feature_config else FeatureConfig()
+    detector = PatchCoreConfig.from_dict(detector_config) if detector_config else PatchCoreConfig()
+    store = ModelStore(root)
+    started = time.perf_counter()
+    records = list_images_task(images, split)
+    if not records:
+        raise ValueError(f"no images found in {images}" + (f" (split {split!r})" if split else ""))
+    batches = chunk(records, batch_size)
+    store.drop_bank_batches_from(len(batches))  # leftovers of an earlier, larger fit
+    logger.info("fitting on %d images in %d batches -> %s", len(records), len(batches), root)
+    futures = [extract_features_task.submit(root, i, batch, features) for i, batch in enumerate(batches)]
+    extracted = gather(futures, "features")
+    extract_s = time.perf_counter() - started
+    errors = [e for result in extracted for e in result["errors"]]
+    for error in errors:
+        logger.error("skipped %s: %s", error["uri"], error["reason"])
+    coreset = select_coreset_task.submit(root, detector, coreset_chunk_rows).result()
+    manifest = {"detector": "patchcore", "backbone": features.backbone,
+                "feature_config": features.to_dict(), "detector_config": detector.to_dict(),
+                "images": images, "split": split, "n_images": sum(r["images"] for r in extracted),
+                "bank_rows": coreset["bank_rows"], "covering_radius": coreset["covering_radius"],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    index = build_index_task.submit(root, manifest).result()
+    summary = {"root": root, "images": manifest["n_images"], "skipped": len(errors),
+               "batches": len(batches), "bank_rows": coreset["bank_rows"],
+               "memory_rows": index["memory_rows"], "covering_radius": coreset["covering_radius"],
+               "extract_s": extract_s, "coreset_s": coreset["seconds"], "index_s": index["seconds"],
+               "fit_s": time.perf_counter() - started, "errors": errors}
+    create_markdown_artifact(
+        key="fit-summary",
+        markdown="# Fit\n\n" + markdown_table({k: v for k, v in summary.items() if k != "errors"})
+        + ("\n\n## Skipped files\n\n" + markdown_rows(errors) if errors else ""),
+        description=f"fit of {root}")
+    return summary

@@ -1,0 +1,96 @@
+"""The ``patchwatch`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from anomaly.backbone import DEFAULT_BACKBONE
+from anomaly.features import FeatureConfig
+from anomaly.patchcore import PatchCoreConfig
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    defaults = FeatureConfig()
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                        help=f"timm model name (default {DEFAULT_BACKBONE}, offline); others need the model hub")
+    parser.add_argument("--layers", default=",".join(map(str, defaults.layers)),
+                        help="timm feature stages to use, comma-separated (default %(default)s)")
+    parser.add_argument("--coreset-ratio", type=float, default=PatchCoreConfig().coreset_ratio,
+                        help="fraction of the patch bank kept as memory (default %(default)s)")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=32, help="images per work batch (default %(default)s)")
+    parser.add_argument("--dask-address", default=None,
+                        help="tcp://HOST:PORT of an existing Dask scheduler (default: a local cluster)")
+    parser.add_argument("--workers", type=int, default=None, help="local Dask workers (default: one per core)")
+
+
+def _configs(args) -> tuple[dict, dict]:
+    features = FeatureConfig(backbone=args.backbone, layers=tuple(int(x) for x in args.layers.split(",")))
+    detector = PatchCoreConfig(coreset_ratio=args.coreset_ratio)
+    return features.to_dict(), detector.to_dict()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchwatch", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    fit = commands.add_parser("fit", help="fit a model on nominal images")
+    fit.add_argument("--images", required=True, help="folder, split CSV, or URL of either")
+    fit.add_argument("--root", required=True, help="model root: a folder or URL (s3://bucket/prefix)")
+    fit.add_argument("--split", default=None, help="with a split CSV: use only this split (e.g. train)")
+    _add_model_options(fit)
+    _add_run_options(fit)
+
+    score = commands.add_parser("score", help="score images with a fitted model")
+    score.add_argument("--images", required=True, help="folder, split CSV, or URL of either")
+    score.add_argument("--root", required=True, help="model root written by 'patchwatch fit'")
+    score.add_argument("--out", default=None, help="results root (default ROOT/results)")
+    score.add_argument("--split", default=None, help="with a split CSV: use only this split (e.g. test)")
+    _add_run_options(score)
+
+    evaluate = commands.add_parser("evaluate", help="fit on a split CSV's train rows, score its test rows, report metrics")
+    evaluate.add_argument("split_csv", help="CSV with columns image,mask,label,defect_type,split")
+    evaluate.add_argument("--out", default="runs/evaluate", help="output folder or URL (default %(default)s)")
+    _add_model_options(evaluate)
+    _add_run_options(evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from flows.report import print_summary
+    from flows.runner import dask_cluster, run_on_dask
+
+    if args.command == "fit":
+        from flows.fit import fit_flow
+        features, detector = _configs(args)
+        with dask_cluster(args.dask_address, args.workers) as address:
+            summary = run_on_dask(fit_flow, address, images=args.images, root=args.root, split=args.split,
+                                  feature_config=features, detector_config=detector, batch_size=args.batch_size)
+        print_summary("fit", summary)
+    elif args.command == "score":
+        from flows.score import score_flow
+        from storage.locations import join
+        with dask_cluster(args.dask_address, args.workers) as address:
+            summary = run_on_dask(score_flow, address, images=args.images, root=args.root,
+                                  results=args.out or join(args.root, "results"), split=args.split,
+                                  batch_size=args.batch_size)
+        print_summary("score", summary)
+    elif args.command == "evaluate":
+        from flows.evaluate import evaluate_flow
+        features, detector = _configs(args)
+        summary = evaluate_flow(split_csv=args.split_csv, out=args.out, feature_config=features,
+                                detector_config=detector, batch_size=args.batch_size,
+                                dask_address=args.dask_address, workers=args.workers)
+        print_summary("evaluate", summary)
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

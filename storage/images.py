@@ -1,0 +1,155 @@
+"""Image sources (a folder, a split CSV, or a URL of either) and image decoding."""
+from __future__ import annotations
+
+import io
+import posixpath
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from .locations import filesystem
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+SPLIT_COLUMNS = ("image", "mask", "label", "defect_type", "split")
+
+
+class ImageReadError(Exception):
+    """An image or mask that cannot be used; names the file and the reason."""
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"{uri}: {reason}")
+        self.uri = uri
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    image_id: str                  # stable key: the path relative to the source
+    uri: str
+    mask_uri: str | None = None
+    label: str | None = None       # "good" / "defect" where known
+    defect_type: str | None = None
+    split: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def list_images(source: str, split: str | None = None) -> list[ImageRecord]:
+    """Records of a split CSV (optionally one split) or of every image below a folder."""
+    if str(source).lower().endswith(".csv"):
+        return _list_split_csv(source, split)
+    fs, root = filesystem(source)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"image source {source} does not exist")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    records = []
+    for path in sorted(fs.find(root)):
+        if path.lower().endswith(IMAGE_SUFFIXES):
+            relative = posixpath.relpath(path, root)
+            uri = path if protocol in ("file", "local") else f"{protocol}://{path}"
+            records.append(ImageRecord(image_id=relative, uri=uri))
+    return records
+
+
+def _list_split_csv(source: str, split: str | None) -> list[ImageRecord]:
+    fs, path = filesystem(source)
+    with fs.open(path, "rb") as handle:
+        table = pd.read_csv(handle, dtype=str, keep_default_na=False)
+    missing = [c for c in ("image",) if c not in table.columns]
+    if missing:
+        raise ValueError(f"{source}: split CSV lacks column(s) {missing}; expected {SPLIT_COLUMNS}")
+    base = str(source).rsplit("/", 1)[0] if "/" in str(source) else "."
+
+    def resolve(path: str) -> str:  # relative paths are relative to the CSV's folder
+        return path if path.startswith("/") or "://" in path else f"{base}/{path}"
+
+    records = []
+    for row in table.itertuples(index=False):
+        row = row._asdict()
+        if split is not None and row.get("split", "") != split:
+            continue
+        mask = row.get("mask") or None
+        records.append(ImageRecord(
+            image_id=row["image"], uri=resolve(row["image"]),
+            mask_uri=resolve(mask) if mask else None, label=row.get("label") or None,
+            defect_type=row.get("defect_type") or None, split=row.get("split") or None))
+    return records
+
+
+def decode_image(data: bytes, uri: str) -> np.ndarray:
+    """Pixels of an encoded image: (H, W) grey or (H, W, 3) RGB, integer or float.
+
+    16-bit, palette, CMYK and alpha images are converted rather than refused; anything that is
+    not a whole, decodable image raises :class:`ImageReadError` naming the file.
+    """
+    if not data:
+        raise ImageReadError(uri, "empty file (0 bytes)")
+    if uri.lower().endswith((".tif", ".tiff")):
+        import tifffile
+        try:
+            array = tifffile.imread(io.BytesIO(data))
+        except Exception as error:  # tifffile raises many types for corrupt files
+            raise ImageReadError(uri, f"not a readable TIFF ({error})") from error
+        return _check_array(array, uri)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return _check_array(_pil_to_array(image), uri)
+    except UnidentifiedImageError as error:
+        raise ImageReadError(uri, "not an image file (unrecognised format)") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageReadError(uri, f"corrupt or truncated image ({error})") from error
+
+
+def _pil_to_array(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image)
+        return array.astype(np.uint16) if array.max(initial=0) <= 65535 else array.astype(np.float32)
+    if image.mode == "F":
+        return np.asarray(image, dtype=np.float32)
+    if image.mode in ("L", "RGB"):
+        return np.asarray(image)
+    if image.mode in ("1",):
+        return np.asarray(image.convert("L"))
+    if image.mode in ("LA",):
+        return np.asarray(image.convert("L"))
+    return np.asarray(image.convert("RGB"))  # P, RGBA, CMYK, YCbCr, ...
+
+
+def _check_array(array: np.ndarray, uri: str) -> np.ndarray:
+    if array.ndim not in (2, 3) or min(array.shape[:2]) < 1:
+        raise ImageReadError(uri, f"unsupported image shape {array.shape}")
+    if array.ndim == 3 and array.shape[2] > 4:
+        # multi-page TIFFs decode as (pages, H, W): take the first page
+        array = array[0]
+    return array
+
+
+def read_image(uri: str) -> np.ndarray:
+    fs, path = filesystem(uri)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError as error:
+        raise ImageReadError(uri, "file not found") from error
+    except PermissionError as error:
+        raise ImageReadError(uri, "permission denied") from error
+    except IsADirectoryError as error:
+        raise ImageReadError(uri, "is a directory") from error
+    except OSError as error:
+        raise ImageReadError(uri, f"cannot read file ({error})") from error
+    return decode_image(data, uri)
+
+
+def read_mask(uri: str, shape: tuple[int, int]) -> np.ndarray:
+    """Ground-truth mask as bool (pixel > 127 is defect), checked against the image's shape."""
+    mask = read_image(uri)
+    if mask.ndim == 3:
+        mask = mask.max(axis=2)
+    if mask.shape != tuple(shape):
+        raise ImageReadError(uri, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}")
+    if np.issubdtype(mask.dtype, np.integer) and mask.dtype.itemsize > 1:
+        return mask > (np.iinfo(mask.dtype).max // 2)
+    return mask > 127

@@ -1,0 +1,63 @@
+"""URL helpers shared by the stores."""
+from __future__ import annotations
+
+import json
+import posixpath
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a local path or URL."""
+    url = str(url).rstrip("/")
+    return "/".join([url, *[p.strip("/") for p in parts if p]])
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path inside it) for a URL or local path."""
+    return url_to_fs(str(url))
+
+
+def is_local(url: str) -> bool:
+    fs, _ = filesystem(url)
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    return fs.cat_file(path)
+
+
+def write_bytes_atomically(url: str, data: bytes) -> None:
+    """Write so that a reader sees the old object or the whole new one, never a part.
+
+    Object stores replace an object atomically on PUT; a local file is written to a temporary
+    name and renamed over the target.
+    """
+    fs, path = filesystem(url)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    if is_local(url):
+        temporary = f"{path}.partial"
+        with fs.open(temporary, "wb") as handle:
+            handle.write(data)
+        fs.mv(temporary, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_json(url: str, payload: dict) -> None:
+    write_bytes_atomically(url, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(url: str) -> dict:
+    return json.loads(read_bytes(url))
+
+
+def open_file(url: str, mode: str = "rb"):
+    return fsspec.open(str(url), mode)

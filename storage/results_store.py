@@ -1,0 +1,113 @@
+"""Scoring results under one root URL.
+
+    RESULTS/maps/<image_id>      Zarr v3 array per image, (height, width) float32 at the image's
+                                 original size, chunked in 512 x 512 tiles
+    RESULTS/scores/part-*.parquet the score table, one part per work batch
+    RESULTS/errors/part-*.parquet files that could not be scored, with the reason
+    RESULTS/summary.json          counts, timings and metrics of the run
+
+Maps are one array per image because images differ in size; large maps are chunked so that a
+viewer reads only the tiles it shows.
+"""
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from .locations import exists, filesystem, join, read_json, write_bytes_atomically, write_json
+
+MAP_CHUNK = 512
+
+
+def map_key(image_id: str) -> str:
+    """A Zarr node path for an image id: nested by its folders, with unsafe characters replaced."""
+    parts = [re.sub(r"[^\w.\-]", "_", p) or "_" for p in image_id.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    parts = [("_" + p) if p.startswith("__") else p for p in parts]
+    return "/".join(parts) or "_"
+
+
+class ResultStore:
+    def __init__(self, root: str):
+        self.root = str(root).rstrip("/")
+
+    def map_url(self, image_id: str) -> str:
+        return join(self.root, "maps", map_key(image_id))
+
+    def write_map(self, image_id: str, anomaly_map: np.ndarray) -> str:
+        array = zarr.create_array(self.map_url(image_id), shape=anomaly_map.shape, dtype="float32",
+                                  chunks=tuple(min(MAP_CHUNK, s) for s in anomaly_map.shape),
+                                  overwrite=True, zarr_format=3)
+        array[...] = anomaly_map.astype(np.float32, copy=False)
+        return self.map_url(image_id)
+
+    def create_map(self, image_id: str, shape: tuple[int, int], chunk: int = MAP_CHUNK) -> zarr.Array:
+        """An empty map to be filled region by region (tiled scoring of large images)."""
+        return zarr.create_array(self.map_url(image_id), shape=shape, dtype="float32",
+                                 chunks=(min(chunk, shape[0]), min(chunk, shape[1])), fill_value=0.0,
+                                 overwrite=True, zarr_format=3)
+
+    def read_map(self, image_id: str) -> np.ndarray:
+        return zarr.open_array(self.map_url(image_id), mode="r", zarr_format=3)[...]
+
+    def _write_part(self, table: str, name: str, frame: pd.DataFrame) -> None:
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        write_bytes_atomically(join(self.root, table, f"{name}.parquet"), buffer.getvalue())
+
+    def write_scores(self, part: str, frame: pd.DataFrame) -> None:
+        self._write_part("scores", part, frame)
+
+    def write_errors(self, part: str, frame: pd.DataFrame) -> None:
+        self._write_part("errors", part, frame)
+
+    def has_part(self, table: str, part: str) -> bool:
+        return exists(join(self.root, table, f"{part}.parquet"))
+
+    def _read_table(self, table: str) -> pd.DataFrame:
+        fs, path = filesystem(join(self.root, table))
+        if not fs.exists(path):
+            return pd.DataFrame()
+        parts = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+        frames = [pd.read_parquet(io.BytesIO(fs.cat_file(p))) for p in parts]
+        frames = [f for f in frames if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def scores(self) -> pd.DataFrame:
+        return self._read_table("scores")
+
+    def errors(self) -> pd.DataFrame:
+        return self._read_table("errors")
+
+    def write_table(self, name: str, frame: pd.DataFrame) -> str:
+        """A whole table as one Parquet file (e.g. the merged score table)."""
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        url = join(self.root, f"{name}.parquet")
+        write_bytes_atomically(url, buffer.getvalue())
+        return url
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(join(self.root, "summary.json"), summary)
+
+    def read_summary(self) -> dict:
+        return read_json(join(self.root, "summary.json"))
+
+    def write_file(self, name: str, data: bytes) -> str:
+        url = join(self.root, name)
+        write_bytes_atomically(url, data)
+        return url
+
+
+def drop_parts_from(store: ResultStore, first: int) -> None:
+    """Forget score/error parts numbered ``first`` and up (left by an earlier, larger run)."""
+    for table in ("scores", "errors"):
+        fs, path = filesystem(join(store.root, table))
+        if fs.exists(path):
+            for part in fs.ls(path, detail=False):
+                name = part.rsplit("/", 1)[-1]
+                if name.startswith("part-") and name.endswith(".parquet") and int(name[5:10]) >= first:
+                    fs.rm(part)

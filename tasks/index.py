@@ -1,0 +1,20 @@
+"""Build the nearest-neighbour index over the coreset and seal the model with its manifest."""
+from __future__ import annotations
+
+import time
+
+from prefect import task
+
+from anomaly.patchcore import build_index
+from storage.model_store import ModelStore
+
+
+@task(name="build-index", retries=3, retry_delay_seconds=[2, 10, 30])
+def build_index_task(root: str, manifest: dict) -> dict:
+    store = ModelStore(root)
+    started = time.perf_counter()
+    memory = store.read_memory()
+    store.write_index(build_index(memory))
+    # the manifest is written last: a root without one is an unfinished fit
+    store.write_manifest({**manifest, "memory_rows": int(len(memory))})
+    return {"memory_rows": int(len(memory)), "seconds": time.perf_counter() - started}

@@ -1,0 +1,56 @@
+"""Score one batch of images with a fitted model; write maps (Zarr) and a score part (Parquet)."""
+from __future__ import annotations
+
+import functools
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import INPUTS
+
+from anomaly.features import FeatureConfig
+from anomaly.patchcore import PatchCore, PatchCoreConfig
+from storage.images import ImageRecord
+from storage.model_store import ModelStore
+from storage.results_store import ResultStore
+
+from .features import load_images
+from .runtime import feature_extractor
+
+SCORE_COLUMNS = ["image_id", "uri", "score", "height", "width", "map", "label", "defect_type", "mask_uri",
+                 "model"]
+
+
+@functools.lru_cache(maxsize=2)
+def load_model(root: str, fingerprint: str):
+    """(feature extractor, detector) of the model at ``root``; cached per worker process."""
+    store = ModelStore(root)
+    manifest = store.read_manifest()
+    extractor = feature_extractor(FeatureConfig.from_dict(manifest["feature_config"]))
+    detector = PatchCore(store.read_memory(), PatchCoreConfig.from_dict(manifest["detector_config"]),
+                         index=store.read_index())
+    return extractor, detector
+
+
+def part_name(batch: int) -> str:
+    return f"part-{batch:05d}"
+
+
+@task(name="score-batch", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=INPUTS,
+      persist_result=True)
+def score_batch_task(root: str, results: str, batch: int, records: list[ImageRecord],
+                     model_fingerprint: str) -> dict:
+    extractor, detector = load_model(root, model_fingerprint)
+    out = ResultStore(results)
+    good, images, errors = load_images(records)
+    rows = []
+    for record, image, features in zip(good, images, extractor.extract(images) if images else []):
+        score, amap = detector.score(features)
+        rows.append({"image_id": record.image_id, "uri": record.uri, "score": score,
+                     "height": amap.shape[0], "width": amap.shape[1],
+                     "map": out.write_map(record.image_id, amap), "label": record.label,
+                     "defect_type": record.defect_type, "mask_uri": record.mask_uri,
+                     "model": model_fingerprint})
+    # the score part is written after every map of the batch: it marks the batch complete
+    out.write_errors(part_name(batch), pd.DataFrame(errors, columns=["image_id", "uri", "reason"]))
+    out.write_scores(part_name(batch), pd.DataFrame(rows, columns=SCORE_COLUMNS))
+    return {"batch": batch, "images": len(rows), "errors": errors}

@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MTD = REPO.parent / "shared" / "datasets" / "mtd"
+MTD_SPLIT = MTD / "split.csv"
+
+# tests run offline: never wait on a model hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def mtd_available() -> bool:
+    return MTD_SPLIT.exists()
+
+
+@pytest.fixture(scope="session")
+def mtd_slice(tmp_path_factory) -> Path:
+    """A small split CSV over the real MTD images (absolute paths; MTD is read in place)."""
+    if not mtd_available():
+        pytest.skip(f"MTD not found at {MTD}")
+    table = pd.read_csv(MTD_SPLIT, dtype=str, keep_default_na=False)
+    train = table[table.split == "train"].iloc[::48]
+    test = pd.concat([table[table.split == "test"].groupby("defect_type").head(2)])
+    rows = pd.concat([train, test]).copy()
+    rows["image"] = [str(MTD / p) for p in rows.image]
+    rows["mask"] = [str(MTD / p) if p else "" for p in rows["mask"]]
+    path = tmp_path_factory.mktemp("mtd") / "slice.csv"
+    rows.to_csv(path, index=False)
+    return path
