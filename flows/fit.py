@@ -9,11 +9,13 @@ from prefect.artifacts import create_markdown_artifact
 
 from anomaly.features import FeatureConfig
 from anomaly.patchcore import PatchCoreConfig
+from anomaly.tiling import TilingConfig, tile_grid
 from storage.model_store import ModelStore
 from tasks.coreset import select_coreset_task
 from tasks.features import extract_features_task
 from tasks.index import build_index_task
 from tasks.listing import chunk, list_images_task
+from tasks.tiles import extract_tile_features_task
 
 from .runner import gather
 from .report import markdown_rows, markdown_table
@@ -21,21 +23,35 @@ from .report import markdown_rows, markdown_table
 
 @flow(name="fit", log_prints=True)
 def fit_flow(images: str, root: str, split: str | None = None, feature_config: dict | None = None,
-             detector_config: dict | None = None, batch_size: int = 32,
-             coreset_chunk_rows: int = 1 << 20) -> dict:
+             detector_config: dict | None = None, batch_size: int = 32, tiling_config: dict | None = None,
+             coreset_chunk_rows: int = 1 << 20, tiles_per_task: int = 16) -> dict:
     logger = get_run_logger()
     features = FeatureConfig.from_dict(feature_config) if feature_config else FeatureConfig()
     detector = PatchCoreConfig.from_dict(detector_config) if detector_config else PatchCoreConfig()
+    tiling = TilingConfig(**tiling_config) if tiling_config else TilingConfig()
     store = ModelStore(root)
     started = time.perf_counter()
     records = list_images_task(images, split)
     if not records:
         raise ValueError(f"no images found in {images}" + (f" (split {split!r})" if split else ""))
     batches = chunk(records, batch_size)
-    store.drop_bank_batches_from(len(batches))  # leftovers of an earlier, larger fit
     logger.info("fitting on %d images in %d batches -> %s", len(records), len(batches), root)
-    futures = [extract_features_task.submit(root, i, batch, features) for i, batch in enumerate(batches)]
+    # Prefect's cache skips batches a killed run already finished; a batch whose files are gone
+    # from storage must run again even when the cache remembers it
+    written = store.written_bank_batches()
+    futures = [extract_features_task.with_options(refresh_cache=i not in written).submit(root, i, batch, features, tiling)
+               for i, batch in enumerate(batches)]
     extracted = gather(futures, "features")
+    # large nominal images feed the bank tile by tile, spread over the workers
+    large = [item for result in extracted for item in result["large"]]
+    next_batch, tile_futures = len(batches), []
+    for record, shape in large:
+        for group in chunk(tile_grid(*shape, tiling.tile, tiling.overlap), tiles_per_task):
+            task = extract_tile_features_task.with_options(refresh_cache=next_batch not in written)
+            tile_futures.append(task.submit(root, next_batch, record.image_id, record.uri, group, features))
+            next_batch += 1
+    extracted += gather(tile_futures, "tile features")
+    store.drop_bank_batches_from(next_batch)  # leftovers of an earlier, larger fit
     extract_s = time.perf_counter() - started
     errors = [e for result in extracted for e in result["errors"]]
     for error in errors:
@@ -43,7 +59,8 @@ def fit_flow(images: str, root: str, split: str | None = None, feature_config: d
     coreset = select_coreset_task.submit(root, detector, coreset_chunk_rows).result()
     manifest = {"detector": "patchcore", "backbone": features.backbone,
                 "feature_config": features.to_dict(), "detector_config": detector.to_dict(),
-                "images": images, "split": split, "n_images": sum(r["images"] for r in extracted),
+                "tiling_config": tiling.to_dict(), "images": images, "split": split,
+                "n_images": sum(r["images"] for r in extracted) + len(large),
                 "bank_rows": coreset["bank_rows"], "covering_radius": coreset["covering_radius"],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     index = build_index_task.submit(root, manifest).result()

@@ -1,6 +1,7 @@
 """Image sources (a folder, a split CSV, or a URL of either) and image decoding."""
 from __future__ import annotations
 
+import errno
 import io
 import posixpath
 from dataclasses import asdict, dataclass
@@ -92,16 +93,27 @@ def decode_image(data: bytes, uri: str) -> np.ndarray:
         try:
             array = tifffile.imread(io.BytesIO(data))
         except Exception as error:  # tifffile raises many types for corrupt files
-            raise ImageReadError(uri, f"not a readable TIFF ({error})") from error
+            raise ImageReadError(uri, f"not a readable TIFF ({_short(error)})") from error
         return _check_array(array, uri)
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             return _check_array(_pil_to_array(image), uri)
+    except ImageReadError:
+        raise
     except UnidentifiedImageError as error:
         raise ImageReadError(uri, "not an image file (unrecognised format)") from error
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageReadError(uri, f"corrupt or truncated image ({error})") from error
+    except Image.DecompressionBombError as error:
+        raise ImageReadError(uri, "too many pixels to decode safely (decompression bomb?)") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageReadError(uri, f"truncated or corrupt image ({_short(error)})") from error
+    except Exception as error:  # a decoder bug on a hostile file must cost one line, not the batch
+        raise ImageReadError(uri, f"cannot decode image ({type(error).__name__}: {_short(error)})") from error
+
+
+def _short(error: BaseException, limit: int = 60) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _pil_to_array(image: Image.Image) -> np.ndarray:
@@ -139,7 +151,9 @@ def read_image(uri: str) -> np.ndarray:
     except IsADirectoryError as error:
         raise ImageReadError(uri, "is a directory") from error
     except OSError as error:
-        raise ImageReadError(uri, f"cannot read file ({error})") from error
+        if error.errno == errno.ELOOP:
+            raise ImageReadError(uri, "symlink loop") from error
+        raise ImageReadError(uri, f"cannot read file ({_short(error.strerror or error)})") from error
     return decode_image(data, uri)
 
 
@@ -153,3 +167,70 @@ def read_mask(uri: str, shape: tuple[int, int]) -> np.ndarray:
     if np.issubdtype(mask.dtype, np.integer) and mask.dtype.itemsize > 1:
         return mask > (np.iinfo(mask.dtype).max // 2)
     return mask > 127
+
+
+class LargeImage:
+    """An image read region by region: tiled TIFF/BigTIFF lazily through tifffile's Zarr view
+    (a 40,000 x 40,000 scan never sits whole in memory); other formats are decoded once."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self._handle = self._tiff = None
+        if uri.lower().endswith((".tif", ".tiff")):
+            import tifffile
+            import zarr
+
+            fs, path = filesystem(uri)
+            try:
+                self._handle = fs.open(path, "rb")
+                self._tiff = tifffile.TiffFile(self._handle)
+                self._pixels = zarr.open(self._tiff.pages[0].aszarr(), mode="r")
+            except FileNotFoundError as error:
+                self.close()
+                raise ImageReadError(uri, "file not found") from error
+            except Exception as error:  # tifffile raises many types for corrupt files
+                self.close()
+                raise ImageReadError(uri, f"not a readable TIFF ({error})") from error
+        else:
+            self._pixels = read_image(uri)
+        self.shape = tuple(self._pixels.shape[:2])
+
+    def read(self, top: int, left: int, bottom: int, right: int) -> np.ndarray:
+        try:
+            return np.asarray(self._pixels[top:bottom, left:right])
+        except Exception as error:
+            raise ImageReadError(self.uri, f"cannot read region {top}:{bottom}, {left}:{right} ({error})") from error
+
+    def close(self) -> None:
+        if self._tiff is not None:
+            self._tiff.close()
+        if self._handle is not None:
+            self._handle.close()
+        self._tiff = self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def image_shape(uri: str) -> tuple[int, int]:
+    """(height, width) from the file's header, without decoding the pixels."""
+    fs, path = filesystem(uri)
+    try:
+        with fs.open(path, "rb") as handle:
+            if uri.lower().endswith((".tif", ".tiff")):
+                import tifffile
+                with tifffile.TiffFile(handle) as tiff:
+                    return tuple(tiff.pages[0].shape[:2])
+            with Image.open(handle) as image:
+                return image.height, image.width
+    except FileNotFoundError as error:
+        raise ImageReadError(uri, "file not found") from error
+    except PermissionError as error:
+        raise ImageReadError(uri, "permission denied") from error
+    except UnidentifiedImageError as error:
+        raise ImageReadError(uri, "not an image file (unrecognised format)") from error
+    except Exception as error:
+        raise ImageReadError(uri, f"cannot read image header ({error})") from error

@@ -26,7 +26,24 @@ def is_local(url: str) -> bool:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
+    # fresh answer: s3fs decides from a cached listing of the parent folder when it has one,
+    # which misses objects written since by other processes (the Dask workers)
+    fs.invalidate_cache(path)
     return fs.exists(path)
+
+
+def list_dir(url: str) -> list[str]:
+    """Paths directly below ``url`` (none if it does not exist), listed afresh.
+
+    Filesystem instances are shared per process and object-store listings are cached with no
+    expiry, so a long-lived process (flow runner, Dask worker) would otherwise keep seeing the
+    listing from before other processes wrote their parts.
+    """
+    fs, path = filesystem(url)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return []
+    return fs.ls(path, detail=False)
 
 
 def read_bytes(url: str) -> bytes:

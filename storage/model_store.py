@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .locations import exists, filesystem, join, read_bytes, read_json, write_bytes_atomically, write_json
+from .locations import exists, filesystem, join, list_dir, read_bytes, read_json, write_bytes_atomically, write_json
 
 FORMAT_VERSION = 1
 BANK_INDEX_COLUMNS = ["image_id", "uri", "batch", "row_start", "row_stop", "grid_h", "grid_w",
@@ -61,10 +61,8 @@ class ModelStore:
 
     def drop_bank_batches_from(self, first: int) -> None:
         """Forget bank batches numbered ``first`` and up (left by an earlier, larger fit)."""
-        fs, path = filesystem(join(self.root, "bank", "index"))
-        if not fs.exists(path):
-            return
-        for part in fs.ls(path, detail=False):
+        fs, _ = filesystem(self.root)
+        for part in list_dir(join(self.root, "bank", "index")):
             name = posixpath.basename(part)
             if name.startswith("batch-") and name.endswith(".parquet") and int(name[6:11]) >= first:
                 fs.rm(part)
@@ -73,13 +71,18 @@ class ModelStore:
         """Identifies one fitted model: changes whenever the root is re-fitted."""
         return hashlib.sha256(json.dumps(self.read_manifest(), sort_keys=True).encode()).hexdigest()[:16]
 
+    def written_bank_batches(self) -> set[int]:
+        """Batches whose index part (written last) is in storage: complete batches."""
+        names = (posixpath.basename(p) for p in list_dir(join(self.root, "bank", "index")))
+        return {int(n[6:11]) for n in names if n.startswith("batch-") and n.endswith(".parquet")}
+
     def has_bank_batch(self, batch: int) -> bool:
         return exists(join(self.root, "bank", "index", f"{self.batch_name(batch)}.parquet"))
 
     def bank_index(self) -> pd.DataFrame:
         """Which rows of which batch array belong to which image (complete batches only)."""
-        fs, path = filesystem(join(self.root, "bank", "index"))
-        parts = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet")) if fs.exists(path) else []
+        fs, _ = filesystem(self.root)
+        parts = sorted(p for p in list_dir(join(self.root, "bank", "index")) if p.endswith(".parquet"))
         if not parts:
             return pd.DataFrame(columns=BANK_INDEX_COLUMNS)
         return pd.concat([pd.read_parquet(io.BytesIO(fs.cat_file(p))) for p in parts], ignore_index=True)

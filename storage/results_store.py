@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .locations import exists, filesystem, join, read_json, write_bytes_atomically, write_json
+from .locations import exists, filesystem, join, list_dir, read_json, write_bytes_atomically, write_json
 
 MAP_CHUNK = 512
 
@@ -64,14 +64,16 @@ class ResultStore:
     def write_errors(self, part: str, frame: pd.DataFrame) -> None:
         self._write_part("errors", part, frame)
 
+    def written_parts(self, table: str) -> set[str]:
+        return {p.rsplit("/", 1)[-1][:-len(".parquet")] for p in list_dir(join(self.root, table))
+                if p.endswith(".parquet")}
+
     def has_part(self, table: str, part: str) -> bool:
         return exists(join(self.root, table, f"{part}.parquet"))
 
     def _read_table(self, table: str) -> pd.DataFrame:
-        fs, path = filesystem(join(self.root, table))
-        if not fs.exists(path):
-            return pd.DataFrame()
-        parts = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+        fs, _ = filesystem(self.root)
+        parts = sorted(p for p in list_dir(join(self.root, table)) if p.endswith(".parquet"))
         frames = [pd.read_parquet(io.BytesIO(fs.cat_file(p))) for p in parts]
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -105,9 +107,8 @@ class ResultStore:
 def drop_parts_from(store: ResultStore, first: int) -> None:
     """Forget score/error parts numbered ``first`` and up (left by an earlier, larger run)."""
     for table in ("scores", "errors"):
-        fs, path = filesystem(join(store.root, table))
-        if fs.exists(path):
-            for part in fs.ls(path, detail=False):
-                name = part.rsplit("/", 1)[-1]
-                if name.startswith("part-") and name.endswith(".parquet") and int(name[5:10]) >= first:
-                    fs.rm(part)
+        fs, _ = filesystem(store.root)
+        for part in list_dir(join(store.root, table)):
+            name = part.rsplit("/", 1)[-1]
+            if name.startswith("part-") and name.endswith(".parquet") and int(name[5:10]) >= first:
+                fs.rm(part)

@@ -1,45 +1,91 @@
 """Extract one batch of images' patch features into the model root's Zarr bank."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from prefect import task
 from prefect.cache_policies import INPUTS
 
 from anomaly.features import FeatureConfig
-from storage.images import ImageReadError, ImageRecord, read_image
+from anomaly.tiling import TilingConfig
+from storage.images import ImageReadError, ImageRecord, image_shape, read_image, read_mask
 from storage.model_store import ModelStore
 
 from .runtime import feature_extractor
 
 
-def load_images(records: list[ImageRecord]) -> tuple[list[ImageRecord], list[np.ndarray], list[dict]]:
-    """Decode the batch's images; a bad file becomes an error row, the rest go on."""
-    good, images, errors = [], [], []
+def load_images(records: list[ImageRecord], tiling: TilingConfig | None = None):
+    """Decode the batch's images; a bad file becomes an error row, the rest go on.
+
+    Images above the tiling threshold are not decoded here but returned as ``large``
+    (record, shape) pairs, for the flow to hand out tile by tile.
+    Returns (records, images, errors, large).
+    """
+    good, images, errors, large = [], [], [], []
     for record in records:
         try:
-            images.append(read_image(record.uri))
+            if tiling and record.uri.lower().endswith((".tif", ".tiff")):
+                shape = image_shape(record.uri)  # from the header: never decode a huge TIFF whole
+                if tiling.needs_tiling(*shape):
+                    _check_mask(record, shape)
+                    large.append((record, shape))
+                    continue
+            image = read_image(record.uri)
+            _check_mask(record, image.shape[:2])
+            if tiling and tiling.needs_tiling(*image.shape[:2]):
+                large.append((record, tuple(image.shape[:2])))
+                continue
+            images.append(image)
             good.append(record)
         except ImageReadError as error:
             errors.append({"image_id": record.image_id, "uri": error.uri, "reason": error.reason})
-    return good, images, errors
+    return good, images, errors, large
+
+
+def _check_mask(record: ImageRecord, shape: tuple[int, int]) -> None:
+    """A split CSV's mask must be readable and the size of its image: if not, the row is
+    inconsistent (a mask of another image?) and is skipped with the mask named, here, rather
+    than dropped from the metrics later with only a log line."""
+    if record.mask_uri:
+        read_mask(record.mask_uri, tuple(shape))
+
+
+def min_image_side(extractor) -> int:
+    """Smallest image side the model can use: one cell of the backbone's coarsest feature map at
+    the model's input scale (16 px for EfficientNet-Lite stages 2-3 at scale 1). Anything smaller
+    reaches the network only as an up-scaled blur at a scale the model never saw."""
+    config = extractor.config
+    if config.square_side:  # every image is resized to one square anyway
+        return 2
+    return max(2, math.ceil(extractor.min_side / config.input_scale))
+
+
+def drop_too_small(extractor, records: list[ImageRecord], images: list[np.ndarray], errors: list[dict]):
+    """(records, images) without those below :func:`min_image_side`; each of those becomes an error row."""
+    floor = min_image_side(extractor)
+    kept_records, kept_images = [], []
+    for record, image in zip(records, images):
+        height, width = image.shape[:2]
+        if min(height, width) < floor:
+            errors.append({"image_id": record.image_id, "uri": record.uri,
+                           "reason": f"image too small ({width}x{height} px; the model needs {floor}x{floor})"})
+            continue
+        kept_records.append(record)
+        kept_images.append(image)
+    return kept_records, kept_images
 
 
 @task(name="extract-features", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=INPUTS,
       persist_result=True)
 def extract_features_task(root: str, batch: int, records: list[ImageRecord], config: FeatureConfig,
-                          rows_per_chunk: int = 4096) -> dict:
-    """Patch features of ``records`` -> ``ROOT/bank/batch-NNNNN``; returns counts and errors."""
+                          tiling: TilingConfig | None = None, rows_per_chunk: int = 4096) -> dict:
+    """Patch features of ``records`` -> ``ROOT/bank/batch-NNNNN``; returns counts, errors and
+    the large images left for tiling."""
     store = ModelStore(root)
     extractor = feature_extractor(config)
-    good, images, errors = load_images(records)
-    usable, usable_images = [], []
-    for record, image in zip(good, images):
-        if min(image.shape[:2]) < 2:
-            errors.append({"image_id": record.image_id, "uri": record.uri,
-                           "reason": f"image too small ({image.shape[1]}x{image.shape[0]} px)"})
-            continue
-        usable.append(record)
-        usable_images.append(image)
+    good, images, errors, large = load_images(records, tiling)
+    usable, usable_images = drop_too_small(extractor, good, images, errors)
     features = extractor.extract(usable_images) if usable_images else []
     rows, index_rows, start = [], [], 0
     for record, patch in zip(usable, features):
@@ -52,4 +98,4 @@ def extract_features_task(root: str, batch: int, records: list[ImageRecord], con
         start += len(patch.vectors)
     vectors = np.concatenate(rows) if rows else np.zeros((0, config.embed_dim), np.float32)
     store.write_bank_batch(batch, vectors, index_rows, rows_per_chunk)
-    return {"batch": batch, "images": len(usable), "rows": int(len(vectors)), "errors": errors}
+    return {"batch": batch, "images": len(usable), "rows": int(len(vectors)), "errors": errors, "large": large}

@@ -9,11 +9,12 @@ from prefect.cache_policies import INPUTS
 
 from anomaly.features import FeatureConfig
 from anomaly.patchcore import PatchCore, PatchCoreConfig
+from anomaly.tiling import TilingConfig
 from storage.images import ImageRecord
 from storage.model_store import ModelStore
 from storage.results_store import ResultStore
 
-from .features import load_images
+from .features import drop_too_small, load_images
 from .runtime import feature_extractor
 
 SCORE_COLUMNS = ["image_id", "uri", "score", "height", "width", "map", "label", "defect_type", "mask_uri",
@@ -38,10 +39,11 @@ def part_name(batch: int) -> str:
 @task(name="score-batch", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=INPUTS,
       persist_result=True)
 def score_batch_task(root: str, results: str, batch: int, records: list[ImageRecord],
-                     model_fingerprint: str) -> dict:
+                     model_fingerprint: str, tiling: TilingConfig | None = None) -> dict:
     extractor, detector = load_model(root, model_fingerprint)
     out = ResultStore(results)
-    good, images, errors = load_images(records)
+    good, images, errors, large = load_images(records, tiling)
+    good, images = drop_too_small(extractor, good, images, errors)
     rows = []
     for record, image, features in zip(good, images, extractor.extract(images) if images else []):
         score, amap = detector.score(features)
@@ -53,4 +55,4 @@ def score_batch_task(root: str, results: str, batch: int, records: list[ImageRec
     # the score part is written after every map of the batch: it marks the batch complete
     out.write_errors(part_name(batch), pd.DataFrame(errors, columns=["image_id", "uri", "reason"]))
     out.write_scores(part_name(batch), pd.DataFrame(rows, columns=SCORE_COLUMNS))
-    return {"batch": batch, "images": len(rows), "errors": errors}
+    return {"batch": batch, "images": len(rows), "errors": errors, "large": large}

@@ -4,6 +4,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+# loopback S3 and Prefect servers, started by the tests and stopped by PID
+pytest_plugins = ["tests.servers"]
+
 REPO = Path(__file__).resolve().parents[1]
 MTD = REPO.parent / "shared" / "datasets" / "mtd"
 MTD_SPLIT = MTD / "split.csv"

@@ -1,0 +1,167 @@
+"""PaDiM (Defard et al., ICPR 2020): a multivariate Gaussian of the patch features per position.
+
+Every grid position (i, j) of the nominal images gets its own mean and covariance; a test patch
+is scored by its Mahalanobis distance to the Gaussian of its position. That ties the model to
+one feature grid, so every image must reach the network at the same size (``square_side``).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from .features import PatchFeatures
+from .maps import anomaly_map
+
+FIXED_GRID_HINT = "PaDiM needs a fixed input size: set square_side"
+
+
+@dataclass(frozen=True)
+class PadimConfig:
+    # random subset of the feature channels (the paper's "Rd"): the covariance is C x C per
+    # position, and the paper finds a random subset as good as PCA at a fraction of the cost
+    channels: int = 100
+    seed: int = 0
+    sigma: float = 4.0
+    # regulariser of each covariance (cov + epsilon * I): keeps it invertible when there are
+    # fewer images than channels, as in the paper's reference code
+    epsilon: float = 0.01
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PadimConfig":
+        return cls(**data)
+
+
+def channel_subset(dim: int, channels: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``channels`` random channels out of ``dim`` (all of them if channels <= 0
+    or >= dim)."""
+    if channels <= 0 or channels >= dim:
+        return np.arange(dim, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(dim, size=channels, replace=False)).astype(np.int64)
+
+
+class PadimFitter:
+    """Streaming estimate of the per-position means and covariances, image by image.
+
+    Keeps, per position, the sum of the vectors and the sum of their outer products (float64),
+    so memory is P x C x C regardless of the number of images. Both sums are taken about the
+    first image's vectors: the covariance is unchanged by the shift, and the sums stay small,
+    which avoids the cancellation of the textbook E[xx'] - E[x]E[x]' formula.
+    """
+
+    def __init__(self, grid: tuple[int, int], dim: int, config: PadimConfig = PadimConfig()):
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.dim = int(dim)
+        self.config = config
+        self.channel_index = channel_subset(self.dim, config.channels, config.seed)
+        positions, channels = self.grid[0] * self.grid[1], len(self.channel_index)
+        self.count = 0
+        self.shift: np.ndarray | None = None
+        self.sum = np.zeros((positions, channels), dtype=np.float64)
+        self.outer = np.zeros((positions, channels, channels), dtype=np.float64)
+
+    def update(self, vectors: np.ndarray, grid: tuple[int, int] | None = None) -> None:
+        """Add the (grid_h * grid_w, dim) patch vectors of one nominal image, or a stack of them
+        (images, grid_h * grid_w, dim): a stack is summed with one batched matrix product, ~10x
+        faster per image than one outer product at a time.
+
+        Pass the images' ``grid`` too where it is known: a different grid with the same number
+        of positions cannot be told from the vectors alone.
+        """
+        expected = (self.grid[0] * self.grid[1], self.dim)
+        stack = vectors[None] if vectors.ndim == 2 else vectors
+        if (grid is not None and tuple(grid) != self.grid) or stack.ndim != 3 or stack.shape[1:] != expected:
+            raise ValueError(f"expected patch vectors of shape {expected} (grid {self.grid}), got "
+                             f"{vectors.shape} (grid {grid}); {FIXED_GRID_HINT}")
+        x = np.asarray(stack)[:, :, self.channel_index].astype(np.float64)  # (N, P, C)
+        if self.shift is None:
+            self.shift = x[0].copy()
+        x -= self.shift
+        self.sum += x.sum(axis=0)
+        # per position p: sum over images of x x^T, as (P, C, N) @ (P, N, C)
+        self.outer += np.matmul(x.transpose(1, 2, 0), x.transpose(1, 0, 2))
+        self.count += len(x)
+
+    def mean_and_covariance(self) -> tuple[np.ndarray, np.ndarray]:
+        """(P, C) means and (P, C, C) unbiased covariances (as np.cov), without the regulariser."""
+        if self.count < 2:
+            raise ValueError(f"PaDiM needs at least 2 nominal images, got {self.count}")
+        n = self.count
+        centred = self.sum / n
+        cov = (self.outer - n * np.einsum("pi,pj->pij", centred, centred)) / (n - 1)
+        return self.shift + centred, cov
+
+    def finish(self) -> "Padim":
+        mean, cov = self.mean_and_covariance()
+        cov += self.config.epsilon * np.eye(cov.shape[-1])[None]
+        inv_cov = np.linalg.inv(cov)
+        return Padim(mean, inv_cov, self.channel_index, self.grid, self.config, dim=self.dim)
+
+
+class Padim:
+    """A fitted PaDiM model: per-position mean and inverse covariance on a fixed grid."""
+
+    def __init__(self, mean: np.ndarray, inv_cov: np.ndarray, channel_index: np.ndarray,
+                 grid: tuple[int, int], config: PadimConfig = PadimConfig(), dim: int | None = None):
+        self.grid = (int(grid[0]), int(grid[1]))
+        positions = self.grid[0] * self.grid[1]
+        self.mean = np.ascontiguousarray(mean, dtype=np.float64)
+        self.inv_cov = np.ascontiguousarray(inv_cov, dtype=np.float64)
+        self.channel_index = np.asarray(channel_index, dtype=np.int64)
+        self.config = config
+        self.dim = int(dim) if dim is not None else int(self.channel_index.max()) + 1
+        channels = len(self.channel_index)
+        if self.mean.shape != (positions, channels) or self.inv_cov.shape != (positions, channels, channels):
+            raise ValueError(f"mean {self.mean.shape} / inv_cov {self.inv_cov.shape} do not match grid "
+                             f"{self.grid} with {channels} channels")
+
+    @classmethod
+    def fit(cls, vectors: list[np.ndarray] | np.ndarray, grid: tuple[int, int],
+            config: PadimConfig = PadimConfig()) -> "Padim":
+        """Fit on the patch vectors of several nominal images (each (grid_h * grid_w, dim))."""
+        fitter = None
+        for image_vectors in vectors:
+            if fitter is None:
+                fitter = PadimFitter(grid, image_vectors.shape[1], config)
+            fitter.update(image_vectors)
+        if fitter is None:
+            raise ValueError("PaDiM needs at least 2 nominal images, got 0")
+        return fitter.finish()
+
+    def patch_scores(self, vectors: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each patch to the Gaussian of its position, (P,)."""
+        if vectors.shape[0] != len(self.mean) or vectors.shape[1] != self.dim:
+            raise ValueError(f"expected patch vectors of shape {(len(self.mean), self.dim)} (grid "
+                             f"{self.grid}), got {vectors.shape}; {FIXED_GRID_HINT}")
+        diff = vectors[:, self.channel_index].astype(np.float64) - self.mean
+        # batched over positions: (P, C, C) @ (P, C, 1)
+        weighted = np.matmul(self.inv_cov, diff[:, :, None])[:, :, 0]
+        return np.sqrt(np.maximum(np.einsum("pi,pi->p", diff, weighted), 0.0))
+
+    def score(self, features: PatchFeatures) -> tuple[float, np.ndarray]:
+        """Image score (the maximum of the map, as in the paper) and the anomaly map at the
+        original image size."""
+        if tuple(features.grid) != self.grid:
+            raise ValueError(f"feature grid {tuple(features.grid)} differs from the fitted grid "
+                             f"{self.grid}; {FIXED_GRID_HINT}")
+        scores = self.patch_scores(features.vectors)
+        amap = anomaly_map(scores.reshape(self.grid), features.image_shape, self.config.sigma,
+                           features.input_shape)
+        return float(amap.max()), amap
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain numeric arrays (np.savez-able, no pickle), config included."""
+        arrays = {"mean": self.mean, "inv_cov": self.inv_cov, "channel_index": self.channel_index,
+                  "grid": np.asarray(self.grid, dtype=np.int64), "dim": np.asarray(self.dim, dtype=np.int64)}
+        arrays.update({f"config_{k}": np.asarray(v) for k, v in self.config.to_dict().items()})
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "Padim":
+        config = PadimConfig(**{f.name: np.asarray(arrays[f"config_{f.name}"]).item()
+                                for f in fields(PadimConfig)})
+        return cls(arrays["mean"], arrays["inv_cov"], arrays["channel_index"],
+                   tuple(int(v) for v in arrays["grid"]), config, dim=int(arrays["dim"]))

@@ -1,0 +1,94 @@
+"""Large images as tiles: feature extraction for the bank, scoring, stitching into one map."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+from prefect import task
+from prefect.cache_policies import INPUTS
+
+from anomaly.features import FeatureConfig
+from anomaly.maps import heatmap_overlay
+from anomaly.patchcore import reweight_image_score
+from anomaly.tiling import GridStitcher, Tile, blocks, render_block
+from storage.images import LargeImage
+from storage.model_store import ModelStore
+from storage.results_store import MAP_CHUNK, ResultStore, map_key
+
+from .runtime import feature_extractor
+from .scoring import load_model
+
+PREVIEW_SIDE = 1024
+
+
+@task(name="extract-tile-features", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=INPUTS,
+      persist_result=True)
+def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, tiles: list[Tile],
+                               config: FeatureConfig, rows_per_chunk: int = 4096) -> dict:
+    """Patch features of some tiles of one large nominal image -> one bank batch."""
+    extractor = feature_extractor(config)
+    rows, index_rows, start = [], [], 0
+    with LargeImage(uri) as image:
+        for tile in tiles:
+            features = extractor.extract([image.read(tile.top, tile.left, tile.bottom, tile.right)])[0]
+            index_rows.append({"image_id": f"{image_id}#{tile.top},{tile.left}", "uri": uri, "batch": batch,
+                               "row_start": start, "row_stop": start + len(features.vectors),
+                               "grid_h": features.grid[0], "grid_w": features.grid[1],
+                               "height": tile.shape[0], "width": tile.shape[1],
+                               "input_h": features.input_shape[0], "input_w": features.input_shape[1]})
+            rows.append(features.vectors)
+            start += len(features.vectors)
+    ModelStore(root).write_bank_batch(batch, np.concatenate(rows), index_rows, rows_per_chunk)
+    return {"batch": batch, "images": 0, "tiles": len(tiles), "rows": start, "errors": []}
+
+
+@task(name="score-tiles", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=INPUTS,
+      persist_result=True)
+def score_tiles_task(root: str, uri: str, tiles: list[Tile], model_fingerprint: str) -> list[dict]:
+    """Patch-score grids of some tiles of one image (small: 1/stride^2 of the tile's pixels)."""
+    extractor, detector = load_model(root, model_fingerprint)
+    scored = []
+    with LargeImage(uri) as image:
+        for tile in tiles:
+            features = extractor.extract([image.read(tile.top, tile.left, tile.bottom, tile.right)])[0]
+            scores, nearest = detector.patch_scores(features.vectors)
+            weighted = reweight_image_score(features.vectors, scores, nearest, detector.memory,
+                                            detector.index, detector.config.num_neighbors)
+            scored.append({"tile": tile, "grid": scores.reshape(features.grid).astype(np.float32),
+                           "max": float(scores.max()), "weighted": weighted,
+                           "input_shape": features.input_shape})
+    return scored
+
+
+@task(name="stitch-map", retries=3, retry_delay_seconds=[2, 10, 30])
+def stitch_map_task(results: str, image_id: str, shape: tuple[int, int], tile_scores: list[dict],
+                    sigma: float, overlap: int) -> dict:
+    """Blend the tiles' grids and render the full-resolution map into Zarr, block by block."""
+    first = tile_scores[0]
+    stride = first["tile"].shape[0] / first["grid"].shape[0]
+    stitcher = GridStitcher(shape[0], shape[1], int(round(stride)), ramp_patches=max(1, int(overlap / stride / 2)))
+    for item in tile_scores:
+        stitcher.add(item["tile"], item["grid"])
+    grid = stitcher.grid()
+    # sigma is in network-input pixels; the tile was resized to input_shape
+    sigma_px = sigma * first["tile"].shape[0] / first["input_shape"][0]
+    out = ResultStore(results)
+    array = out.create_map(image_id, shape, MAP_CHUNK)
+    for block in blocks(shape[0], shape[1], MAP_CHUNK):
+        array[block.top:block.bottom, block.left:block.right] = render_block(grid, stitcher.stride, shape, block, sigma_px)
+    best = max(tile_scores, key=lambda item: item["max"])  # the image's max patch, eq. 7 weighted
+    preview = _preview(grid, float(np.percentile(grid, 50)), float(grid.max()))
+    preview_url = out.write_file(f"previews/{map_key(image_id)}.png", preview)
+    return {"image_id": image_id, "score": best["weighted"], "height": shape[0], "width": shape[1],
+            "map": out.map_url(image_id), "preview": preview_url, "tiles": len(tile_scores)}
+
+
+def _preview(grid: np.ndarray, low: float, high: float) -> bytes:
+    """A small PNG of the stitched map (the grid itself, enlarged to at most PREVIEW_SIDE)."""
+    scale = max(1, PREVIEW_SIDE // max(grid.shape))
+    enlarged = np.kron(grid, np.ones((scale, scale), np.float32)) if scale > 1 else grid
+    rgb = heatmap_overlay(np.zeros(enlarged.shape, np.float32), enlarged, low, high, opacity=1.0)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
