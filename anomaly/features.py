@@ -13,12 +13,14 @@ from .backbone import DEFAULT_BACKBONE, create_backbone, normalisation
 @dataclass(frozen=True)
 class FeatureConfig:
     backbone: str = DEFAULT_BACKBONE
-    # timm feature stages; (2, 3) are the two mid-level stages (strides 8 and 16): WideResNet's
-    # layer2 + layer3, EfficientNet's stages at 1/8 and 1/16 resolution.
-    layers: tuple[int, ...] = (2, 3)
+    # timm feature stages. For WideResNet50, (2, 3) are the paper's layer2 + layer3. For the
+    # small EfficientNet-Lite the last two stages (strides 16 and 32) are the ones that separate
+    # MTD's defects: image AUROC 0.92 against 0.85 for (2, 3) (see README, "Choosing defaults")
+    layers: tuple[int, ...] = (3, 4)
     # every image is resized by the same factor (aspect kept), so a texture has the same scale in
-    # every image: resizing each to a fixed size would show the network different scales
-    input_scale: float = 1.0
+    # every image: resizing each to a fixed size would show the network different scales.
+    # Half size gives each stride-16 patch more context: MTD image AUROC 0.95 against 0.89 at 1.0
+    input_scale: float = 0.5
     # > 0: resize every image to this square side instead (aspect not kept)
     square_side: int = 0
     size_multiple: int = 16

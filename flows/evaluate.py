@@ -44,13 +44,14 @@ def _png(array: np.ndarray) -> bytes:
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(split_csv: str, out: str, feature_config: dict | None = None,
-                  detector_config: dict | None = None, batch_size: int = 32, dask_address: str | None = None,
+                  detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32, dask_address: str | None = None,
                   workers: int | None = None) -> dict:
     logger = get_run_logger()
     root, results = join(out, "model"), join(out, "results")
     with dask_cluster(dask_address, workers) as address:
         fit = run_on_dask(fit_flow, address, images=split_csv, root=root, split="train",
-                          feature_config=feature_config, detector_config=detector_config, batch_size=batch_size)
+                          feature_config=feature_config, detector=detector, detector_config=detector_config,
+                          batch_size=batch_size)
         scored = run_on_dask(score_flow, address, images=split_csv, root=root, results=results, split="test",
                              batch_size=batch_size)
     started = time.perf_counter()
@@ -75,6 +76,7 @@ def evaluate_flow(split_csv: str, out: str, feature_config: dict | None = None,
     metrics["timings"] = {"fit_s": fit["fit_s"], "extract_s": fit["extract_s"], "coreset_s": fit["coreset_s"],
                           "index_s": fit["index_s"], "score_s": scored["score_s"],
                           "metrics_s": time.perf_counter() - started}
+    metrics["detector"] = detector
     metrics["counts"] = {"train_images": fit["images"], "test_images": int(len(table)),
                          "skipped": fit["skipped"] + scored["skipped"]}
     metrics = _clean(metrics)

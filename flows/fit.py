@@ -8,10 +8,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from anomaly.features import FeatureConfig
-from anomaly.patchcore import PatchCoreConfig
+from anomaly.detectors import detector_config as detector_settings
 from anomaly.tiling import TilingConfig, tile_grid
 from storage.model_store import ModelStore
 from tasks.coreset import select_coreset_task
+from tasks.detectors import fit_detector_task
 from tasks.features import extract_features_task
 from tasks.index import build_index_task
 from tasks.listing import chunk, list_images_task
@@ -23,11 +24,11 @@ from .report import markdown_rows, markdown_table
 
 @flow(name="fit", log_prints=True)
 def fit_flow(images: str, root: str, split: str | None = None, feature_config: dict | None = None,
-             detector_config: dict | None = None, batch_size: int = 32, tiling_config: dict | None = None,
+             detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32, tiling_config: dict | None = None,
              coreset_chunk_rows: int = 1 << 20, tiles_per_task: int = 16) -> dict:
     logger = get_run_logger()
     features = FeatureConfig.from_dict(feature_config) if feature_config else FeatureConfig()
-    detector = PatchCoreConfig.from_dict(detector_config) if detector_config else PatchCoreConfig()
+    settings = detector_settings(detector, detector_config)
     tiling = TilingConfig(**tiling_config) if tiling_config else TilingConfig()
     store = ModelStore(root)
     started = time.perf_counter()
@@ -56,19 +57,24 @@ def fit_flow(images: str, root: str, split: str | None = None, feature_config: d
     errors = [e for result in extracted for e in result["errors"]]
     for error in errors:
         logger.error("skipped %s: %s", error["uri"], error["reason"])
-    coreset = select_coreset_task.submit(root, detector, coreset_chunk_rows).result()
-    manifest = {"detector": "patchcore", "backbone": features.backbone,
-                "feature_config": features.to_dict(), "detector_config": detector.to_dict(),
+    manifest = {"detector": detector, "backbone": features.backbone,
+                "feature_config": features.to_dict(), "detector_config": settings.to_dict(),
                 "tiling_config": tiling.to_dict(), "images": images, "split": split,
                 "n_images": sum(r["images"] for r in extracted) + len(large),
-                "bank_rows": coreset["bank_rows"], "covering_radius": coreset["covering_radius"],
+                "bank_rows": sum(r["rows"] for r in extracted),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    index = build_index_task.submit(root, manifest).result()
-    summary = {"root": root, "images": manifest["n_images"], "skipped": len(errors),
-               "batches": len(batches), "bank_rows": coreset["bank_rows"],
-               "memory_rows": index["memory_rows"], "covering_radius": coreset["covering_radius"],
-               "extract_s": extract_s, "coreset_s": coreset["seconds"], "index_s": index["seconds"],
-               "fit_s": time.perf_counter() - started, "errors": errors}
+    summary = {"root": root, "detector": detector, "images": manifest["n_images"], "skipped": len(errors),
+               "batches": len(batches), "bank_rows": manifest["bank_rows"], "extract_s": extract_s}
+    if detector == "patchcore":
+        coreset = select_coreset_task.submit(root, settings, coreset_chunk_rows).result()
+        manifest["covering_radius"] = coreset["covering_radius"]
+        index = build_index_task.submit(root, manifest).result()
+        summary.update({"memory_rows": index["memory_rows"], "covering_radius": coreset["covering_radius"],
+                        "coreset_s": coreset["seconds"], "index_s": index["seconds"]})
+    else:
+        fitted = fit_detector_task.submit(root, detector, settings, manifest).result()
+        summary.update({"coreset_s": 0.0, "index_s": fitted["seconds"]})
+    summary.update({"fit_s": time.perf_counter() - started, "errors": errors})
     create_markdown_artifact(
         key="fit-summary",
         markdown="# Fit\n\n" + markdown_table({k: v for k, v in summary.items() if k != "errors"})

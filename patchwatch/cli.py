@@ -7,18 +7,29 @@ import os
 import sys
 
 from anomaly.backbone import DEFAULT_BACKBONE
+from anomaly.detectors import CONFIGS, detector_config
 from anomaly.features import FeatureConfig
 from anomaly.patchcore import PatchCoreConfig
+
+# PaDiM models each grid position, so every image must reach the network at one size
+PADIM_SQUARE_SIDE = 256
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     defaults = FeatureConfig()
+    parser.add_argument("--detector", choices=sorted(CONFIGS), default="patchcore",
+                        help="anomaly detector (default %(default)s)")
+    parser.add_argument("--input-scale", type=float, default=defaults.input_scale,
+                        help="every image is resized by this factor, aspect kept (default %(default)s)")
+    parser.add_argument("--square-side", type=int, default=None,
+                        help="resize every image to this square instead (PaDiM needs a fixed size; "
+                             f"its default is {PADIM_SQUARE_SIDE})")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE,
                         help=f"timm model name (default {DEFAULT_BACKBONE}, offline); others need the model hub")
     parser.add_argument("--layers", default=",".join(map(str, defaults.layers)),
                         help="timm feature stages to use, comma-separated (default %(default)s)")
     parser.add_argument("--coreset-ratio", type=float, default=PatchCoreConfig().coreset_ratio,
-                        help="fraction of the patch bank kept as memory (default %(default)s)")
+                        help="PatchCore: fraction of the patch bank kept as memory (default %(default)s)")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +40,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _configs(args) -> tuple[dict, dict]:
-    features = FeatureConfig(backbone=args.backbone, layers=tuple(int(x) for x in args.layers.split(",")))
-    detector = PatchCoreConfig(coreset_ratio=args.coreset_ratio)
+    square_side = args.square_side if args.square_side is not None else (
+        PADIM_SQUARE_SIDE if args.detector == "padim" else 0)
+    features = FeatureConfig(backbone=args.backbone, layers=tuple(int(x) for x in args.layers.split(",")),
+                             input_scale=args.input_scale, square_side=square_side)
+    detector = detector_config(args.detector)
+    if args.detector == "patchcore":
+        detector = PatchCoreConfig(**{**detector.to_dict(), "coreset_ratio": args.coreset_ratio})
     return features.to_dict(), detector.to_dict()
 
 
@@ -63,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # the ephemeral server must not try to reach the internet (telemetry)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.report import print_summary
     from flows.runner import dask_cluster, run_on_dask
 
@@ -71,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         features, detector = _configs(args)
         with dask_cluster(args.dask_address, args.workers) as address:
             summary = run_on_dask(fit_flow, address, images=args.images, root=args.root, split=args.split,
-                                  feature_config=features, detector_config=detector, batch_size=args.batch_size)
+                                  feature_config=features, detector=args.detector, detector_config=detector,
+                                  batch_size=args.batch_size)
         print_summary("fit", summary)
     elif args.command == "score":
         from flows.score import score_flow
@@ -85,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         from flows.evaluate import evaluate_flow
         features, detector = _configs(args)
         summary = evaluate_flow(split_csv=args.split_csv, out=args.out, feature_config=features,
-                                detector_config=detector, batch_size=args.batch_size,
+                                detector=args.detector, detector_config=detector, batch_size=args.batch_size,
                                 dask_address=args.dask_address, workers=args.workers)
         print_summary("evaluate", summary)
         print(json.dumps(summary, indent=2))

@@ -9,6 +9,7 @@ from prefect import task
 from anomaly.coreset import coreset_size, projection_matrix, streaming_coreset
 from anomaly.patchcore import PatchCoreConfig
 from storage.model_store import ModelStore
+from .retries import retry_delays
 
 
 def gather_rows(store: ModelStore, rows: np.ndarray) -> np.ndarray:
@@ -23,7 +24,7 @@ def gather_rows(store: ModelStore, rows: np.ndarray) -> np.ndarray:
     return np.concatenate(picked)
 
 
-@task(name="select-coreset", retries=2, retry_delay_seconds=[5, 30])
+@task(name="select-coreset", retries=2, retry_delay_seconds=retry_delays(5, 30))
 def select_coreset_task(root: str, config: PatchCoreConfig, chunk_rows: int = 1 << 20) -> dict:
     """Greedy k-center coreset of the bank under ``root`` -> ``ROOT/memory``."""
     store = ModelStore(root)

@@ -13,6 +13,7 @@ from storage.images import ImageReadError, ImageRecord, image_shape, read_image,
 from storage.model_store import ModelStore
 
 from .runtime import feature_extractor
+from .retries import retry_delays
 
 
 def load_images(records: list[ImageRecord], tiling: TilingConfig | None = None):
@@ -76,7 +77,7 @@ def drop_too_small(extractor, records: list[ImageRecord], images: list[np.ndarra
     return kept_records, kept_images
 
 
-@task(name="extract-features", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=INPUTS,
+@task(name="extract-features", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=INPUTS,
       persist_result=True)
 def extract_features_task(root: str, batch: int, records: list[ImageRecord], config: FeatureConfig,
                           tiling: TilingConfig | None = None, rows_per_chunk: int = 4096) -> dict:

@@ -7,9 +7,10 @@ from prefect import task
 
 from anomaly.patchcore import build_index
 from storage.model_store import ModelStore
+from .retries import retry_delays
 
 
-@task(name="build-index", retries=3, retry_delay_seconds=[2, 10, 30])
+@task(name="build-index", retries=3, retry_delay_seconds=retry_delays(2, 10, 30))
 def build_index_task(root: str, manifest: dict) -> dict:
     store = ModelStore(root)
     started = time.perf_counter()

@@ -8,7 +8,9 @@ from prefect import task
 from prefect.cache_policies import INPUTS
 
 from anomaly.features import FeatureConfig
+from anomaly.padim import Padim
 from anomaly.patchcore import PatchCore, PatchCoreConfig
+from anomaly.spade import Spade
 from anomaly.tiling import TilingConfig
 from storage.images import ImageRecord
 from storage.model_store import ModelStore
@@ -16,6 +18,7 @@ from storage.results_store import ResultStore
 
 from .features import drop_too_small, load_images
 from .runtime import feature_extractor
+from .retries import retry_delays
 
 SCORE_COLUMNS = ["image_id", "uri", "score", "height", "width", "map", "label", "defect_type", "mask_uri",
                  "model"]
@@ -27,8 +30,16 @@ def load_model(root: str, fingerprint: str):
     store = ModelStore(root)
     manifest = store.read_manifest()
     extractor = feature_extractor(FeatureConfig.from_dict(manifest["feature_config"]))
-    detector = PatchCore(store.read_memory(), PatchCoreConfig.from_dict(manifest["detector_config"]),
-                         index=store.read_index())
+    name = manifest.get("detector", "patchcore")
+    if name == "patchcore":
+        detector = PatchCore(store.read_memory(), PatchCoreConfig.from_dict(manifest["detector_config"]),
+                             index=store.read_index())
+    elif name == "padim":
+        detector = Padim.from_arrays(store.read_arrays("detector"))
+    elif name == "spade":
+        detector = Spade.from_arrays(store.read_arrays("detector"))
+    else:
+        raise ValueError(f"model at {root} uses detector {name!r}, unknown to this patchwatch")
     return extractor, detector
 
 
@@ -36,7 +47,7 @@ def part_name(batch: int) -> str:
     return f"part-{batch:05d}"
 
 
-@task(name="score-batch", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=INPUTS,
+@task(name="score-batch", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=INPUTS,
       persist_result=True)
 def score_batch_task(root: str, results: str, batch: int, records: list[ImageRecord],
                      model_fingerprint: str, tiling: TilingConfig | None = None) -> dict:

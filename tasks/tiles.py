@@ -10,7 +10,7 @@ from prefect.cache_policies import INPUTS
 
 from anomaly.features import FeatureConfig
 from anomaly.maps import heatmap_overlay
-from anomaly.patchcore import reweight_image_score
+from anomaly.detectors import score_grid
 from anomaly.tiling import GridStitcher, Tile, blocks, render_block
 from storage.images import LargeImage
 from storage.model_store import ModelStore
@@ -18,11 +18,12 @@ from storage.results_store import MAP_CHUNK, ResultStore, map_key
 
 from .runtime import feature_extractor
 from .scoring import load_model
+from .retries import retry_delays
 
 PREVIEW_SIDE = 1024
 
 
-@task(name="extract-tile-features", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=INPUTS,
+@task(name="extract-tile-features", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=INPUTS,
       persist_result=True)
 def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, tiles: list[Tile],
                                config: FeatureConfig, rows_per_chunk: int = 4096) -> dict:
@@ -43,7 +44,7 @@ def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, t
     return {"batch": batch, "images": 0, "tiles": len(tiles), "rows": start, "errors": []}
 
 
-@task(name="score-tiles", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=INPUTS,
+@task(name="score-tiles", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=INPUTS,
       persist_result=True)
 def score_tiles_task(root: str, uri: str, tiles: list[Tile], model_fingerprint: str) -> list[dict]:
     """Patch-score grids of some tiles of one image (small: 1/stride^2 of the tile's pixels)."""
@@ -52,16 +53,13 @@ def score_tiles_task(root: str, uri: str, tiles: list[Tile], model_fingerprint: 
     with LargeImage(uri) as image:
         for tile in tiles:
             features = extractor.extract([image.read(tile.top, tile.left, tile.bottom, tile.right)])[0]
-            scores, nearest = detector.patch_scores(features.vectors)
-            weighted = reweight_image_score(features.vectors, scores, nearest, detector.memory,
-                                            detector.index, detector.config.num_neighbors)
-            scored.append({"tile": tile, "grid": scores.reshape(features.grid).astype(np.float32),
-                           "max": float(scores.max()), "weighted": weighted,
-                           "input_shape": features.input_shape})
+            tile_score, grid = score_grid(detector, features)
+            scored.append({"tile": tile, "grid": grid.astype(np.float32), "max": float(grid.max()),
+                           "weighted": tile_score, "input_shape": features.input_shape})
     return scored
 
 
-@task(name="stitch-map", retries=3, retry_delay_seconds=[2, 10, 30])
+@task(name="stitch-map", retries=3, retry_delay_seconds=retry_delays(2, 10, 30))
 def stitch_map_task(results: str, image_id: str, shape: tuple[int, int], tile_scores: list[dict],
                     sigma: float, overlap: int) -> dict:
     """Blend the tiles' grids and render the full-resolution map into Zarr, block by block."""
