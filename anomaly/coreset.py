@@ -109,7 +109,8 @@ def projection_matrix(in_dim: int, out_dim: int, seed: int = 0) -> np.ndarray | 
     if out_dim <= 0 or in_dim <= out_dim:
         return None
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((in_dim, out_dim)).astype(np.float32) / np.sqrt(out_dim)
+    # float32 throughout: a float64 matrix would double the projected bank's memory
+    return (rng.standard_normal((in_dim, out_dim)) / np.sqrt(out_dim)).astype(np.float32)
 
 
 def project(vectors: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
@@ -133,7 +134,9 @@ def streaming_coreset(chunks, total_rows: int, size: int, matrix: np.ndarray | N
     """
     size = min(size, total_rows)
     if total_rows <= chunk_rows:
-        projected = np.concatenate([project(c, matrix) for c in chunks])
+        pieces = [project(c, matrix) for c in chunks]
+        projected = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        del pieces
         return greedy_coreset(projected, size, start=start_index(total_rows, seed))
 
     candidates, candidate_rows, pending, pending_rows, offset = [], [], [], 0, 0
@@ -158,4 +161,23 @@ def streaming_coreset(chunks, total_rows: int, size: int, matrix: np.ndarray | N
     union = np.concatenate(candidates)
     rows = np.concatenate(candidate_rows)
     final = greedy_coreset(union, size, start=0)
-    return CoresetResult(rows[final.indices], final.covering_radius, final.distance_evaluations)
+    # the final pass saw only the candidates, so its radius understates the bank's: NaN here,
+    # and :func:`bank_covering_radius` measures the true one with another pass over the bank
+    return CoresetResult(rows[final.indices], float("nan"), final.distance_evaluations)
+
+
+def bank_covering_radius(chunks, centres: np.ndarray, matrix: np.ndarray | None) -> float:
+    """Largest distance of any bank row to its nearest centre, in the projected space.
+
+    ``chunks`` yields the bank's rows (unprojected); ``centres`` are the coreset's rows
+    (unprojected). One faiss search per chunk, so memory stays at one chunk.
+    """
+    import faiss
+
+    index = faiss.IndexFlatL2(centres.shape[1] if matrix is None else matrix.shape[1])
+    index.add(project(centres, matrix))
+    largest = 0.0
+    for chunk in chunks:
+        squared, _ = index.search(project(chunk, matrix), 1)
+        largest = max(largest, float(np.sqrt(max(squared.max(), 0.0))))
+    return largest

@@ -8,7 +8,6 @@ import math
 import multiprocessing
 import os
 import platform
-import resource
 import shlex
 import sys
 import time
@@ -26,10 +25,11 @@ MIB = 1024 * 1024
 
 MEMORY_METHOD = ("each step runs in a fresh process (multiprocessing 'spawn'); just before the step (after "
                  "imports and loading its inputs) the kernel's peak-RSS mark is reset to the current RSS "
-                 "(echo 5 > /proc/self/clear_refs) and that RSS is the 'baseline'; 'peak' = "
-                 "resource.getrusage(RUSAGE_SELF).ru_maxrss after the step, so 'step' = peak - baseline is "
-                 "the most the step itself added (import-time transients cannot hide it); whole process, "
-                 "numpy + torch + faiss + BLAS buffers")
+                 "(echo 5 > /proc/self/clear_refs) and that RSS is the 'baseline'; 'peak' = the process's "
+                 "peak RSS (VmHWM in /proc/self/status) after the step, so 'step' = peak - baseline is the most "
+                 "the step itself added; whole process: numpy, torch, faiss and BLAS buffers alike. "
+                 "(getrusage(RUSAGE_SELF).ru_maxrss is not used: in a child started by fork + exec it also "
+                 "keeps the pre-exec fork's RSS, i.e. the parent's, and the reset does not clear that part)")
 
 
 # ---- machine, command line ---------------------------------------------------------------------
@@ -93,28 +93,32 @@ def command_line() -> str:
 
 
 # ---- fresh processes and memory ------------------------------------------------------------------
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status: peak memory cannot be measured here")
+
+
 def peak_rss_mib() -> float:
-    """High-water mark of this process's resident set (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set of this process (since start or the last :func:`mark_baseline`)."""
+    return _status_mib("VmHWM")
 
 
 def current_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mib("VmRSS")
 
 
 def mark_baseline() -> float:
-    """Reset the peak-RSS mark to the current RSS and return it (MiB): ru_maxrss read later is then
-    the peak since this call. Raises if the kernel does not allow the reset, rather than measure
-    something else."""
+    """Reset the peak-RSS mark to the current RSS and return it (MiB): :func:`peak_rss_mib` read
+    later is then the peak since this call. Raises if the kernel does not allow the reset, rather
+    than measure something else."""
     import gc
 
     gc.collect()
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
-    return peak_rss_mib()
+    return current_rss_mib()
 
 
 def run_fresh(function, *args, **kwargs):

@@ -60,7 +60,8 @@ def run_fit(work: Path, csv: Path, workers: int, run: int, batch_size: int, core
             "coreset_ratio": coreset_ratio, "result": str(work / f"{tag}.json")}
     (work / f"{tag}.spec.json").write_text(json.dumps(spec))
     env = dict(os.environ)
-    env.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    env.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # as the CLI sets them
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # task results go to a scratch folder: no cache hit from an earlier run, nothing left behind
     env["PREFECT_LOCAL_STORAGE_PATH"] = str(work / "prefect-results")
     log = work / f"{tag}.log"

@@ -6,7 +6,7 @@ import time
 import numpy as np
 from prefect import task
 
-from anomaly.coreset import coreset_size, projection_matrix, streaming_coreset
+from anomaly.coreset import bank_covering_radius, coreset_size, projection_matrix, streaming_coreset
 from anomaly.patchcore import PatchCoreConfig
 from storage.model_store import ModelStore
 from .retries import retry_delays
@@ -37,6 +37,8 @@ def select_coreset_task(root: str, config: PatchCoreConfig, chunk_rows: int = 1 
     result = streaming_coreset((v for _, v in store.iter_bank()), total_rows, size, matrix, config.seed,
                                chunk_rows=chunk_rows)
     memory = gather_rows(store, result.indices)
+    if np.isnan(result.covering_radius):  # selected composably: measure over the whole bank
+        result.covering_radius = bank_covering_radius((v for _, v in store.iter_bank()), memory, matrix)
     store.write_memory(memory, {"bank_rows": int(total_rows), "covering_radius": result.covering_radius})
     return {"bank_rows": int(total_rows), "memory_rows": int(len(memory)),
             "covering_radius": result.covering_radius, "seconds": time.perf_counter() - started}

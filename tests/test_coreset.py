@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from anomaly.coreset import (greedy_coreset, greedy_coreset_exhaustive, projection_matrix,
+from anomaly.coreset import (bank_covering_radius, greedy_coreset, greedy_coreset_exhaustive, projection_matrix,
                              random_projection, streaming_coreset)
 
 
@@ -47,6 +47,9 @@ def test_streaming_composable_coreset_stays_close_to_single_machine_greedy():
     radius_whole = covering_radius(projected, projected[whole.indices])
     radius_pieces = covering_radius(projected, projected[pieces.indices])
     assert radius_whole == pytest.approx(whole.covering_radius, rel=1e-4)
+    assert np.isnan(pieces.covering_radius)  # unknown until measured over the whole bank
+    measured = bank_covering_radius(iter(chunks), bank[pieces.indices], matrix)
+    assert measured == pytest.approx(radius_pieces, rel=1e-4)
     # the composable selection is a 2-approximation in theory; in practice it is close
     assert radius_pieces < 1.5 * radius_whole
 

@@ -104,7 +104,7 @@ def test_planted_defect_scores_highest_and_map_peaks_inside(scene):
 
 def test_max_map_image_score(scene):
     train, clean, defect = scene
-    knn = Spade.fit(train, SpadeConfig(k_images=10))
+    knn = Spade.fit(train, SpadeConfig(k_images=10, image_score="knn"))
     peak = Spade.fit(train, SpadeConfig(k_images=10, image_score="max_map"))
     for vectors in (clean[0], defect):
         knn_score, knn_map = knn.score(as_features(vectors))
