@@ -28,3 +28,6 @@ test: install
 
 bench: install
 	$(PYTHON) bench/bench_engine.py
+	$(PYTHON) bench/bench_pipeline.py
+	$(PYTHON) bench/bench_detectors.py
+	$(PYTHON) bench/bench_tiling.py

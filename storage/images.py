@@ -140,20 +140,25 @@ def _check_array(array: np.ndarray, uri: str) -> np.ndarray:
     return array
 
 
+def file_error(uri: str, error: OSError) -> ImageReadError:
+    """The named, short reason for an OS-level failure to read ``uri``."""
+    if isinstance(error, FileNotFoundError):
+        return ImageReadError(uri, "file not found")
+    if isinstance(error, PermissionError):
+        return ImageReadError(uri, "permission denied")
+    if isinstance(error, IsADirectoryError):
+        return ImageReadError(uri, "is a directory")
+    if error.errno == errno.ELOOP:
+        return ImageReadError(uri, "symlink loop")
+    return ImageReadError(uri, f"cannot read file ({_short(error.strerror or error)})")
+
+
 def read_image(uri: str) -> np.ndarray:
     fs, path = filesystem(uri)
     try:
         data = fs.cat_file(path)
-    except FileNotFoundError as error:
-        raise ImageReadError(uri, "file not found") from error
-    except PermissionError as error:
-        raise ImageReadError(uri, "permission denied") from error
-    except IsADirectoryError as error:
-        raise ImageReadError(uri, "is a directory") from error
     except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise ImageReadError(uri, "symlink loop") from error
-        raise ImageReadError(uri, f"cannot read file ({_short(error.strerror or error)})") from error
+        raise file_error(uri, error) from error
     return decode_image(data, uri)
 
 
@@ -226,10 +231,8 @@ def image_shape(uri: str) -> tuple[int, int]:
                     return tuple(tiff.pages[0].shape[:2])
             with Image.open(handle) as image:
                 return image.height, image.width
-    except FileNotFoundError as error:
-        raise ImageReadError(uri, "file not found") from error
-    except PermissionError as error:
-        raise ImageReadError(uri, "permission denied") from error
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as error:
+        raise file_error(uri, error) from error
     except UnidentifiedImageError as error:
         raise ImageReadError(uri, "not an image file (unrecognised format)") from error
     except Exception as error:

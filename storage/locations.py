@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import uuid
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -60,7 +61,7 @@ def write_bytes_atomically(url: str, data: bytes) -> None:
     fs, path = filesystem(url)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     if is_local(url):
-        temporary = f"{path}.partial"
+        temporary = f"{path}.{uuid.uuid4().hex}.partial"  # unique: concurrent writers never interleave
         with fs.open(temporary, "wb") as handle:
             handle.write(data)
         fs.mv(temporary, path)

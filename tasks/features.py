@@ -7,13 +7,21 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import INPUTS
 
-from anomaly.features import FeatureConfig
+from anomaly.features import FeatureConfig, PatchFeatures
 from anomaly.tiling import TilingConfig
 from storage.images import ImageReadError, ImageRecord, image_shape, read_image, read_mask
 from storage.model_store import ModelStore
 
 from .runtime import feature_extractor
 from .retries import retry_delays
+
+
+def bank_index_row(image_id: str, uri: str, batch: int, start: int, patch: PatchFeatures) -> dict:
+    """Where one image's (or tile's) patch vectors sit in its batch array, and its geometry."""
+    return {"image_id": image_id, "uri": uri, "batch": batch, "row_start": start,
+            "row_stop": start + len(patch.vectors), "grid_h": patch.grid[0], "grid_w": patch.grid[1],
+            "height": patch.image_shape[0], "width": patch.image_shape[1],
+            "input_h": patch.input_shape[0], "input_w": patch.input_shape[1]}
 
 
 def load_images(records: list[ImageRecord], tiling: TilingConfig | None = None):
@@ -90,11 +98,7 @@ def extract_features_task(root: str, batch: int, records: list[ImageRecord], con
     features = extractor.extract(usable_images) if usable_images else []
     rows, index_rows, start = [], [], 0
     for record, patch in zip(usable, features):
-        index_rows.append({"image_id": record.image_id, "uri": record.uri, "batch": batch,
-                           "row_start": start, "row_stop": start + len(patch.vectors),
-                           "grid_h": patch.grid[0], "grid_w": patch.grid[1],
-                           "height": patch.image_shape[0], "width": patch.image_shape[1],
-                           "input_h": patch.input_shape[0], "input_w": patch.input_shape[1]})
+        index_rows.append(bank_index_row(record.image_id, record.uri, batch, start, patch))
         rows.append(patch.vectors)
         start += len(patch.vectors)
     vectors = np.concatenate(rows) if rows else np.zeros((0, config.embed_dim), np.float32)

@@ -16,6 +16,7 @@ from storage.images import LargeImage
 from storage.model_store import ModelStore
 from storage.results_store import MAP_CHUNK, ResultStore, map_key
 
+from .features import bank_index_row
 from .runtime import feature_extractor
 from .scoring import load_model
 from .retries import retry_delays
@@ -33,11 +34,7 @@ def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, t
     with LargeImage(uri) as image:
         for tile in tiles:
             features = extractor.extract([image.read(tile.top, tile.left, tile.bottom, tile.right)])[0]
-            index_rows.append({"image_id": f"{image_id}#{tile.top},{tile.left}", "uri": uri, "batch": batch,
-                               "row_start": start, "row_stop": start + len(features.vectors),
-                               "grid_h": features.grid[0], "grid_w": features.grid[1],
-                               "height": tile.shape[0], "width": tile.shape[1],
-                               "input_h": features.input_shape[0], "input_w": features.input_shape[1]})
+            index_rows.append(bank_index_row(f"{image_id}#{tile.top},{tile.left}", uri, batch, start, features))
             rows.append(features.vectors)
             start += len(features.vectors)
     ModelStore(root).write_bank_batch(batch, np.concatenate(rows), index_rows, rows_per_chunk)
