@@ -7,6 +7,8 @@ import pytest
 from anomaly.features import FeatureConfig, PatchFeatureExtractor, PatchFeatures
 from anomaly.spade import Spade, SpadeConfig, SpadeFitter, global_feature
 
+from .synthetic import SIDE, blob_mask, stripe_scene
+
 GRID = (6, 10)
 IMAGE_SHAPE = (48, 80)          # non-square; 8 px per grid cell
 DIM = 32
@@ -173,30 +175,9 @@ def test_fitter_rejects_bad_input():
 
 
 # ---- real backbone ------------------------------------------------------------------------------
-SIDE = 128
-BLOB_CENTRE, BLOB_RADIUS = (84, 44), 16
-
-
-def stripes(rng: np.random.Generator) -> np.ndarray:
-    """Grey vertical stripes (period 8 px, random phase) with a little noise, uint8."""
-    y, x = np.mgrid[:SIDE, :SIDE]
-    image = 0.5 + 0.2 * np.sin(2 * np.pi * x / 8 + rng.uniform(0, 2 * np.pi)) + 0.03 * rng.normal(size=(SIDE, SIDE))
-    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
-
-
-def blob_mask() -> np.ndarray:
-    y, x = np.mgrid[:SIDE, :SIDE]
-    return (y - BLOB_CENTRE[0]) ** 2 + (x - BLOB_CENTRE[1]) ** 2 <= BLOB_RADIUS ** 2
-
-
 def test_real_backbone_finds_a_bright_blob():
     extractor = PatchFeatureExtractor(FeatureConfig(square_side=SIDE, layers=(3, 4)))
-    rng = np.random.default_rng(0)
-    train = extractor.extract([stripes(rng) for _ in range(12)])
-    clean = extractor.extract([stripes(rng) for _ in range(4)])
-    blob = stripes(rng)
-    blob[blob_mask()] = 255
-    (blob_features,) = extractor.extract([blob])
+    train, clean, blob_features = stripe_scene(extractor)
 
     fitter = SpadeFitter(SpadeConfig(k_images=5))
     for features in train:
