@@ -123,15 +123,17 @@ class PatchFeatureExtractor:
         return embedded.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2)
 
     def extract(self, images: list[np.ndarray]) -> list[PatchFeatures]:
-        """Patch features of each image; images of equal network input size share a batch."""
-        results: list[PatchFeatures | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, image in enumerate(images):
-            groups.setdefault(self.input_shape(*image.shape[:2]), []).append(i)
-        for shape, members in groups.items():
-            features = self.embed(self.preprocess([images[i] for i in members], shape)).cpu()
-            for i, fmap in zip(members, features):
-                grid = (fmap.shape[1], fmap.shape[2])
-                vectors = fmap.permute(1, 2, 0).reshape(-1, fmap.shape[0]).numpy().astype(np.float32)
-                results[i] = PatchFeatures(vectors, grid, tuple(images[i].shape[:2]), shape)
+        """Patch features of each image.
+
+        Images go through the network one at a time: convolution results depend slightly on the
+        batch they are computed in, and an image's score must not depend on which other images
+        happened to share its work batch (on a CPU, batching gains little).
+        """
+        results = []
+        for image in images:
+            shape = self.input_shape(*image.shape[:2])
+            fmap = self.embed(self.preprocess([image], shape)).cpu()[0]
+            grid = (fmap.shape[1], fmap.shape[2])
+            vectors = fmap.permute(1, 2, 0).reshape(-1, fmap.shape[0]).numpy().astype(np.float32)
+            results.append(PatchFeatures(vectors, grid, tuple(image.shape[:2]), shape))
         return results
