@@ -1,7 +1,7 @@
 """Locally aware patch features (PatchCore, Roth et al. 2022, section 3.1)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from anomaly.features import FeatureConfig
 from anomaly.detectors import detector_config as detector_settings
+from anomaly.features import FeatureConfig
 from anomaly.tiling import TilingConfig, tile_grid
 from storage.model_store import ModelStore
 from tasks.coreset import select_coreset_task
@@ -18,14 +17,15 @@ from tasks.index import build_index_task
 from tasks.listing import chunk, list_images_task
 from tasks.tiles import extract_tile_features_task
 
-from .runner import gather
 from .report import markdown_rows, markdown_table
+from .runner import gather
 
 
 @flow(name="fit", log_prints=True)
 def fit_flow(images: str, root: str, split: str | None = None, feature_config: dict | None = None,
-             detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32, tiling_config: dict | None = None,
-             coreset_chunk_rows: int = 1 << 20, tiles_per_task: int = 16) -> dict:
+             detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32,
+             tiling_config: dict | None = None, coreset_chunk_rows: int = 1 << 20,
+             tiles_per_task: int = 16) -> dict:
     logger = get_run_logger()
     features = FeatureConfig.from_dict(feature_config) if feature_config else FeatureConfig()
     settings = detector_settings(detector, detector_config)

@@ -8,9 +8,9 @@ from PIL import Image
 from prefect import task
 from prefect.cache_policies import INPUTS
 
+from anomaly.detectors import score_grid
 from anomaly.features import FeatureConfig
 from anomaly.maps import heatmap_overlay
-from anomaly.detectors import score_grid
 from anomaly.tiling import GridStitcher, Tile, blocks, render_block
 from storage.images import LargeImage
 from storage.model_store import ModelStore
@@ -18,8 +18,8 @@ from storage.results_store import MAP_CHUNK, ResultStore, map_key
 
 from .features import bank_index_row
 from .runtime import feature_extractor
-from .scoring import load_model
 from .retries import retry_delays
+from .scoring import load_model
 
 PREVIEW_SIDE = 1024
 
