@@ -351,6 +351,16 @@ def write_results(out_dir: str | Path, name: str, title: str, meta: dict, sectio
     return md_path, json_path
 
 
+def report(out_dir: str | Path, name: str, title: str, meta: dict, sections: list[dict]) -> None:
+    """Print every section's table and notes, then write them with :func:`write_results`."""
+    for section in sections:
+        print_table(section["title"], section["rows"])
+        for note in section.get("notes", []):
+            print(f"  - {note}")
+    md, js = write_results(out_dir, name, title, meta, sections)
+    print(f"\nwrote {md} and {js} ({meta['wall_s']:.0f} s)")
+
+
 def _json_default(value):
     if isinstance(value, (np.integer,)):
         return int(value)

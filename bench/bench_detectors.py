@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_OUT, DEFAULT_SPLIT, command_line, machine_info, print_table, utc_now, write_results  # noqa: E402
+from _common import DEFAULT_OUT, DEFAULT_SPLIT, command_line, machine_info, report, utc_now  # noqa: E402
 
 DETECTORS = ("patchcore", "padim", "spade")
 
@@ -44,13 +44,12 @@ def main() -> None:
                          "score s/image": timings["score_s"] / max(counts["test_images"], 1),
                          "model MiB": folder_size_mib(out / "model")})
     title = "Detectors side by side (patchwatch evaluate, defaults)"
-    print_table(title, rows)
     meta = {"command": command_line(), "date": utc_now(), "machine": machine,
             "wall_s": time.perf_counter() - started, "parameters": {"split": args.split}}
     notes = ["fit s: the fit flow end to end (listing, features on Dask, coreset or Gaussian fit, index)",
              "score s/image: the score flow end to end divided by the test images (maps written to Zarr)",
              "model MiB: the model root on disk, feature bank (Zarr) included"]
-    write_results(args.out, "detectors", title, meta, [{"title": "MTD", "rows": rows, "notes": notes}])
+    report(args.out, "detectors", title, meta, [{"title": "MTD", "rows": rows, "notes": notes}])
 
 
 if __name__ == "__main__":

@@ -384,12 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                       "centres and extrapolated = timed x coreset / centres timed",
                       "same first centres: the exhaustive loop picked exactly select_coreset's first centres"]})
 
-    for section in sections:
-        common.print_table(section["title"], section["rows"])
-        for note in section.get("notes", []):
-            print(f"  - {note}")
-    md, js = common.write_results(args.out, args.name, "patchwatch engine benchmark", meta, sections)
-    print(f"\nwrote {md} and {js} ({meta['wall_s']:.0f} s)")
+    common.report(args.out, args.name, "patchwatch engine benchmark", meta, sections)
     return 0
 
 

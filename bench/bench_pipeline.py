@@ -342,12 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                    "this is the least memory an in-memory selection needs; select_coreset itself also holds the "
                    "full-width bank: see bench_engine)"]},
     ]
-    for section in sections:
-        common.print_table(section["title"], section["rows"])
-        for note in section.get("notes", []):
-            print(f"  - {note}")
-    md, js = common.write_results(args.out, args.name, "patchwatch pipeline benchmark", meta, sections)
-    print(f"\nwrote {md} and {js} ({meta['wall_s']:.0f} s)")
+    common.report(args.out, args.name, "patchwatch pipeline benchmark", meta, sections)
     return 0
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (DEFAULT_OUT, DEFAULT_SPLIT, command_line, machine_info, mark_baseline,  # noqa: E402
-                     peak_rss_mib, print_table, run_fresh, utc_now, write_results)
+                     peak_rss_mib, report, run_fresh, utc_now)
 
 
 def fit_model(split: str, root: str) -> None:
@@ -99,14 +99,13 @@ def main() -> None:
         row["step ÷ first"] = row["step MiB"] / base["step MiB"]
         row["time ÷ first"] = row["total s"] / base["total s"]
     title = "Tiled scoring of large images (PatchCore, defaults)"
-    print_table(title, rows)
     meta = {"command": command_line(), "date": utc_now(), "machine": machine,
             "wall_s": time.perf_counter() - started, "parameters": {"split": args.split}}
     notes = ["model: PatchCore fitted on the MTD train rows with the defaults",
              "each image: tiled BigTIFF (256 x 256 TIFF tiles) of mirrored MTD texture, read lazily through tifffile's Zarr view",
              "the map is written as a chunked Zarr array at full resolution (float32)",
              "step MiB: peak resident memory added by scoring one image, in its own fresh process"]
-    write_results(args.out, "tiling", title, meta, [{"title": "Large images", "rows": rows, "notes": notes}])
+    report(args.out, "tiling", title, meta, [{"title": "Large images", "rows": rows, "notes": notes}])
 
 
 if __name__ == "__main__":
