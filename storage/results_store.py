@@ -11,6 +11,7 @@ viewer reads only the tiles it shows.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 
@@ -24,10 +25,18 @@ MAP_CHUNK = 512
 
 
 def map_key(image_id: str) -> str:
-    """A Zarr node path for an image id: nested by its folders, with unsafe characters replaced."""
-    parts = [re.sub(r"[^\w.\-]", "_", p) or "_" for p in image_id.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    """A Zarr node path for an image id: nested by its folders, with unsafe characters replaced.
+
+    When anything had to be replaced, a short hash of the id is appended, so ids that differ
+    only in such characters ("a b.png", "a_b.png") never share a map.
+    """
+    raw = [p for p in image_id.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    parts = [re.sub(r"[^\w.\-]", "_", p) or "_" for p in raw]
     parts = [("_" + p) if p.startswith("__") else p for p in parts]
-    return "/".join(parts) or "_"
+    if parts != raw or not parts:
+        digest = hashlib.sha1(image_id.encode()).hexdigest()[:8]
+        parts = (parts or ["_"])[:-1] + [f"{(parts or ['_'])[-1]}-{digest}"]
+    return "/".join(parts)
 
 
 class ResultStore:
