@@ -351,6 +351,19 @@ def write_results(out_dir: str | Path, name: str, title: str, meta: dict, sectio
     return md_path, json_path
 
 
+def base_parser(description: str, name: str):
+    """The options every benchmark shares: --split, --limit, --out, --name."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", default=str(DEFAULT_SPLIT), help="split CSV (default %(default)s)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use only N train images, evenly spread over the train rows (default: all)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (default %(default)s)")
+    parser.add_argument("--name", default=name, help="results file name: OUT/NAME.md and .json (default %(default)s)")
+    return parser
+
+
 def report(out_dir: str | Path, name: str, title: str, meta: dict, sections: list[dict]) -> None:
     """Print every section's table and notes, then write them with :func:`write_results`."""
     for section in sections:

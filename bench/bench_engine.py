@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -278,14 +277,9 @@ def exhaustive_rows(scales: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--split", default=str(common.DEFAULT_SPLIT), help="split CSV (default %(default)s)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="use only N train images, evenly spread over the train rows (default: all)")
+    parser = common.base_parser(__doc__, "engine")
     parser.add_argument("--test-limit", type=int, default=None,
                         help="use only N test images (default: all, or --limit / 2 when --limit is given)")
-    parser.add_argument("--out", default=str(common.DEFAULT_OUT), help="results folder (default %(default)s)")
-    parser.add_argument("--name", default="engine", help="results file name: OUT/NAME.md and .json (default %(default)s)")
     parser.add_argument("--scales", default="1,2,4", help="bank sizes for the coreset runs (default %(default)s)")
     parser.add_argument("--jitter", type=float, default=0.05,
                         help="noise std of the jittered copies, relative to the bank's per-coordinate std "

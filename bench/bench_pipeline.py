@@ -231,12 +231,7 @@ def reference_rows(results: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--split", default=str(common.DEFAULT_SPLIT), help="split CSV (default %(default)s)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="use only N train images, evenly spread over the train rows (default: all)")
-    parser.add_argument("--out", default=str(common.DEFAULT_OUT), help="results folder (default %(default)s)")
-    parser.add_argument("--name", default="pipeline", help="results file name: OUT/NAME.md and .json (default %(default)s)")
+    parser = common.base_parser(__doc__, "pipeline")
     parser.add_argument("--workers", default="1,2", help="Dask worker counts to compare (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=1, help="fits per worker count (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per work batch, as the CLI's (default %(default)s)")

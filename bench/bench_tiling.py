@@ -56,11 +56,12 @@ def score_large(root: str, uri: str, results: str) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from anomaly.tiling import TilingConfig, tile_grid
     from storage.images import image_shape
-    from storage.model_store import ModelStore
+    from storage.model_store import ModelStore, manifest_fingerprint
     from tasks.tiles import score_tiles_task, stitch_map_task
 
     store = ModelStore(root)
-    manifest, fingerprint = store.read_manifest(), store.fingerprint()
+    manifest = store.read_manifest()
+    fingerprint = manifest_fingerprint(manifest)
     tiling = TilingConfig(**manifest["tiling_config"])
     shape = image_shape(uri)
     tiles = tile_grid(*shape, tiling.tile, tiling.overlap)

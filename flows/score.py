@@ -8,10 +8,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from anomaly.tiling import TilingConfig, tile_grid
-from storage.model_store import ModelStore
-from storage.results_store import ResultStore, drop_parts_from
+from storage.model_store import ModelStore, manifest_fingerprint
+from storage.results_store import ResultStore, drop_parts_from, part_name
 from tasks.listing import chunk, list_images_task
-from tasks.scoring import SCORE_COLUMNS, part_name, score_batch_task
+from tasks.scoring import SCORE_COLUMNS, score_batch_task, score_row
 from tasks.tiles import score_tiles_task, stitch_map_task
 
 from .report import markdown_rows, markdown_table
@@ -25,7 +25,7 @@ def score_flow(images: str, root: str, results: str, split: str | None = None, b
     started = time.perf_counter()
     model = ModelStore(root)
     manifest = model.read_manifest()  # fails early, and clearly, on a missing or incompatible model
-    fingerprint = model.fingerprint()
+    fingerprint = manifest_fingerprint(manifest)
     tiling = TilingConfig(**manifest.get("tiling_config", {}))
     records = list_images_task(images, split)
     batches = chunk(records, batch_size)
@@ -45,10 +45,8 @@ def score_flow(images: str, root: str, results: str, split: str | None = None, b
                 for record, shape in large]
     for part, ((record, shape), future) in enumerate(zip(large, stitched), start=len(batches)):
         row = future.result()
-        out.write_scores(part_name(part), pd.DataFrame([{
-            **{c: None for c in SCORE_COLUMNS}, **{k: row[k] for k in ("image_id", "score", "height", "width", "map")},
-            "uri": record.uri, "label": record.label, "defect_type": record.defect_type,
-            "mask_uri": record.mask_uri, "model": fingerprint}], columns=SCORE_COLUMNS))
+        out.write_scores(part_name(part), pd.DataFrame(
+            [score_row(record, row["score"], shape, row["map"], fingerprint)], columns=SCORE_COLUMNS))
     drop_parts_from(out, len(batches) + len(large))  # leftovers of an earlier, larger run
     errors = [e for result in scored for e in result["errors"]]
     for error in errors:

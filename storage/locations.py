@@ -25,6 +25,25 @@ def is_local(url: str) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+def numbered_parts(url: str, prefix: str, suffix: str = ".parquet") -> dict[int, str]:
+    """{number: path} of the files ``PREFIX-NNNNN SUFFIX`` directly below ``url``, listed afresh."""
+    parts = {}
+    for path in list_dir(url):
+        name = posixpath.basename(path)
+        number = name[len(prefix) + 1:-len(suffix)]
+        if name.startswith(prefix + "-") and name.endswith(suffix) and number.isdigit():
+            parts[int(number)] = path
+    return parts
+
+
+def remove_numbered_parts(url: str, prefix: str, first: int) -> None:
+    """Remove the parts numbered ``first`` and up (left by an earlier, larger run)."""
+    fs, _ = filesystem(url)
+    for number, path in numbered_parts(url, prefix).items():
+        if number >= first:
+            fs.rm(path)
+
+
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     # fresh answer: s3fs decides from a cached listing of the parent folder when it has one,

@@ -16,14 +16,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import posixpath
 
 import faiss
 import numpy as np
 import pandas as pd
 import zarr
 
-from .locations import exists, filesystem, join, list_dir, read_bytes, read_json, write_bytes_atomically, write_json
+from .locations import (exists, filesystem, join, list_dir, numbered_parts, read_bytes, read_json,
+                        remove_numbered_parts, write_bytes_atomically, write_json)
 
 FORMAT_VERSION = 1
 BANK_INDEX_COLUMNS = ["image_id", "uri", "batch", "row_start", "row_stop", "grid_h", "grid_w",
@@ -32,6 +32,11 @@ BANK_INDEX_COLUMNS = ["image_id", "uri", "batch", "row_start", "row_stop", "grid
 
 class IncompatibleModelError(RuntimeError):
     """The model root was written by a newer or unknown patchwatch format."""
+
+
+def manifest_fingerprint(manifest: dict) -> str:
+    """The fingerprint of a model from its manifest, for callers that have read it already."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ModelStore:
@@ -61,20 +66,15 @@ class ModelStore:
 
     def drop_bank_batches_from(self, first: int) -> None:
         """Forget bank batches numbered ``first`` and up (left by an earlier, larger fit)."""
-        fs, _ = filesystem(self.root)
-        for part in list_dir(join(self.root, "bank", "index")):
-            name = posixpath.basename(part)
-            if name.startswith("batch-") and name.endswith(".parquet") and int(name[6:11]) >= first:
-                fs.rm(part)
+        remove_numbered_parts(join(self.root, "bank", "index"), "batch", first)
 
     def fingerprint(self) -> str:
         """Identifies one fitted model: changes whenever the root is re-fitted."""
-        return hashlib.sha256(json.dumps(self.read_manifest(), sort_keys=True).encode()).hexdigest()[:16]
+        return manifest_fingerprint(self.read_manifest())
 
     def written_bank_batches(self) -> set[int]:
         """Batches whose index part (written last) is in storage: complete batches."""
-        names = (posixpath.basename(p) for p in list_dir(join(self.root, "bank", "index")))
-        return {int(n[6:11]) for n in names if n.startswith("batch-") and n.endswith(".parquet")}
+        return set(numbered_parts(join(self.root, "bank", "index"), "batch"))
 
     def has_bank_batch(self, batch: int) -> bool:
         return exists(join(self.root, "bank", "index", f"{self.batch_name(batch)}.parquet"))
@@ -88,7 +88,8 @@ class ModelStore:
         return pd.concat([pd.read_parquet(io.BytesIO(fs.cat_file(p))) for p in parts], ignore_index=True)
 
     def bank_batches(self) -> list[int]:
-        return sorted(int(b) for b in self.bank_index()["batch"].unique())
+        """Complete batches, from one listing (not by reading every index part)."""
+        return sorted(self.written_bank_batches())
 
     def read_bank_batch(self, batch: int) -> np.ndarray:
         return self._bank_group(mode="r")[self.batch_name(batch)][...]
@@ -98,10 +99,10 @@ class ModelStore:
         for batch in (self.bank_batches() if batches is None else batches):
             yield batch, self.read_bank_batch(batch)
 
-    def bank_shape(self) -> tuple[int, int]:
+    def bank_shape(self, batches: list[int] | None = None) -> tuple[int, int]:
         group = self._bank_group(mode="r")
         rows, dim = 0, 0
-        for batch in self.bank_batches():
+        for batch in (self.bank_batches() if batches is None else batches):
             shape = group[self.batch_name(batch)].shape
             rows, dim = rows + shape[0], shape[1]
         return rows, dim

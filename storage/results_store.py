@@ -19,9 +19,15 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .locations import exists, filesystem, join, list_dir, read_json, write_bytes_atomically, write_json
+from .locations import (exists, filesystem, join, list_dir, numbered_parts, read_json, remove_numbered_parts,
+                        write_bytes_atomically, write_json)
 
 MAP_CHUNK = 512
+
+
+def part_name(number: int) -> str:
+    """The name of a numbered table part (one per work batch)."""
+    return f"part-{number:05d}"
 
 
 def map_key(image_id: str) -> str:
@@ -74,8 +80,7 @@ class ResultStore:
         self._write_part("errors", part, frame)
 
     def written_parts(self, table: str) -> set[str]:
-        return {p.rsplit("/", 1)[-1][:-len(".parquet")] for p in list_dir(join(self.root, table))
-                if p.endswith(".parquet")}
+        return {part_name(n) for n in numbered_parts(join(self.root, table), "part")}
 
     def has_part(self, table: str, part: str) -> bool:
         return exists(join(self.root, table, f"{part}.parquet"))
@@ -116,8 +121,4 @@ class ResultStore:
 def drop_parts_from(store: ResultStore, first: int) -> None:
     """Forget score/error parts numbered ``first`` and up (left by an earlier, larger run)."""
     for table in ("scores", "errors"):
-        fs, _ = filesystem(store.root)
-        for part in list_dir(join(store.root, table)):
-            name = part.rsplit("/", 1)[-1]
-            if name.startswith("part-") and name.endswith(".parquet") and int(name[5:10]) >= first:
-                fs.rm(part)
+        remove_numbered_parts(join(store.root, table), "part", first)

@@ -14,7 +14,7 @@ from anomaly.spade import Spade
 from anomaly.tiling import TilingConfig
 from storage.images import ImageRecord
 from storage.model_store import ModelStore
-from storage.results_store import ResultStore
+from storage.results_store import ResultStore, part_name
 
 from .features import drop_too_small, load_images
 from .runtime import feature_extractor
@@ -43,8 +43,11 @@ def load_model(root: str, fingerprint: str):
     return extractor, detector
 
 
-def part_name(batch: int) -> str:
-    return f"part-{batch:05d}"
+def score_row(record: ImageRecord, score: float, shape: tuple[int, int], map_url: str, model: str) -> dict:
+    """One row of the score table (the same for whole and for tiled images)."""
+    return {"image_id": record.image_id, "uri": record.uri, "score": score, "height": shape[0],
+            "width": shape[1], "map": map_url, "label": record.label, "defect_type": record.defect_type,
+            "mask_uri": record.mask_uri, "model": model}
 
 
 @task(name="score-batch", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=INPUTS,
@@ -58,11 +61,7 @@ def score_batch_task(root: str, results: str, batch: int, records: list[ImageRec
     rows = []
     for record, image, features in zip(good, images, extractor.extract(images) if images else []):
         score, amap = detector.score(features)
-        rows.append({"image_id": record.image_id, "uri": record.uri, "score": score,
-                     "height": amap.shape[0], "width": amap.shape[1],
-                     "map": out.write_map(record.image_id, amap), "label": record.label,
-                     "defect_type": record.defect_type, "mask_uri": record.mask_uri,
-                     "model": model_fingerprint})
+        rows.append(score_row(record, score, amap.shape, out.write_map(record.image_id, amap), model_fingerprint))
     # the score part is written after every map of the batch: it marks the batch complete
     out.write_errors(part_name(batch), pd.DataFrame(errors, columns=["image_id", "uri", "reason"]))
     out.write_scores(part_name(batch), pd.DataFrame(rows, columns=SCORE_COLUMNS))

@@ -65,6 +65,5 @@ def test_single_chunk_streaming_equals_in_memory_selection():
 
 def test_projection_keeps_small_banks_as_they_are():
     bank = clustered_bank(rows=100, dim=8)
-    assert random_projection(bank, 128) is not None
     np.testing.assert_array_equal(random_projection(bank, 128), bank)
     assert random_projection(clustered_bank(rows=100, dim=256), 64).shape == (100, 64)
