@@ -46,24 +46,32 @@ def greedy_coreset_exhaustive(points: np.ndarray, size: int, start: int = 0) -> 
     return CoresetResult(np.array(selected, dtype=np.int64), float(nearest.max()), len(points) * size)
 
 
-def greedy_coreset(points: np.ndarray, size: int, start: int = 0, block_rows: int = 4096) -> CoresetResult:
+def greedy_coreset(points: np.ndarray, size: int, start: int = 0, block_rows: int = 4096,
+                   covered_by: np.ndarray | None = None) -> CoresetResult:
     """Farthest-first traversal of ``points`` to ``size`` centres, with lazy blocked updates.
 
-    Same centres, same order as :func:`greedy_coreset_exhaustive`.
+    Same centres, same order as :func:`greedy_coreset_exhaustive`. With ``covered_by`` (centres
+    chosen before, e.g. a previous model's coreset), the traversal continues from those: every
+    point starts at its distance to them and the first new centre is the farthest point, so the
+    result extends an existing coreset to cover newly arrived points.
     """
     points = np.ascontiguousarray(points, dtype=np.float32)
     count, dim = points.shape
     size = min(size, count)
-    if size <= 0:
-        return CoresetResult(np.zeros(0, dtype=np.int64), float("inf"), 0)
     starts = np.arange(0, count, block_rows)
     blocks = [(lo, min(lo + block_rows, count)) for lo in starts]
+    nearest = np.full(count, np.inf, np.float32)
+    bound = np.full(len(blocks), np.inf)              # upper bound of each block's largest distance
+    if covered_by is not None and len(covered_by) and count:
+        nearest[:] = _distance_to_nearest(points, covered_by)
+        bound[:] = [nearest[lo:hi].max() for lo, hi in blocks]
+        start = int(np.argmax(nearest))
+    if size <= 0:
+        return CoresetResult(np.zeros(0, dtype=np.int64), float(nearest.max()) if count else float("inf"), 0)
     norms = np.einsum("ij,ij->i", points, points)
     centres = np.empty((size, dim), np.float32)
     centre_norms = np.empty(size, np.float32)
-    nearest = np.full(count, np.inf, np.float32)
     applied = np.zeros(len(blocks), np.int64)         # centres already folded into each block
-    bound = np.full(len(blocks), np.inf)              # upper bound of each block's largest distance
     selected = np.empty(size, np.int64)
     evaluations = 0
 
@@ -98,6 +106,15 @@ def greedy_coreset(points: np.ndarray, size: int, start: int = 0, block_rows: in
             bring_up_to_date(block, known)
     # after the last centre, ``chosen`` is the farthest point: its distance is the covering radius
     return CoresetResult(selected, float(nearest[chosen]), evaluations)
+
+
+def _distance_to_nearest(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    import faiss
+
+    index = faiss.IndexFlatL2(centres.shape[1])
+    index.add(np.ascontiguousarray(centres, dtype=np.float32))
+    squared, _ = index.search(points, 1)
+    return np.sqrt(np.maximum(squared[:, 0], 0))
 
 
 def coreset_size(bank_size: int, ratio: float) -> int:
@@ -172,12 +189,9 @@ def bank_covering_radius(chunks, centres: np.ndarray, matrix: np.ndarray | None)
     ``chunks`` yields the bank's rows (unprojected); ``centres`` are the coreset's rows
     (unprojected). One faiss search per chunk, so memory stays at one chunk.
     """
-    import faiss
-
-    index = faiss.IndexFlatL2(centres.shape[1] if matrix is None else matrix.shape[1])
-    index.add(project(centres, matrix))
+    projected_centres = project(centres, matrix)
     largest = 0.0
     for chunk in chunks:
-        squared, _ = index.search(project(chunk, matrix), 1)
-        largest = max(largest, float(np.sqrt(max(squared.max(), 0.0))))
+        if len(chunk):
+            largest = max(largest, float(_distance_to_nearest(project(chunk, matrix), projected_centres).max()))
     return largest

@@ -17,6 +17,7 @@ from anomaly.maps import heatmap_overlay
 from anomaly.metrics import evaluate_detection
 from storage.images import ImageReadError, read_image, read_mask
 from storage.locations import join
+from storage.model_store import ModelRegistry
 from storage.results_store import ResultStore
 
 from .fit import fit_flow
@@ -73,14 +74,17 @@ def evaluate_flow(split_csv: str, out: str, feature_config: dict | None = None,
     table = pd.DataFrame(kept)
     metrics = evaluate_detection(np.array(labels), table.score.to_numpy(), masks, maps,
                                  table.defect_type.fillna("").to_numpy())
-    metrics["timings"] = {"fit_s": fit["fit_s"], "extract_s": fit["extract_s"], "coreset_s": fit["coreset_s"],
-                          "index_s": fit["index_s"], "score_s": scored["score_s"],
-                          "metrics_s": time.perf_counter() - started}
+    # a fit with nothing new made no version and took no extraction time
+    metrics["timings"] = {**{k: fit.get(k, 0.0) for k in ("fit_s", "extract_s", "coreset_s", "index_s")},
+                          "score_s": scored["score_s"], "metrics_s": time.perf_counter() - started}
     metrics["detector"] = detector
-    metrics["counts"] = {"train_images": fit["images"], "test_images": int(len(table)),
-                         "skipped": fit["skipped"] + scored["skipped"]}
+    metrics["model_version"] = fit["version"]
+    metrics["nominal_threshold"] = _at_threshold(np.array(labels), table.score.to_numpy(), scored["threshold"])
+    metrics["counts"] = {"train_images": fit.get("images"), "holdout_images": fit.get("holdout_images"),
+                         "test_images": int(len(table)), "skipped": fit["skipped"] + scored["skipped"]}
     metrics = _clean(metrics)
     store.write_file("metrics.json", json.dumps(metrics, indent=2).encode())
+    ModelRegistry(root).model(fit["version"]).write_metrics({**metrics, "split_csv": split_csv})
     table.assign(anomalous_at_f1=table.score >= (metrics["f1_threshold"] or np.inf)).to_csv(
         buf := io.StringIO(), index=False)
     store.write_file("scores.csv", buf.getvalue().encode())
@@ -88,6 +92,19 @@ def evaluate_flow(split_csv: str, out: str, feature_config: dict | None = None,
     create_markdown_artifact(key="evaluation", markdown="# Evaluation\n\n" + markdown_table(
         {k: v for k, v in metrics.items() if not isinstance(v, dict)}), description=f"evaluation of {split_csv}")
     return metrics
+
+
+def _at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict:
+    """How the threshold set from held-out nominal images alone does on the labelled test rows."""
+    if threshold is None:
+        return {"threshold": None}
+    flagged = scores > threshold
+    hits = int((flagged & labels).sum())
+    precision = hits / flagged.sum() if flagged.sum() else float("nan")
+    recall = hits / labels.sum() if labels.sum() else float("nan")
+    return {"threshold": threshold, "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if hits else 0.0,
+            "nominal_flagged_rate": float(flagged[~labels].mean()) if (~labels).any() else float("nan")}
 
 
 def _write_overlays(store: ResultStore, table: pd.DataFrame, maps: list, labels: list) -> None:

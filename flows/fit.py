@@ -1,83 +1,188 @@
-"""Fit flow: list -> batches -> patch features on Dask workers -> Zarr bank -> coreset -> index."""
+"""Fit flow: list -> new images only -> patch features on Dask workers -> Zarr bank -> coreset
+-> index -> threshold from held-out nominal images -> a new model version, then ``current``."""
 from __future__ import annotations
 
+import hashlib
 import time
 
+import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from anomaly.detectors import detector_config as detector_settings
 from anomaly.features import FeatureConfig
 from anomaly.tiling import TilingConfig, tile_grid
-from storage.model_store import ModelStore
+from storage.images import ImageRecord
+from storage.model_store import HOLDOUT, TRAIN, ModelRegistry
 from tasks.coreset import select_coreset_task
 from tasks.detectors import fit_detector_task
 from tasks.features import extract_features_task
 from tasks.index import build_index_task
 from tasks.listing import chunk, list_images_task
+from tasks.threshold import calibrate_threshold_task
 from tasks.tiles import extract_tile_features_task
 
 from .report import markdown_rows, markdown_table
 from .runner import gather
 
+# below this many listed images every one is needed for the memory: no hold-out, no threshold
+MIN_IMAGES_FOR_HOLDOUT = 20
+RECORD_FIELDS = ["image_id", "uri", "mask_uri", "label", "defect_type", "split"]
+
+
+def held_out(image_id: str, fraction: float) -> bool:
+    """Whether an image is held out of the memory to calibrate the threshold: decided by a hash
+    of its id, so the choice never changes between fits and needs no stored state."""
+    return int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def plan_batches(new: list[ImageRecord], first: int, batch_size: int, holdout_fraction: float,
+                 hold: bool) -> pd.DataFrame:
+    """(batch, kind, record fields) rows: the new images cut into work batches, held-out
+    images in batches of their own."""
+    held = [r for r in new if hold and held_out(r.image_id, holdout_fraction)]
+    train = [r for r in new if not (hold and held_out(r.image_id, holdout_fraction))]
+    rows, batch = [], first
+    for kind, records in ((TRAIN, train), (HOLDOUT, held)):
+        for group in chunk(records, batch_size):
+            rows += [{"batch": batch, "kind": kind, **{f: getattr(r, f) for f in RECORD_FIELDS}} for r in group]
+            batch += 1
+    return pd.DataFrame(rows, columns=["batch", "kind", *RECORD_FIELDS])
+
+
+def planned_batches(plan: pd.DataFrame) -> list[tuple[int, str, list[ImageRecord]]]:
+    plan = plan.astype(object).where(plan.notna(), None)
+    return [(int(batch), rows.kind.iloc[0],
+             [ImageRecord(**{f: row[f] for f in RECORD_FIELDS}) for _, row in rows.iterrows()])
+            for batch, rows in plan.groupby("batch", sort=True)]
+
+
+def listing_digest(records: list[ImageRecord]) -> str:
+    return hashlib.sha256("\n".join(sorted(r.uri for r in records)).encode()).hexdigest()[:16]
+
 
 @flow(name="fit", log_prints=True)
 def fit_flow(images: str, root: str, split: str | None = None, feature_config: dict | None = None,
              detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32,
-             tiling_config: dict | None = None, coreset_chunk_rows: int = 1 << 20,
-             tiles_per_task: int = 16) -> dict:
+             tiling_config: dict | None = None, coreset_chunk_rows: int = 1 << 20, tiles_per_task: int = 16,
+             holdout_fraction: float = 0.1, threshold_quantile: float = 0.99, full: bool = False) -> dict:
+    """Fit or re-fit the model under ``root`` on the nominal images of ``images``.
+
+    Only images the bank does not hold yet are featurised. A PatchCore re-fit with unchanged
+    settings extends the current version's coreset over the new rows (``full``: select afresh
+    from the whole bank). Nothing new and nothing changed: no new version.
+    """
     logger = get_run_logger()
     features = FeatureConfig.from_dict(feature_config) if feature_config else FeatureConfig()
     settings = detector_settings(detector, detector_config)
     tiling = TilingConfig(**tiling_config) if tiling_config else TilingConfig()
-    store = ModelStore(root)
+    registry = ModelRegistry(root)
+    registry.bank.claim({"feature_config": features.to_dict(), "tiling_config": tiling.to_dict()})
     started = time.perf_counter()
     records = list_images_task(images, split)
     if not records:
         raise ValueError(f"no images found in {images}" + (f" (split {split!r})" if split else ""))
-    batches = chunk(records, batch_size)
-    logger.info("fitting on %d images in %d batches -> %s", len(records), len(batches), root)
+    parent_version = registry.current()
+    parent = registry.model(parent_version).read_manifest() if parent_version else None
+    recipe = {"detector": detector, "detector_config": settings.to_dict(), "threshold_quantile": threshold_quantile,
+              "holdout_fraction": holdout_fraction}
+    unchanged = parent is not None and not full and all(parent.get(k) == v for k, v in recipe.items())
+
+    model = registry.new_version()
+    plan = model.read_table("plan")  # a killed fit's plan: resumed as it was, whatever arrived since
+    if plan is None or not len(plan):
+        known = set(registry.bank.index().uri)
+        new = [r for r in records if r.uri not in known]
+        if not new and unchanged:
+            return _nothing_new(logger, root, images, parent_version, len(records), started)
+        plan = plan_batches(new, registry.bank.next_batch(), batch_size, holdout_fraction,
+                            hold=len(records) >= MIN_IMAGES_FOR_HOLDOUT)
+        model.write_table("plan", plan)
+    batches = planned_batches(plan)
+    logger.info("%s: %d listed images, %d new in %d batches -> %s", images, len(records), len(plan), len(batches),
+                model.root)
+
     # Prefect's cache skips batches a killed run already finished; a batch whose files are gone
     # from storage must run again even when the cache remembers it
-    written = store.written_bank_batches()
-    futures = [extract_features_task.with_options(refresh_cache=i not in written).submit(root, i, batch, features, tiling)
-               for i, batch in enumerate(batches)]
+    written = set(registry.bank.batches(TRAIN)) | set(registry.bank.batches(HOLDOUT))
+    futures = [extract_features_task.with_options(refresh_cache=(number not in written))
+               .submit(root, number, group, features, tiling, kind) for number, kind, group in batches]
     extracted = gather(futures, "features")
     # large nominal images feed the bank tile by tile, spread over the workers
     large = [item for result in extracted for item in result["large"]]
-    next_batch, tile_futures = len(batches), []
+    next_batch = max(number for number, _, _ in batches) + 1 if batches else registry.bank.next_batch()
+    tile_futures = []
     for record, shape in large:
         for group in chunk(tile_grid(*shape, tiling.tile, tiling.overlap), tiles_per_task):
             task = extract_tile_features_task.with_options(refresh_cache=next_batch not in written)
             tile_futures.append(task.submit(root, next_batch, record.image_id, record.uri, group, features))
             next_batch += 1
     extracted += gather(tile_futures, "tile features")
-    store.drop_bank_batches_from(next_batch)  # leftovers of an earlier, larger fit
     extract_s = time.perf_counter() - started
     errors = [e for result in extracted for e in result["errors"]]
     for error in errors:
         logger.error("skipped %s: %s", error["uri"], error["reason"])
-    manifest = {"detector": detector, "backbone": features.backbone,
-                "feature_config": features.to_dict(), "detector_config": settings.to_dict(),
-                "tiling_config": tiling.to_dict(), "images": images, "split": split,
-                "n_images": sum(r["images"] for r in extracted) + len(large),
-                "bank_rows": sum(r["rows"] for r in extracted),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    summary = {"root": root, "detector": detector, "images": manifest["n_images"], "skipped": len(errors),
-               "batches": len(batches), "bank_rows": manifest["bank_rows"], "extract_s": extract_s}
+    added_rows = sum(r["rows"] for r in extracted)
+    if not added_rows and unchanged:
+        model.write_table("plan", plan.iloc[:0])  # done with (nothing usable): the next fit plans afresh
+        return _nothing_new(logger, root, images, parent_version, len(records), started, errors)
+
+    incremental = unchanged and parent is not None
     if detector == "patchcore":
-        coreset = select_coreset_task.submit(root, settings, coreset_chunk_rows).result()
-        manifest["covering_radius"] = coreset["covering_radius"]
-        index = build_index_task.submit(root, manifest).result()
-        summary.update({"memory_rows": index["memory_rows"], "covering_radius": coreset["covering_radius"],
-                        "coreset_s": coreset["seconds"], "index_s": index["seconds"]})
+        parent_info = ({"root": registry.model(parent_version).root, "bank_batches": parent["bank_batches"],
+                        "covering_radius": parent["covering_radius"]} if incremental else None)
+        coreset = select_coreset_task.submit(root, model.root, settings, coreset_chunk_rows, parent_info).result()
+        index = build_index_task.submit(model.root).result()
+        fitted = {"bank_batches": coreset["bank_batches"], "memory_rows": coreset["memory_rows"],
+                  "covering_radius": coreset["covering_radius"], "incremental": coreset["incremental"],
+                  "coreset_s": coreset["seconds"], "index_s": index["seconds"]}
     else:
-        fitted = fit_detector_task.submit(root, detector, settings, manifest).result()
-        summary.update({"coreset_s": 0.0, "index_s": fitted["seconds"]})
-    summary.update({"fit_s": time.perf_counter() - started, "errors": errors})
+        result = fit_detector_task.submit(root, model.root, detector, settings).result()
+        fitted = {"bank_batches": result["bank_batches"], "incremental": False, "coreset_s": 0.0,
+                  "index_s": result["seconds"]}
+    calibration = calibrate_threshold_task.submit(root, model.root, detector, settings.to_dict(),
+                                                  threshold_quantile).result()
+    if calibration["threshold"] is None:
+        logger.warning("no held-out nominal images (fewer than %d listed): version %s has no threshold and "
+                       "flags nothing", MIN_IMAGES_FOR_HOLDOUT, model.version)
+    train_index = registry.bank.index(TRAIN)
+    manifest = {"version": model.version, "parent": parent_version, **recipe, "backbone": features.backbone,
+                "feature_config": features.to_dict(), "tiling_config": tiling.to_dict(),
+                "images": images, "split": split,
+                "source_listing": {"images": len(records), "sha256": listing_digest(records)},
+                "n_images": int(train_index.uri.nunique()), "new_images": int(len(plan)),
+                "holdout_images": calibration["holdout_images"], "threshold": calibration["threshold"],
+                "bank_batches": fitted["bank_batches"],
+                "bank_rows": int(sum(registry.bank.rows_per_batch(fitted["bank_batches"]).values())),
+                "incremental": fitted["incremental"],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for key in ("memory_rows", "covering_radius"):
+        if key in fitted:
+            manifest[key] = fitted[key]
+    model.write_manifest(manifest)  # written last: the version is complete
+    registry.promote(model.version)  # and only then current, in one atomic write
+    summary = {"root": root, "version": model.version, "parent": parent_version, "refit": True,
+               "incremental": fitted["incremental"], "detector": detector, "images": manifest["n_images"],
+               "new_images": manifest["new_images"], "skipped": len(errors), "batches": len(batches),
+               "bank_rows": manifest["bank_rows"], "memory_rows": fitted.get("memory_rows"),
+               "covering_radius": fitted.get("covering_radius"), "holdout_images": calibration["holdout_images"],
+               "threshold": calibration["threshold"], "extract_s": extract_s, "coreset_s": fitted["coreset_s"],
+               "index_s": fitted["index_s"], "fit_s": time.perf_counter() - started}
     create_markdown_artifact(
         key="fit-summary",
-        markdown="# Fit\n\n" + markdown_table({k: v for k, v in summary.items() if k != "errors"})
+        markdown=f"# Fit: version {model.version}\n\n" + markdown_table(summary)
         + ("\n\n## Skipped files\n\n" + markdown_rows(errors) if errors else ""),
         description=f"fit of {root}")
-    return summary
+    return {**summary, "errors": errors}
+
+
+def _nothing_new(logger, root: str, images: str, version: str, listed: int, started: float,
+                 errors: list[dict] | None = None) -> dict:
+    message = (f"nothing new in {images}: the bank holds all {listed - len(errors or [])} usable images; "
+               f"version {version} stays current")
+    logger.info(message)
+    summary = {"root": root, "version": version, "refit": False, "new_images": 0, "listed": listed,
+               "skipped": len(errors or []), "message": message, "fit_s": time.perf_counter() - started}
+    create_markdown_artifact(key="fit-summary", markdown="# Fit: nothing new\n\n" + markdown_table(summary),
+                             description=f"fit of {root}")
+    return {**summary, "errors": errors or []}

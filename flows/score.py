@@ -8,65 +8,86 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from anomaly.tiling import TilingConfig, tile_grid
-from storage.model_store import ModelStore, manifest_fingerprint
+from storage.images import ImageRecord
+from storage.model_store import ModelRegistry
 from storage.results_store import ResultStore, drop_parts_from, part_name
 from tasks.listing import chunk, list_images_task
-from tasks.scoring import SCORE_COLUMNS, score_batch_task, score_row
+from tasks.scoring import SCORE_COLUMNS, ModelRef, score_batch_task, score_row
 from tasks.tiles import score_tiles_task, stitch_map_task
 
 from .report import markdown_rows, markdown_table
 from .runner import gather
 
 
-@flow(name="score", log_prints=True)
-def score_flow(images: str, root: str, results: str, split: str | None = None, batch_size: int = 16,
-               tiles_per_task: int = 16) -> dict:
-    logger = get_run_logger()
-    started = time.perf_counter()
-    model = ModelStore(root)
-    manifest = model.read_manifest()  # fails early, and clearly, on a missing or incompatible model
-    fingerprint = manifest_fingerprint(manifest)
+def score_records(records: list[ImageRecord], model: ModelRef, manifest: dict, out: ResultStore, first_part: int,
+                  batch_size: int, tiles_per_task: int) -> dict:
+    """Score ``records`` into ``out``: score/error parts numbered from ``first_part``, one per
+    batch (and one per tiled image). Returns {"parts": parts used, "errors": [...]}."""
     tiling = TilingConfig(**manifest.get("tiling_config", {}))
-    records = list_images_task(images, split)
     batches = chunk(records, batch_size)
-    out = ResultStore(results)
     written = out.written_parts("scores")  # cached batches whose parts are gone run again
-    futures = [score_batch_task.with_options(refresh_cache=part_name(i) not in written)
-               .submit(root, results, i, batch, fingerprint, tiling) for i, batch in enumerate(batches)]
+    futures = [score_batch_task.with_options(refresh_cache=part_name(first_part + i) not in written)
+               .submit(model, out.root, first_part + i, batch, tiling) for i, batch in enumerate(batches)]
     scored = gather(futures, "scoring")
     # large images: tiles spread over the workers, then one stitch per image into a Zarr map
     large = [item for result in scored for item in result["large"]]
-    tile_futures = {record.image_id: [score_tiles_task.submit(root, record.uri, group, fingerprint)
+    tile_futures = {record.image_id: [score_tiles_task.submit(model, record.uri, group)
                                       for group in chunk(tile_grid(*shape, tiling.tile, tiling.overlap), tiles_per_task)]
                     for record, shape in large}
-    stitched = [stitch_map_task.submit(results, record.image_id, shape,
+    stitched = [stitch_map_task.submit(out.root, record.image_id, shape,
                                        [item for future in tile_futures[record.image_id] for item in future.result()],
                                        manifest["detector_config"]["sigma"], tiling.overlap)
                 for record, shape in large]
-    for part, ((record, shape), future) in enumerate(zip(large, stitched), start=len(batches)):
+    for part, ((record, shape), future) in enumerate(zip(large, stitched), start=first_part + len(batches)):
         row = future.result()
-        out.write_scores(part_name(part), pd.DataFrame(
-            [score_row(record, row["score"], shape, row["map"], fingerprint)], columns=SCORE_COLUMNS))
-    drop_parts_from(out, len(batches) + len(large))  # leftovers of an earlier, larger run
+        out.write_scores(part_name(part), pd.DataFrame([score_row(record, row["score"], shape, row["map"], model)],
+                                                       columns=SCORE_COLUMNS))
     errors = [e for result in scored for e in result["errors"]]
+    return {"parts": len(batches) + len(large), "errors": errors}
+
+
+def publish_scores(logger, out: ResultStore, summary: dict, errors: list[dict], title: str, key_prefix: str = "") -> dict:
+    """Merge the parts into one table, log the skipped files, write the summary and the
+    artifacts (the most anomalous images, the summary)."""
     for error in errors:
         logger.error("skipped %s: %s", error["uri"], error["reason"])
     table = out.scores()
-    if records and not len(table) and not errors:
-        raise RuntimeError(f"{len(records)} images listed but none scored and no error recorded in {results}")
-    table_url = out.write_table("scores", table)
+    summary["score_table"] = out.write_table("scores", table) if len(table) else None
     error_rows = out.errors()
     if len(error_rows):
         out.write_table("errors", error_rows)
-    summary = {"results": results, "model": fingerprint, "images": int(len(table)), "skipped": len(errors),
-               "score_s": time.perf_counter() - started, "score_table": table_url}
+    summary["images"] = int(len(table))
     if len(table):
-        summary.update({"score_p50": float(table.score.quantile(0.5)), "score_p99": float(table.score.quantile(0.99)),
+        summary.update({"flagged": int(table.is_anomalous.fillna(False).astype(bool).sum()),
+                        "score_p50": float(table.score.quantile(0.5)), "score_p99": float(table.score.quantile(0.99)),
                         "score_max": float(table.score.max())})
-        top = table.nlargest(10, "score")[["image_id", "score", "map"]].to_dict("records")
-        create_table_artifact(key="most-anomalous", table=top, description="the night's most anomalous images")
+        top = table.nlargest(10, "score")[["image_id", "score", "is_anomalous", "model_version", "map"]]
+        create_table_artifact(key=f"{key_prefix}most-anomalous",
+                              table=top.astype(object).where(top.notna(), None).to_dict("records"),
+                              description=f"the most anomalous images in {out.root}")
     out.write_summary({**summary, "errors": errors})
-    create_markdown_artifact(key="score-summary", markdown="# Scoring\n\n" + markdown_table(summary)
+    create_markdown_artifact(key=f"{key_prefix}score-summary", markdown=f"# {title}\n\n" + markdown_table(summary)
                              + ("\n\n## Skipped files\n\n" + markdown_rows(errors) if errors else ""),
-                             description=f"scoring into {results}")
+                             description=f"scoring into {out.root}")
     return {**summary, "errors": errors}
+
+
+@flow(name="score", log_prints=True)
+def score_flow(images: str, root: str, results: str, split: str | None = None, batch_size: int = 16,
+               tiles_per_task: int = 16, version: str | None = None) -> dict:
+    """Score every image of ``images`` with ``version`` (default: the current one) into ``results``."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    store = ModelRegistry(root).resolve(version)  # fails early, and clearly, on a missing or incompatible model
+    manifest = store.read_manifest()
+    model = ModelRef.of(store)
+    records = list_images_task(images, split)
+    out = ResultStore(results)
+    done = score_records(records, model, manifest, out, 0, batch_size, tiles_per_task)
+    drop_parts_from(out, done["parts"])  # leftovers of an earlier, larger run
+    if records and not len(out.scores()) and not done["errors"]:
+        raise RuntimeError(f"{len(records)} images listed but none scored and no error recorded in {results}")
+    summary = {"results": results, "model_version": model.version, "model": model.fingerprint,
+               "threshold": model.threshold, "skipped": len(done["errors"]),
+               "score_s": time.perf_counter() - started}
+    return publish_scores(logger, out, summary, done["errors"], f"Scoring with {model.version}")

@@ -10,6 +10,7 @@ from anomaly.backbone import DEFAULT_BACKBONE
 from anomaly.detectors import CONFIGS, detector_config
 from anomaly.features import FeatureConfig
 from anomaly.patchcore import PatchCoreConfig
+from flows.schedule_defaults import DEFAULT_NAME, DEFAULT_REFIT_CRON, DEFAULT_SCORE_CRON
 
 # PaDiM models each grid position, so every image must reach the network at one size
 PADIM_SQUARE_SIDE = 256
@@ -39,6 +40,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="local Dask workers (default: one per core)")
 
 
+def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--holdout-fraction", type=float, default=0.1,
+                        help="share of nominal images held out of the memory to set the threshold (default %(default)s)")
+    parser.add_argument("--threshold-quantile", type=float, default=0.99,
+                        help="the threshold is this quantile of the held-out images' scores (default %(default)s)")
+
+
 def _configs(args) -> tuple[dict, dict]:
     square_side = args.square_side if args.square_side is not None else (
         PADIM_SQUARE_SIDE if args.detector == "padim" else 0)
@@ -58,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--images", required=True, help="folder, split CSV, or URL of either")
     fit.add_argument("--root", required=True, help="model root: a folder or URL (s3://bucket/prefix)")
     fit.add_argument("--split", default=None, help="with a split CSV: use only this split (e.g. train)")
+    fit.add_argument("--full", action="store_true",
+                     help="select the coreset afresh from the whole bank instead of extending the current one")
     _add_model_options(fit)
+    _add_threshold_options(fit)
     _add_run_options(fit)
 
     score = commands.add_parser("score", help="score images with a fitted model")
@@ -66,7 +77,37 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--root", required=True, help="model root written by 'patchwatch fit'")
     score.add_argument("--out", default=None, help="results root (default ROOT/results)")
     score.add_argument("--split", default=None, help="with a split CSV: use only this split (e.g. test)")
+    score.add_argument("--version", default=None, help="model version to use (default: the current one)")
     _add_run_options(score)
+
+    score_new = commands.add_parser("score-new", help="score what the current model has not scored yet, "
+                                    "into RESULTS/nights/DATE (what the nightly scoring deployment runs)")
+    score_new.add_argument("--archive", required=True, help="folder or URL of the images to watch")
+    score_new.add_argument("--root", required=True, help="model root")
+    score_new.add_argument("--results", required=True, help="results root (folder or URL)")
+    score_new.add_argument("--night", default=None, help="partition date YYYY-MM-DD (default: today, UTC)")
+    _add_run_options(score_new)
+
+    models = commands.add_parser("models", help="list the model versions under a root")
+    models.add_argument("--root", required=True, help="model root")
+    promote = commands.add_parser("promote", help="make VERSION the current model (roll back or forward)")
+    promote.add_argument("version", help="a version listed by 'patchwatch models', e.g. v0003")
+    promote.add_argument("--root", required=True, help="model root")
+
+    deploy = commands.add_parser("deploy", help="register the nightly re-fit and scoring deployments on the "
+                                 "Prefect server at PREFECT_API_URL")
+    deploy.add_argument("--images", required=True, help="nominal images the nightly re-fit learns from")
+    deploy.add_argument("--root", required=True, help="model root")
+    deploy.add_argument("--archive", default=None, help="images the nightly scoring watches (default: --images)")
+    deploy.add_argument("--results", default=None, help="results root (default ROOT/results)")
+    deploy.add_argument("--name", default=DEFAULT_NAME, help="deployment name (default %(default)s)")
+    deploy.add_argument("--refit-cron", default=DEFAULT_REFIT_CRON, help="re-fit schedule (default '%(default)s')")
+    deploy.add_argument("--score-cron", default=DEFAULT_SCORE_CRON, help="scoring schedule (default '%(default)s')")
+    deploy.add_argument("--timezone", default="UTC", help="time zone of the schedules (default %(default)s)")
+    _add_model_options(deploy)
+    _add_run_options(deploy)
+    serve = commands.add_parser("serve", help="run the registered nightly deployments until stopped")
+    serve.add_argument("--name", default=DEFAULT_NAME, help="deployment name given to deploy (default %(default)s)")
 
     evaluate = commands.add_parser("evaluate", help="fit on a split CSV's train rows, score its test rows, report metrics")
     evaluate.add_argument("split_csv", help="CSV with columns image,mask,label,defect_type,split")
@@ -90,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         with dask_cluster(args.dask_address, args.workers) as address:
             summary = run_on_dask(fit_flow, address, images=args.images, root=args.root, split=args.split,
                                   feature_config=features, detector=args.detector, detector_config=detector,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, holdout_fraction=args.holdout_fraction,
+                                  threshold_quantile=args.threshold_quantile, full=args.full)
         print_summary("fit", summary)
     elif args.command == "score":
         from flows.score import score_flow
@@ -98,8 +140,37 @@ def main(argv: list[str] | None = None) -> int:
         with dask_cluster(args.dask_address, args.workers) as address:
             summary = run_on_dask(score_flow, address, images=args.images, root=args.root,
                                   results=args.out or join(args.root, "results"), split=args.split,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, version=args.version)
         print_summary("score", summary)
+    elif args.command == "score-new":
+        from flows.nightly import score_new_flow
+        with dask_cluster(args.dask_address, args.workers) as address:
+            summary = run_on_dask(score_new_flow, address, archive=args.archive, root=args.root,
+                                  results=args.results, night=args.night, batch_size=args.batch_size)
+        print_summary("score-new", summary)
+    elif args.command == "models":
+        from flows.report import print_versions
+        print_versions(args.root)
+    elif args.command == "promote":
+        from storage.model_store import ModelRegistry
+        pointer = ModelRegistry(args.root).promote(args.version)
+        print(f"current: {pointer['version']} (was {pointer['previous']})")
+    elif args.command == "deploy":
+        from flows.deployments import deploy
+        from storage.locations import join
+        features, detector = _configs(args)
+        run = {"dask_address": args.dask_address, "workers": args.workers}
+        parameters = {"refit": {"images": args.images, "root": args.root, "feature_config": features,
+                                "detector": args.detector, "detector_config": detector,
+                                "batch_size": args.batch_size, **run},
+                      "score": {"archive": args.archive or args.images, "root": args.root,
+                                "results": args.results or join(args.root, "results"), **run}}
+        for line in deploy(args.name, parameters, {"refit": args.refit_cron, "score": args.score_cron}, args.timezone):
+            print(f"{line['deployment']}: {line['cron']} ({line['timezone']}), id {line['id']}")
+        print(f"start the runner that executes them: patchwatch serve --name {args.name}")
+    elif args.command == "serve":
+        from flows.deployments import serve_registered
+        serve_registered(args.name)
     elif args.command == "evaluate":
         from flows.evaluate import evaluate_flow
         features, detector = _configs(args)

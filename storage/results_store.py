@@ -8,11 +8,17 @@
 
 Maps are one array per image because images differ in size; large maps are chunked so that a
 viewer reads only the tiles it shows.
+
+Nightly scoring keeps one such result root per night, and a history of nightly summaries:
+
+    RESULTS/nights/YYYY-MM-DD/    a result root (maps, score parts, scores.parquet, summary)
+    RESULTS/history/YYYY-MM-DD.parquet   that night's summary row (counts, quantiles, flagged)
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import posixpath
 import re
 
 import numpy as np
@@ -82,6 +88,11 @@ class ResultStore:
     def written_parts(self, table: str) -> set[str]:
         return {part_name(n) for n in numbered_parts(join(self.root, table), "part")}
 
+    def next_part(self) -> int:
+        """The number after every score and error part: parts appended later never reuse one."""
+        numbers = [n for table in ("scores", "errors") for n in numbered_parts(join(self.root, table), "part")]
+        return max(numbers, default=-1) + 1
+
     def has_part(self, table: str, part: str) -> bool:
         return exists(join(self.root, table, f"{part}.parquet"))
 
@@ -122,3 +133,38 @@ def drop_parts_from(store: ResultStore, first: int) -> None:
     """Forget score/error parts numbered ``first`` and up (left by an earlier, larger run)."""
     for table in ("scores", "errors"):
         remove_numbered_parts(join(store.root, table), "part", first)
+
+
+class NightlyResults:
+    """Dated partitions of nightly scoring, and what has been scored by which model version."""
+
+    def __init__(self, root: str):
+        self.root = str(root).rstrip("/")
+
+    def night(self, date: str) -> ResultStore:
+        return ResultStore(join(self.root, "nights", date))
+
+    def nights(self) -> list[str]:
+        return sorted(posixpath.basename(p.rstrip("/")) for p in list_dir(join(self.root, "nights")))
+
+    def done(self, version: str) -> set[str]:
+        """URIs scored (or found unusable) by ``version`` on any night: they are not scored again."""
+        fs, _ = filesystem(self.root)
+        uris: set[str] = set()
+        for night in self.nights():
+            for table in ("scores", "errors"):
+                for path in numbered_parts(join(self.root, "nights", night, table), "part").values():
+                    frame = pd.read_parquet(io.BytesIO(fs.cat_file(path)), columns=["uri", "model_version"])
+                    uris.update(frame.uri[frame.model_version == version])
+        return uris
+
+    def write_history(self, date: str, row: dict) -> None:
+        buffer = io.BytesIO()
+        pd.DataFrame([row]).to_parquet(buffer, index=False)
+        write_bytes_atomically(join(self.root, "history", f"{date}.parquet"), buffer.getvalue())
+
+    def history(self) -> pd.DataFrame:
+        fs, _ = filesystem(self.root)
+        paths = sorted(p for p in list_dir(join(self.root, "history")) if p.endswith(".parquet"))
+        frames = [pd.read_parquet(io.BytesIO(fs.cat_file(p))) for p in paths]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

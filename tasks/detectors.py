@@ -7,19 +7,20 @@ from prefect import task
 
 from anomaly.padim import PadimConfig, PadimFitter
 from anomaly.spade import SpadeConfig, SpadeFitter
-from storage.model_store import ModelStore
+from storage.model_store import TRAIN, FeatureBank, ModelStore
 from .retries import retry_delays
 
 
 @task(name="fit-detector", retries=2, retry_delay_seconds=retry_delays(5, 30))
-def fit_detector_task(root: str, name: str, config: PadimConfig | SpadeConfig, manifest: dict) -> dict:
-    """PaDiM's running per-position Gaussians or SPADE's per-image galleries -> ROOT/detector.npz,
-    then the manifest (written last: a root without one is an unfinished fit)."""
+def fit_detector_task(root: str, model_root: str, name: str, config: PadimConfig | SpadeConfig) -> dict:
+    """PaDiM's running per-position Gaussians or SPADE's per-image galleries, from the bank's
+    training batches -> the version's detector.npz."""
     started = time.perf_counter()
-    store = ModelStore(root)
-    index = store.bank_index()
+    bank = FeatureBank(root)
+    index = bank.index(TRAIN)
+    batches = bank.batches()
     fitter = SpadeFitter(config) if name == "spade" else None
-    for batch, vectors in store.iter_bank():
+    for batch, vectors in bank.iter_batches(batches):
         for row in index[index.batch == batch].itertuples(index=False):
             image_vectors = vectors[row.row_start:row.row_stop]
             grid = (int(row.grid_h), int(row.grid_w))
@@ -30,7 +31,5 @@ def fit_detector_task(root: str, name: str, config: PadimConfig | SpadeConfig, m
                 fitter.update(image_vectors)
     if fitter is None:
         raise ValueError(f"the feature bank at {root} is empty: no usable nominal image")
-    model = fitter.finish()
-    store.write_arrays("detector", model.to_arrays())
-    store.write_manifest(manifest)
-    return {"seconds": time.perf_counter() - started}
+    ModelStore(model_root).write_arrays("detector", fitter.finish().to_arrays())
+    return {"bank_batches": batches, "seconds": time.perf_counter() - started}

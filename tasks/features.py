@@ -10,7 +10,7 @@ from prefect.cache_policies import INPUTS
 from anomaly.features import FeatureConfig, PatchFeatures
 from anomaly.tiling import TilingConfig
 from storage.images import ImageReadError, ImageRecord, image_shape, read_image, read_mask
-from storage.model_store import ModelStore
+from storage.model_store import TRAIN, FeatureBank
 
 from .runtime import feature_extractor
 from .retries import retry_delays
@@ -88,10 +88,9 @@ def drop_too_small(extractor, records: list[ImageRecord], images: list[np.ndarra
 @task(name="extract-features", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=INPUTS,
       persist_result=True)
 def extract_features_task(root: str, batch: int, records: list[ImageRecord], config: FeatureConfig,
-                          tiling: TilingConfig | None = None, rows_per_chunk: int = 4096) -> dict:
-    """Patch features of ``records`` -> ``ROOT/bank/batch-NNNNN``; returns counts, errors and
+                          tiling: TilingConfig | None = None, kind: str = TRAIN, rows_per_chunk: int = 4096) -> dict:
+    """Patch features of ``records`` -> ``ROOT/bank/KIND-NNNNN``; returns counts, errors and
     the large images left for tiling."""
-    store = ModelStore(root)
     extractor = feature_extractor(config)
     good, images, errors, large = load_images(records, tiling)
     usable, usable_images = drop_too_small(extractor, good, images, errors)
@@ -102,5 +101,5 @@ def extract_features_task(root: str, batch: int, records: list[ImageRecord], con
         rows.append(patch.vectors)
         start += len(patch.vectors)
     vectors = np.concatenate(rows) if rows else np.zeros((0, config.embed_dim), np.float32)
-    store.write_bank_batch(batch, vectors, index_rows, rows_per_chunk)
-    return {"batch": batch, "images": len(usable), "rows": int(len(vectors)), "errors": errors, "large": large}
+    FeatureBank(root).write_batch(batch, vectors, index_rows, rows_per_chunk, kind)
+    return {"batch": batch, "kind": kind, "images": len(usable), "rows": int(len(vectors)), "errors": errors, "large": large}

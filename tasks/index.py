@@ -1,4 +1,4 @@
-"""Build the nearest-neighbour index over the coreset and seal the model with its manifest."""
+"""Build the nearest-neighbour index over a version's coreset."""
 from __future__ import annotations
 
 import time
@@ -11,11 +11,9 @@ from .retries import retry_delays
 
 
 @task(name="build-index", retries=3, retry_delay_seconds=retry_delays(2, 10, 30))
-def build_index_task(root: str, manifest: dict) -> dict:
-    store = ModelStore(root)
+def build_index_task(model_root: str) -> dict:
+    store = ModelStore(model_root)
     started = time.perf_counter()
     memory = store.read_memory()
     store.write_index(build_index(memory))
-    # the manifest is written last: a root without one is an unfinished fit
-    store.write_manifest({**manifest, "memory_rows": int(len(memory))})
     return {"memory_rows": int(len(memory)), "seconds": time.perf_counter() - started}

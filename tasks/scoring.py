@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import pandas as pd
 from prefect import task
@@ -13,56 +14,80 @@ from anomaly.patchcore import PatchCore, PatchCoreConfig
 from anomaly.spade import Spade
 from anomaly.tiling import TilingConfig
 from storage.images import ImageRecord
-from storage.model_store import ModelStore
+from storage.model_store import ModelStore, manifest_fingerprint
 from storage.results_store import ResultStore, part_name
 
 from .features import drop_too_small, load_images
 from .runtime import feature_extractor
 from .retries import retry_delays
 
-SCORE_COLUMNS = ["image_id", "uri", "score", "height", "width", "map", "label", "defect_type", "mask_uri",
-                 "model"]
+SCORE_COLUMNS = ["image_id", "uri", "score", "is_anomalous", "height", "width", "map", "label", "defect_type",
+                 "mask_uri", "model_version", "model"]
+ERROR_COLUMNS = ["image_id", "uri", "reason", "model_version"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model a scoring run uses: enough for workers to load it and to label every row."""
+
+    root: str                 # the version's folder
+    version: str
+    fingerprint: str
+    threshold: float | None   # from held-out nominal images; None when there were none
+
+    @classmethod
+    def of(cls, store: ModelStore) -> "ModelRef":
+        manifest = store.read_manifest()
+        return cls(store.root, store.version, manifest_fingerprint(manifest), manifest.get("threshold"))
+
+    def flags(self, score: float) -> bool | None:
+        return None if self.threshold is None else bool(score > self.threshold)
+
+
+def open_detector(store: ModelStore, name: str, config: dict) -> PatchCore | Padim | Spade:
+    if name == "patchcore":
+        return PatchCore(store.read_memory(), PatchCoreConfig.from_dict(config), index=store.read_index())
+    if name == "padim":
+        return Padim.from_arrays(store.read_arrays("detector"))
+    if name == "spade":
+        return Spade.from_arrays(store.read_arrays("detector"))
+    raise ValueError(f"model at {store.root} uses detector {name!r}, unknown to this patchwatch")
 
 
 @functools.lru_cache(maxsize=2)
-def load_model(root: str, fingerprint: str):
-    """(feature extractor, detector) of the model at ``root``; cached per worker process."""
-    store = ModelStore(root)
+def load_model(model_root: str, fingerprint: str):
+    """(feature extractor, detector) of the model version at ``model_root``; cached per worker process."""
+    store = ModelStore(model_root)
     manifest = store.read_manifest()
     extractor = feature_extractor(FeatureConfig.from_dict(manifest["feature_config"]))
-    name = manifest.get("detector", "patchcore")
-    if name == "patchcore":
-        detector = PatchCore(store.read_memory(), PatchCoreConfig.from_dict(manifest["detector_config"]),
-                             index=store.read_index())
-    elif name == "padim":
-        detector = Padim.from_arrays(store.read_arrays("detector"))
-    elif name == "spade":
-        detector = Spade.from_arrays(store.read_arrays("detector"))
-    else:
-        raise ValueError(f"model at {root} uses detector {name!r}, unknown to this patchwatch")
-    return extractor, detector
+    return extractor, open_detector(store, manifest.get("detector", "patchcore"), manifest["detector_config"])
 
 
-def score_row(record: ImageRecord, score: float, shape: tuple[int, int], map_url: str, model: str) -> dict:
+def score_row(record: ImageRecord, score: float, shape: tuple[int, int], map_url: str, model: ModelRef) -> dict:
     """One row of the score table (the same for whole and for tiled images)."""
-    return {"image_id": record.image_id, "uri": record.uri, "score": score, "height": shape[0],
-            "width": shape[1], "map": map_url, "label": record.label, "defect_type": record.defect_type,
-            "mask_uri": record.mask_uri, "model": model}
+    return {"image_id": record.image_id, "uri": record.uri, "score": score, "is_anomalous": model.flags(score),
+            "height": shape[0], "width": shape[1], "map": map_url, "label": record.label,
+            "defect_type": record.defect_type, "mask_uri": record.mask_uri, "model_version": model.version,
+            "model": model.fingerprint}
+
+
+def error_table(errors: list[dict], model: ModelRef) -> pd.DataFrame:
+    return pd.DataFrame([{**e, "model_version": model.version} for e in errors], columns=ERROR_COLUMNS)
 
 
 @task(name="score-batch", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=INPUTS,
       persist_result=True)
-def score_batch_task(root: str, results: str, batch: int, records: list[ImageRecord],
-                     model_fingerprint: str, tiling: TilingConfig | None = None) -> dict:
-    extractor, detector = load_model(root, model_fingerprint)
+def score_batch_task(model: ModelRef, results: str, part: int, records: list[ImageRecord],
+                     tiling: TilingConfig | None = None) -> dict:
+    extractor, detector = load_model(model.root, model.fingerprint)
     out = ResultStore(results)
     good, images, errors, large = load_images(records, tiling)
     good, images = drop_too_small(extractor, good, images, errors)
     rows = []
     for record, image, features in zip(good, images, extractor.extract(images) if images else []):
         score, amap = detector.score(features)
-        rows.append(score_row(record, score, amap.shape, out.write_map(record.image_id, amap), model_fingerprint))
+        rows.append(score_row(record, score, amap.shape, out.write_map(record.image_id, amap), model))
     # the score part is written after every map of the batch: it marks the batch complete
-    out.write_errors(part_name(batch), pd.DataFrame(errors, columns=["image_id", "uri", "reason"]))
-    out.write_scores(part_name(batch), pd.DataFrame(rows, columns=SCORE_COLUMNS))
-    return {"batch": batch, "images": len(rows), "errors": errors, "large": large}
+    out.write_errors(part_name(part), error_table(errors, model))
+    out.write_scores(part_name(part), pd.DataFrame(rows, columns=SCORE_COLUMNS))
+    return {"part": part, "images": len(rows), "errors": errors, "large": large}

@@ -13,13 +13,13 @@ from anomaly.features import FeatureConfig
 from anomaly.maps import heatmap_overlay
 from anomaly.tiling import GridStitcher, Tile, blocks, render_block
 from storage.images import LargeImage
-from storage.model_store import ModelStore
+from storage.model_store import FeatureBank
 from storage.results_store import MAP_CHUNK, ResultStore, map_key
 
 from .features import bank_index_row
 from .runtime import feature_extractor
 from .retries import retry_delays
-from .scoring import load_model
+from .scoring import ModelRef, load_model
 
 PREVIEW_SIDE = 1024
 
@@ -37,15 +37,15 @@ def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, t
             index_rows.append(bank_index_row(f"{image_id}#{tile.top},{tile.left}", uri, batch, start, features))
             rows.append(features.vectors)
             start += len(features.vectors)
-    ModelStore(root).write_bank_batch(batch, np.concatenate(rows), index_rows, rows_per_chunk)
+    FeatureBank(root).write_batch(batch, np.concatenate(rows), index_rows, rows_per_chunk)
     return {"batch": batch, "images": 0, "tiles": len(tiles), "rows": start, "errors": []}
 
 
 @task(name="score-tiles", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=INPUTS,
       persist_result=True)
-def score_tiles_task(root: str, uri: str, tiles: list[Tile], model_fingerprint: str) -> list[dict]:
+def score_tiles_task(model: ModelRef, uri: str, tiles: list[Tile]) -> list[dict]:
     """Patch-score grids of some tiles of one image (small: 1/stride^2 of the tile's pixels)."""
-    extractor, detector = load_model(root, model_fingerprint)
+    extractor, detector = load_model(model.root, model.fingerprint)
     scored = []
     with LargeImage(uri) as image:
         for tile in tiles:

@@ -1,0 +1,103 @@
+"""Nightly operations: scoring what the current model has not scored yet into dated partitions,
+and the two flows that the scheduled deployments run (re-fit, scoring), each on Dask."""
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from storage.model_store import ModelRegistry
+from storage.results_store import NightlyResults
+from tasks.listing import list_images_task
+from tasks.scoring import ModelRef
+
+from .fit import fit_flow
+from .report import markdown_table
+from .runner import dask_cluster, run_on_dask
+from .score import publish_scores, score_records
+
+TREND_NIGHTS = 30
+
+
+def today() -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
+@flow(name="score-new", log_prints=True)
+def score_new_flow(archive: str, root: str, results: str, night: str | None = None, batch_size: int = 16,
+                   tiles_per_task: int = 16) -> dict:
+    """Score the images of ``archive`` that the current model version has not scored (or found
+    unusable) on any night yet, into ``RESULTS/nights/NIGHT``; update the night's summary row
+    in ``RESULTS/history``. Run twice in one night, the second run scores nothing."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    store = ModelRegistry(root).resolve()
+    manifest = store.read_manifest()
+    model = ModelRef.of(store)
+    night = night or today()
+    nightly = NightlyResults(results)
+    records = list_images_task(archive)
+    done = nightly.done(model.version)
+    todo = [r for r in records if r.uri not in done]
+    out = nightly.night(night)
+    summary = {"night": night, "results": out.root, "model_version": model.version, "threshold": model.threshold,
+               "listed": len(records), "already_scored": len(records) - len(todo)}
+    if not todo:
+        logger.info("nothing to score: all %d images of %s were scored by %s already", len(records), archive,
+                    model.version)
+        summary.update(scored_now=0, skipped_now=0, score_s=time.perf_counter() - started)
+        create_markdown_artifact(key="score-summary", markdown="# Nightly scoring: nothing new\n\n"
+                                 + markdown_table(summary), description=f"scoring of {archive}")
+    else:
+        logger.info("scoring %d of %d images of %s with %s into %s", len(todo), len(records), archive,
+                    model.version, out.root)
+        scored = score_records(todo, model, manifest, out, out.next_part(), batch_size, tiles_per_task)
+        summary.update(scored_now=len(todo) - len(scored["errors"]), skipped_now=len(scored["errors"]),
+                       score_s=time.perf_counter() - started)
+        summary = publish_scores(logger, out, summary, scored["errors"], f"Nightly scoring {night}")
+        table = out.scores()
+        nightly.write_history(night, {
+            "night": night, "model_version": model.version, "threshold": model.threshold,
+            "images": int(len(table)), "flagged": int(table.is_anomalous.fillna(False).astype(bool).sum()),
+            "errors": int(len(out.errors())), **{f"score_p{q}": float(table.score.quantile(q / 100))
+                                                  for q in (50, 90, 99)},
+            "score_max": float(table.score.max()), "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    _publish_trend(nightly)
+    return summary
+
+
+def _publish_trend(nightly: NightlyResults) -> None:
+    """Flagged images per night (the last TREND_NIGHTS), as a table and as text bars."""
+    history = nightly.history()
+    if not len(history):
+        return
+    history = history.sort_values("night").tail(TREND_NIGHTS)
+    create_table_artifact(key="flagged-trend", description="images flagged per night",
+                          table=history[["night", "model_version", "images", "flagged", "errors",
+                                         "score_p99"]].to_dict("records"))
+    peak = max(1, int(history.flagged.max()))
+    lines = ["| night | version | flagged | of | |", "|---|---|---|---|---|"]
+    lines += [f"| {row.night} | {row.model_version} | {row.flagged} | {row.images} | "
+              f"{'█' * round(20 * row.flagged / peak)} |" for row in history.itertuples()]
+    create_markdown_artifact(key="flagged-trend-chart", markdown="# Flagged per night\n\n" + "\n".join(lines),
+                             description="images flagged per night")
+
+
+@flow(name="nightly-refit", log_prints=True)
+def nightly_refit_flow(images: str, root: str, split: str | None = None, feature_config: dict | None = None,
+                       detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32,
+                       dask_address: str | None = None, workers: int | None = None) -> dict:
+    """The scheduled re-fit: absorb the nominal images that arrived since the last fit."""
+    with dask_cluster(dask_address, workers) as address:
+        return run_on_dask(fit_flow, address, images=images, root=root, split=split, feature_config=feature_config,
+                           detector=detector, detector_config=detector_config, batch_size=batch_size)
+
+
+@flow(name="nightly-score", log_prints=True)
+def nightly_score_flow(archive: str, root: str, results: str, batch_size: int = 16,
+                       dask_address: str | None = None, workers: int | None = None) -> dict:
+    """The scheduled scoring: what the current model has not scored yet, into tonight's partition."""
+    with dask_cluster(dask_address, workers) as address:
+        return run_on_dask(score_new_flow, address, archive=archive, root=root, results=results,
+                           batch_size=batch_size)

@@ -1,0 +1,35 @@
+"""Threshold from nominal data only: score the held-out nominal images with the new version."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from anomaly.features import PatchFeatures
+from storage.model_store import HOLDOUT, FeatureBank, ModelStore
+from .retries import retry_delays
+from .scoring import open_detector
+
+
+@task(name="calibrate-threshold", retries=2, retry_delay_seconds=retry_delays(5, 30))
+def calibrate_threshold_task(root: str, model_root: str, detector: str, detector_config: dict,
+                             quantile: float) -> dict:
+    """Image scores of the bank's held-out images (their features are in the bank already) ->
+    the version's holdout.parquet; the threshold is their ``quantile`` (None without any)."""
+    started = time.perf_counter()
+    bank, model = FeatureBank(root), ModelStore(model_root)
+    index = bank.index(HOLDOUT)
+    scorer = open_detector(model, detector, detector_config)
+    rows = []
+    for batch, vectors in bank.iter_batches(bank.batches(HOLDOUT), HOLDOUT):
+        for row in index[index.batch == batch].itertuples(index=False):
+            features = PatchFeatures(vectors[row.row_start:row.row_stop], (int(row.grid_h), int(row.grid_w)),
+                                     (int(row.height), int(row.width)), (int(row.input_h), int(row.input_w)))
+            score, _ = scorer.score(features)
+            rows.append({"image_id": row.image_id, "uri": row.uri, "score": float(score)})
+    table = pd.DataFrame(rows, columns=["image_id", "uri", "score"])
+    model.write_table("holdout", table)
+    threshold = float(np.quantile(table.score, quantile)) if len(table) else None
+    return {"threshold": threshold, "holdout_images": int(len(table)), "seconds": time.perf_counter() - started}
