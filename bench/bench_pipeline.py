@@ -7,10 +7,11 @@
    from listing the images to the last bank batch written (backbone loads on the workers
    included), so images / extract_s is the extraction throughput;
 2. the streamed coreset task (``select_coreset_task``) on 1x, 2x and 4x banks in Zarr: the bank the
-   1-worker fit wrote, followed by jittered copies, each written with ``ModelStore.write_bank_batch``;
-   each bank's task runs in a fresh process with the same ``chunk_rows`` (the 1x bank's rows / 2 by
-   default), so larger banks are selected composably in more groups; peak RSS, time, and the
-   covering radius over the whole bank next to single-machine greedy's on the same bank.
+   1-worker fit wrote (its training batches; held-out batches never enter a memory), followed by
+   jittered copies, each written with ``FeatureBank.write_batch``; each bank's task runs in a fresh
+   process with the same ``chunk_rows`` (the 1x bank's rows / 2 by default), so larger banks are
+   selected composably in more groups; peak RSS, time, and the covering radius over the whole bank
+   next to single-machine greedy's on the same bank.
 
     python bench/bench_pipeline.py                          # full MTD train split
     python bench/bench_pipeline.py --limit 40 --batch-size 8   # a quick check
@@ -79,41 +80,49 @@ def run_fit(work: Path, csv: Path, workers: int, run: int, batch_size: int, core
 
 
 # ---- banks in Zarr --------------------------------------------------------------------------------
-def write_scaled_stores(source_root: str, work: Path, scales: list[int], relative_jitter: float, seed: int) -> dict:
-    """OUT/bank-Sx: the source bank's batches, then S - 1 jittered copies of them, written with
-    ModelStore.write_bank_batch in the same batch layout. Returns {scale: root} and the noise std."""
-    from storage.model_store import ModelStore
+def model_root(root: str) -> str:
+    """The version folder the coreset steps write their memory to (the bank roots hold no version)."""
+    from storage.model_store import ModelRegistry
 
-    source = ModelStore(source_root)
-    index = source.bank_index()
-    batches = source.bank_batches()
-    rows, dim = source.bank_shape()
+    return ModelRegistry(root).model("v0001").root
+
+
+def write_scaled_stores(source_root: str, work: Path, scales: list[int], relative_jitter: float, seed: int) -> dict:
+    """OUT/bank-Sx: the source bank's training batches, then S - 1 jittered copies of them, written
+    with FeatureBank.write_batch in the same batch layout. Returns {scale: root} and the noise std."""
+    from storage.model_store import TRAIN, FeatureBank
+
+    source = FeatureBank(source_root)
+    index = source.index(TRAIN)
+    batches = source.batches(TRAIN)
+    rows = sum(source.rows_per_batch(batches).values())
+    dim = source.dim(batches[0])
     # noise std from the same rows of the 1x bank as the engine benchmark uses
     step = common.jitter_step(rows)
     sample, offset = [], 0
-    for _, vectors in source.iter_bank():
+    for _, vectors in source.iter_batches(batches):
         sample.append(vectors[(-offset) % step::step])
         offset += len(vectors)
     sigma = common.sigma_of_sample(np.concatenate(sample), relative_jitter)
     del sample
     roots = {}
     for scale in scales:
-        store = ModelStore(str(work / f"bank-{scale}x"))
+        bank = FeatureBank(str(work / f"bank-{scale}x"))
         number = 0
         for copy in range(scale):
             offset = 0
             for batch in batches:
-                vectors = source.read_bank_batch(batch)
+                vectors = source.read_batch(batch)
                 vectors = vectors + common.jitter(copy, offset, offset + len(vectors), dim, sigma, seed) if copy else vectors
-                parts = index[index.batch == batch].to_dict("records")
+                parts = index[index.batch == batch].drop(columns="kind").to_dict("records")
                 for part in parts:
                     part["batch"] = number
                     if copy:
                         part["image_id"] = f"{part['image_id']}#jitter{copy}"
-                store.write_bank_batch(number, np.ascontiguousarray(vectors, dtype=np.float32), parts, 4096)
+                bank.write_batch(number, np.ascontiguousarray(vectors, dtype=np.float32), parts, 4096)
                 offset += len(vectors)
                 number += 1
-        roots[scale] = store.root
+        roots[scale] = bank.root
     batch_rows = [int(r.row_stop.max()) for _, r in index.groupby("batch", sort=True)]
     return {"roots": roots, "sigma": sigma, "rows": rows, "dim": dim, "batches": len(batches), "batch_rows": batch_rows}
 
@@ -133,13 +142,13 @@ def streaming_groups(batch_rows: list[int], chunk_rows: int) -> list[int]:
 
 # ---- coreset steps, each in a fresh process --------------------------------------------------------
 def streamed_coreset_step(root: str, chunk_rows: int) -> dict:
-    """select_coreset_task's body on the bank under ``root``."""
+    """select_coreset_task's body on the bank under ``root`` (a full selection: no parent)."""
     from anomaly.patchcore import PatchCoreConfig
     from tasks.coreset import select_coreset_task
 
     baseline = common.mark_baseline()
     t0 = time.perf_counter()
-    result = select_coreset_task.fn(root, PatchCoreConfig(), chunk_rows=chunk_rows)
+    result = select_coreset_task.fn(root, model_root(root), PatchCoreConfig(), chunk_rows=chunk_rows)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "baseline_mib": baseline, "peak_mib": common.peak_rss_mib(), "task": result}
 
@@ -150,17 +159,18 @@ def reference_step(root: str) -> dict:
     the whole bank."""
     from anomaly.coreset import coreset_size, greedy_coreset, project, projection_matrix, start_index
     from anomaly.patchcore import PatchCoreConfig
-    from storage.model_store import ModelStore
+    from storage.model_store import FeatureBank, ModelStore
 
     config = PatchCoreConfig()
-    store = ModelStore(root)
-    rows, dim = store.bank_shape()
+    bank = FeatureBank(root)
+    batches = bank.batches()
+    rows, dim = sum(bank.rows_per_batch(batches).values()), bank.dim(batches[0])
     matrix = projection_matrix(dim, config.projection_dim, config.seed)
     width = dim if matrix is None else matrix.shape[1]
     # greedy_coreset works on float32: the projection is stored as such, batch by batch
     projected = np.empty((rows, width), np.float32)
     offset = 0
-    for _, vectors in store.iter_bank():
+    for _, vectors in bank.iter_batches(batches):
         projected[offset:offset + len(vectors)] = project(vectors, matrix)
         offset += len(vectors)
     size = coreset_size(rows, config.coreset_ratio)
@@ -170,7 +180,7 @@ def reference_step(root: str) -> dict:
     seconds = time.perf_counter() - t0
     peak = common.peak_rss_mib()
     t0 = time.perf_counter()
-    streamed = project(store.read_memory(), matrix)
+    streamed = project(ModelStore(model_root(root)).read_memory(), matrix)
     streamed_radius = common.covering_radius(projected, streamed)
     return {"rows": int(rows), "coreset": int(size), "seconds": seconds, "baseline_mib": baseline, "peak_mib": peak,
             "covering_radius": result.covering_radius, "streamed_memory_rows": int(len(streamed)),
@@ -181,13 +191,14 @@ def reference_step(root: str) -> dict:
 def throughput_rows(fits: list[dict]) -> list[dict]:
     best = {}
     for fit in fits:
-        rate = fit["images"] / fit["extract_s"]
+        rate = fit["new_images"] / fit["extract_s"]
         best[fit["workers"]] = max(best.get(fit["workers"], 0), rate)
     base = best.get(1) or next(iter(best.values()))
     rows = []
     for fit in fits:
-        rate = fit["images"] / fit["extract_s"]
-        rows.append({"workers": fit["workers"], "images": fit["images"], "bank rows": fit["bank_rows"],
+        rate = fit["new_images"] / fit["extract_s"]
+        rows.append({"workers": fit["workers"], "images": fit["new_images"], "held out": fit["holdout_images"],
+                     "bank rows (training)": fit["bank_rows"],
                      "extract_s": fit["extract_s"], "images / s": rate,
                      "speed-up vs 1 worker (best runs)": best[fit["workers"]] / base,
                      "coreset_s": fit["coreset_s"], "fit_s (flow)": fit["fit_s"],
@@ -208,7 +219,7 @@ def coreset_rows(results: list[dict], chunk_rows: int, batch_rows: list[int]) ->
             "baseline MiB": s["baseline_mib"], "peak MiB": s["peak_mib"], "step MiB": step,
             "peak ÷ 1x": common.ratio(s["peak_mib"], base["streamed"]["peak_mib"]),
             "step ÷ 1x": common.ratio(step, base_step),
-            "radius (task, over its candidates)": s["task"]["covering_radius"],
+            "radius (task)": s["task"]["covering_radius"],
             "radius (whole bank)": ref["streamed_covering_radius"],
             "single-machine radius": ref["covering_radius"],
             "radius ÷ single-machine": common.ratio(ref["streamed_covering_radius"], ref["covering_radius"]),
@@ -275,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             for workers in worker_counts:
                 print(f"fit flow with {workers} Dask worker(s), run {run + 1} ...", flush=True)
                 fits.append(run_fit(work, csv, workers, run, args.batch_size, args.fit_coreset_ratio))
-                print(f"  {fits[-1]['images']} images, extract_s {fits[-1]['extract_s']:.1f}", flush=True)
+                print(f"  {fits[-1]['new_images']} images, extract_s {fits[-1]['extract_s']:.1f}", flush=True)
         source = next(f["root"] for f in fits if f["workers"] == min(worker_counts))
 
         print("writing the 1x/2x/4x banks to Zarr ...", flush=True)
@@ -312,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
                    "extract_s (from the flow's summary) = listing the images .. the last bank batch written: decoding, "
                    "backbone loads on the workers, feature extraction, Zarr writes and task orchestration; "
                    "cluster start is not included",
+                   "images: every image the fit featurised, the held-out ones (their own bank batches, for the "
+                   "threshold) included; bank rows (training): the rows of the other images, which the coreset "
+                   "selects from",
                    f"the image files were read once beforehand (page cache warm); fits ran in the order "
                    f"{worker_counts} x {args.repeats}",
                    f"the throughput fits use coreset ratio {args.fit_coreset_ratio} (their coreset is not measured)"]},
@@ -321,12 +335,13 @@ def main(argv: list[str] | None = None) -> int:
                    f"{len(streaming_groups(banks['batch_rows'], chunk_rows))} group(s) (groups are whole batch "
                    "arrays gathered until they reach chunk_rows), larger banks composably in more groups",
                    "2x / 4x banks: the 1x bank written by the 1-worker fit, followed by copies with gaussian noise, "
-                   "written batch by batch with ModelStore.write_bank_batch",
+                   "written batch by batch with FeatureBank.write_batch (training batches only: held-out batches "
+                   "never enter a memory)",
                    "baseline = after imports (prefect, torch, faiss); step = peak - baseline; the task's time "
                    "includes reading the bank, gathering the memory rows and writing the memory",
-                   "radius (task, over its candidates): the covering_radius select_coreset_task returns (and the fit "
-                   "stores in the manifest); with more than one group it is measured over the union of the groups' "
-                   "candidates only, not over the bank",
+                   "radius (task): the covering_radius select_coreset_task returns (and the fit stores in the "
+                   "manifest); with more than one group the task measures it over the whole bank itself (one more "
+                   "streamed pass, included in its time)",
                    "radius (whole bank): the streamed memory's covering radius over every row of the bank (exact), in "
                    "the same projected space; single-machine radius: greedy over the whole projected bank "
                    "(next table)"]},

@@ -56,12 +56,13 @@ def score_large(root: str, uri: str, results: str) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from anomaly.tiling import TilingConfig, tile_grid
     from storage.images import image_shape
-    from storage.model_store import ModelStore, manifest_fingerprint
+    from storage.model_store import ModelRegistry
+    from tasks.scoring import ModelRef
     from tasks.tiles import score_tiles_task, stitch_map_task
 
-    store = ModelStore(root)
+    store = ModelRegistry(root).resolve()  # the version the fit made current
     manifest = store.read_manifest()
-    fingerprint = manifest_fingerprint(manifest)
+    model = ModelRef.of(store)
     tiling = TilingConfig(**manifest["tiling_config"])
     shape = image_shape(uri)
     tiles = tile_grid(*shape, tiling.tile, tiling.overlap)
@@ -69,7 +70,7 @@ def score_large(root: str, uri: str, results: str) -> dict:
     started = time.perf_counter()
     scored = []
     for i in range(0, len(tiles), 16):  # the flow's tiles_per_task
-        scored += score_tiles_task.fn(root, uri, tiles[i:i + 16], fingerprint)
+        scored += score_tiles_task.fn(model, uri, tiles[i:i + 16])
     scored_s = time.perf_counter() - started
     stitch_map_task.fn(results, "large", shape, scored, manifest["detector_config"]["sigma"], tiling.overlap)
     total_s = time.perf_counter() - started

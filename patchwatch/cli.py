@@ -122,6 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # the ephemeral server must not try to reach the internet (telemetry)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.deployments import NoServerError
+    from storage.model_store import IncompatibleModelError
+
+    try:
+        return _run(args)
+    except (FileNotFoundError, IncompatibleModelError, LookupError, NoServerError, ValueError) as error:
+        # a mistake in the command or its inputs: one clear line, no traceback
+        print(f"patchwatch {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
     from flows.report import print_summary
     from flows.runner import dask_cluster, run_on_dask
 
@@ -133,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                                   feature_config=features, detector=args.detector, detector_config=detector,
                                   batch_size=args.batch_size, holdout_fraction=args.holdout_fraction,
                                   threshold_quantile=args.threshold_quantile, full=args.full)
-        print_summary("fit", summary)
+        print_summary("fit", {k: v for k, v in summary.items() if k != "message"})
+        if summary.get("message"):
+            print(summary["message"])
     elif args.command == "score":
         from flows.score import score_flow
         from storage.locations import join

@@ -33,3 +33,17 @@ def mtd_slice(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("mtd") / "slice.csv"
     rows.to_csv(path, index=False)
     return path
+
+
+def copy_mtd_images(folder: Path, split: str, count: int, start: int = 0, label: str | None = None) -> list[Path]:
+    """Copy ``count`` MTD images of one split (rows ``start``... of the split CSV) into ``folder``,
+    for tests that watch a folder grow."""
+    table = pd.read_csv(MTD_SPLIT, dtype=str, keep_default_na=False)
+    rows = table[(table.split == split) & ((table.label == label) if label else True)].iloc[start:start + count]
+    folder.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for image in rows.image:
+        target = folder / Path(image).name
+        target.write_bytes((MTD / image).read_bytes())
+        copied.append(target)
+    return copied

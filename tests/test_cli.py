@@ -32,7 +32,8 @@ def test_metrics_json_has_the_promised_figures(evaluation):
         assert 0.0 <= metrics[key] <= 1.0 or key == "f1_threshold"
     assert set(metrics["per_defect_type"]) == set(table[table.label == "defect"].defect_type)
     assert metrics["timings"]["fit_s"] > 0 and metrics["timings"]["score_s"] > 0
-    assert metrics["counts"]["train_images"] == int((table.split == "train").sum())
+    counts = metrics["counts"]
+    assert counts["train_images"] + (counts["holdout_images"] or 0) == int((table.split == "train").sum())
 
 
 def test_score_table_and_maps_cover_every_readable_test_image(evaluation):

@@ -159,11 +159,13 @@ def read_model(root: str, storage_options: dict | None = None) -> dict:
     bank = {name: zarr.open_array(f"{root}/bank/{name}", mode="r", storage_options=storage_options)[...]
             for name in index}
     model = {"index": index, "bank": bank}
-    if fs.exists(f"{path}/manifest.json"):
-        manifest = json.loads(fs.cat_file(f"{path}/manifest.json"))
+    if fs.exists(f"{path}/current.json"):  # the version scoring would use
+        version = json.loads(fs.cat_file(f"{path}/current.json"))["version"]
+        manifest = json.loads(fs.cat_file(f"{path}/versions/{version}/manifest.json"))
         manifest.pop("created")
-        model.update(manifest=manifest, faiss=fs.cat_file(f"{path}/memory.faiss"),
-                     memory=zarr.open_array(f"{root}/memory", mode="r", storage_options=storage_options)[...])
+        model.update(manifest=manifest, faiss=fs.cat_file(f"{path}/versions/{version}/memory.faiss"),
+                     memory=zarr.open_array(f"{root}/versions/{version}/memory", mode="r",
+                                            storage_options=storage_options)[...])
     return model
 
 
@@ -519,7 +521,7 @@ def test_storage_outage_fails_clearly_keeps_written_parts_and_resumes(prefect_se
             assert all(abs(w - d) < 0.5 for w, d in zip(waits, RETRY_DELAYS)), waits
 
             # what was written before the outage: whole, the clean run's content, and only that
-            assert not direct.exists(f"{bucket}/model/manifest.json"), "an unfinished fit must not look finished"
+            assert not direct.exists(f"{bucket}/model/current.json"), "an unfinished fit must not look finished"
             written = parts()
             assert 1 <= len(written) < N_TRAIN, f"the outage must land mid-run: {written}"
             partial = read_model(root, options)
@@ -558,10 +560,10 @@ def test_a_write_that_dies_half_way_is_never_listed_as_a_part(tmp_path, monkeypa
     import fsspec.implementations.local as local
 
     from storage import locations
-    from storage.model_store import ModelStore
+    from storage.model_store import FeatureBank
     from storage.results_store import ResultStore
 
-    model, results = ModelStore(str(tmp_path / "model")), ResultStore(str(tmp_path / "results"))
+    bank, results = FeatureBank(str(tmp_path / "model")), ResultStore(str(tmp_path / "results"))
     frame = pd.DataFrame({"image_id": ["a"], "score": [1.0]})
     results.write_scores("part-00000", frame)
 
@@ -575,7 +577,7 @@ def test_a_write_that_dies_half_way_is_never_listed_as_a_part(tmp_path, monkeypa
     with pytest.raises(OSError):
         results.write_scores("part-00001", pd.concat([frame] * 100))
     with pytest.raises(OSError):
-        model.write_bank_batch(0, np.ones((4, 8), np.float32),
+        bank.write_batch(0, np.ones((4, 8), np.float32),
                                [{"image_id": "a", "uri": "a", "batch": 0, "row_start": 0, "row_stop": 4,
                                  "grid_h": 2, "grid_w": 2, "height": 32, "width": 32, "input_h": 32,
                                  "input_w": 32}], rows_per_chunk=4)
@@ -585,11 +587,11 @@ def test_a_write_that_dies_half_way_is_never_listed_as_a_part(tmp_path, monkeypa
     assert results.written_parts("scores") == {"part-00000"}
     assert results.has_part("scores", "part-00000") and not results.has_part("scores", "part-00001")
     pd.testing.assert_frame_equal(results.scores(), frame)
-    assert model.written_bank_batches() == set() and not model.has_bank_batch(0)
-    assert len(model.bank_index()) == 0
+    assert bank.batches() == [] and bank.next_batch() == 0
+    assert len(bank.index()) == 0
     # a leftover temp file of a killed writer is not a part either
     (tmp_path / "model" / "bank" / "index").mkdir(parents=True, exist_ok=True)
     (tmp_path / "model" / "bank" / "index" / "batch-00003.parquet.partial").write_bytes(b"PAR1 half")
-    assert model.written_bank_batches() == set()
+    assert bank.batches() == []
     locations.write_bytes_atomically(str(tmp_path / "whole.bin"), b"x" * 10)
     assert (tmp_path / "whole.bin").read_bytes() == b"x" * 10 and not (tmp_path / "whole.bin.partial").exists()

@@ -108,8 +108,10 @@ def test_model_on_s3(s3_environment, s3_run):
     bucket = s3_environment.bucket
     train = _split(s3_run["slice"], "train")
 
-    # the manifest is written last: its presence means a finished fit
-    manifest = json.loads(fs.cat_file(f"{bucket}/model/manifest.json"))
+    # the first fit made version v0001 and pointed current at it; the version's manifest is
+    # written last: its presence means a finished fit
+    assert json.loads(fs.cat_file(f"{bucket}/model/current.json"))["version"] == "v0001"
+    manifest = json.loads(fs.cat_file(f"{bucket}/model/versions/v0001/manifest.json"))
     assert manifest["detector"] == "patchcore"
     assert manifest["n_images"] == len(train)
     assert isinstance(manifest["format_version"], int)
@@ -135,7 +137,7 @@ def test_model_on_s3(s3_environment, s3_run):
     assert (index.grid_h * index.grid_w == index.row_stop - index.row_start).all()
 
     # memory (the coreset): a subset of the bank's rows
-    memory = _open_array(s3_run["root"] + "/memory")[...]
+    memory = _open_array(s3_run["root"] + "/versions/v0001/memory")[...]
     assert memory.dtype == np.float32 and memory.ndim == 2
     assert len(memory) == manifest["memory_rows"] and 0 < len(memory) <= bank_rows
     assert memory.shape[1] in dims
@@ -144,8 +146,9 @@ def test_model_on_s3(s3_environment, s3_run):
     assert all(row.tobytes() in picked for row in memory), "every memory row is a bank row"
 
     # the faiss index over the memory
-    assert fs.exists(f"{bucket}/model/memory.faiss")
-    index = faiss.deserialize_index(np.frombuffer(fs.cat_file(f"{bucket}/model/memory.faiss"), dtype=np.uint8))
+    assert fs.exists(f"{bucket}/model/versions/v0001/memory.faiss")
+    index = faiss.deserialize_index(np.frombuffer(fs.cat_file(f"{bucket}/model/versions/v0001/memory.faiss"),
+                                                  dtype=np.uint8))
     assert index.ntotal == len(memory) and index.d == memory.shape[1]
 
 
@@ -185,8 +188,8 @@ def test_local_fit_matches_s3(s3_environment, s3_run, prefect_server, tmp_path):
                    env, timeout=CLI_TIMEOUT)
     print(f"local fit {time.monotonic() - started:.1f}s")
 
-    local_memory = zarr.open_array(str(root / "memory"), mode="r")[...]
-    s3_memory = _open_array(s3_run["root"] + "/memory")[...]
+    local_memory = zarr.open_array(str(root / "versions" / "v0001" / "memory"), mode="r")[...]
+    s3_memory = _open_array(s3_run["root"] + "/versions/v0001/memory")[...]
     assert np.array_equal(local_memory, s3_memory), "the memory bank depends on the storage backend"
 
     local_bank = _bank(zarr.open_group(str(root / "bank"), mode="r"))
@@ -195,8 +198,9 @@ def test_local_fit_matches_s3(s3_environment, s3_run, prefect_server, tmp_path):
     for name in local_bank:
         assert np.array_equal(local_bank[name], s3_bank[name]), name
 
-    local_manifest = json.loads((root / "manifest.json").read_text())
-    s3_manifest = json.loads(s3_environment.filesystem().cat_file(f"{s3_environment.bucket}/model/manifest.json"))
+    local_manifest = json.loads((root / "versions" / "v0001" / "manifest.json").read_text())
+    s3_manifest = json.loads(s3_environment.filesystem().cat_file(
+        f"{s3_environment.bucket}/model/versions/v0001/manifest.json"))
     for key in ("bank_rows", "memory_rows", "n_images", "covering_radius", "feature_config", "detector_config"):
         assert local_manifest[key] == s3_manifest[key], key
 
@@ -204,7 +208,7 @@ def test_local_fit_matches_s3(s3_environment, s3_run, prefect_server, tmp_path):
 def test_stores_see_parts_written_by_other_processes(s3_environment):
     """A long-lived process (flow runner, Dask worker) must see parts that other processes wrote
     after it listed a folder: s3fs caches listings per process with no expiry."""
-    from storage.model_store import ModelStore
+    from storage.model_store import FeatureBank
     from storage.results_store import ResultStore, drop_parts_from
 
     bucket = s3_environment.bucket
@@ -224,9 +228,9 @@ def test_stores_see_parts_written_by_other_processes(s3_environment):
     assert out.has_part("scores", "part-00001")
     assert sorted(out.scores().image_id) == ["image-0", "image-1"]
 
-    model = ModelStore(s3_environment.url("stale", "model"))
+    bank = FeatureBank(s3_environment.url("stale", "model"))
     other.pipe_file(f"{bucket}/stale/model/bank/index/batch-00000.parquet", part(0))
-    assert len(model.bank_index()) == 1
+    assert len(bank.index()) == 1
     other.pipe_file(f"{bucket}/stale/model/bank/index/batch-00001.parquet", part(1))
-    assert model.has_bank_batch(1)
-    assert len(model.bank_index()) == 2
+    assert bank.batches() == [0, 1] and bank.next_batch() == 2
+    assert len(bank.index()) == 2

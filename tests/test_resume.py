@@ -48,7 +48,7 @@ def test_killed_fit_resumes_without_recomputing_and_gives_the_same_memory_bank(t
     process.wait()
     done_before = index_parts(interrupted)
     assert 2 <= len(done_before) < 7, "the kill must land half way through the 7 batches"
-    assert not (interrupted / "manifest.json").exists()
+    assert not (interrupted / "current.json").exists(), "an unfinished fit must not be current"
 
     rerun = subprocess.run(fit_command(train_csv, interrupted), env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -60,6 +60,8 @@ def test_killed_fit_resumes_without_recomputing_and_gives_the_same_memory_bank(t
     clean = tmp_path / "clean"
     run = subprocess.run(fit_command(train_csv, clean), env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    resumed_memory = zarr.open_array(str(interrupted / "memory"), mode="r")[...]
-    clean_memory = zarr.open_array(str(clean / "memory"), mode="r")[...]
+    # the killed fit's unfinished version was resumed, not abandoned for a new one
+    assert sorted(p.name for p in (interrupted / "versions").iterdir()) == ["v0001"]
+    resumed_memory = zarr.open_array(str(interrupted / "versions" / "v0001" / "memory"), mode="r")[...]
+    clean_memory = zarr.open_array(str(clean / "versions" / "v0001" / "memory"), mode="r")[...]
     np.testing.assert_array_equal(resumed_memory, clean_memory)

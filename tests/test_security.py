@@ -138,7 +138,7 @@ def test_credentials_never_recorded(secret_run, credentials):
     objects = [p for p in fs.find(prefix) if "/images/" not in p]
     for path in objects:
         sources[f"s3://{path}"] = fs.cat_file(path)
-    manifest = json.loads(sources[f"s3://{prefix}/model/manifest.json"])
+    manifest = json.loads(sources[f"s3://{prefix}/model/versions/v0001/manifest.json"])
     summary = json.loads(sources[f"s3://{prefix}/results/summary.json"])
     assert manifest["n_images"] == 4 and summary["images"] == 2  # the runs did their work
 
@@ -200,13 +200,15 @@ def marker(tmp_path) -> Path:
 
 
 def model_root(tmp_path: Path, detector: str, **extra) -> Path:
+    """The folder of version v0001 (current) of a model root at tmp_path/model."""
     from anomaly.features import FeatureConfig
     from anomaly.detectors import detector_config
     from storage.model_store import ModelStore
 
-    root = tmp_path / "model"
+    root = tmp_path / "model" / "versions" / "v0001"
     ModelStore(str(root)).write_manifest({"detector": detector, "feature_config": FeatureConfig().to_dict(),
                                           "detector_config": detector_config(detector).to_dict(), **extra})
+    (tmp_path / "model" / "current.json").write_text(json.dumps({"version": "v0001"}))
     return root
 
 
@@ -365,7 +367,7 @@ def test_score_refuses_a_newer_model_root(prefect_server, tmp_path):
     Image.fromarray(texture(7)).save(images / "a.png")
     results = tmp_path / "results"
     env = patchwatch_env(tmp_path / "prefect-home", api_url=prefect_server.api_url)
-    command = patchwatch_command() + ["score", "--images", str(images), "--root", str(root), "--out", str(results),
+    command = patchwatch_command() + ["score", "--images", str(images), "--root", str(tmp_path / "model"), "--out", str(results),
                                       "--workers", "1"]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=CLI_TIMEOUT,
                           stdin=subprocess.DEVNULL)

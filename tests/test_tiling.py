@@ -59,7 +59,7 @@ def fitted_on_mtd(tmp_path_factory):
     run = subprocess.run([sys.executable, "-m", "patchwatch.cli", "fit", "--images", str(nominal),
                           "--root", str(root), "--workers", "1"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    manifest = (root / "manifest.json").read_text()
+    manifest = (root / "versions" / "v0001" / "manifest.json").read_text()
     assert '"n_images": 1' in manifest  # the large image fed the bank tile by tile
     return folder, root, table
 
