@@ -47,3 +47,18 @@ def copy_mtd_images(folder: Path, split: str, count: int, start: int = 0, label:
         target.write_bytes((MTD / image).read_bytes())
         copied.append(target)
     return copied
+
+
+@pytest.fixture
+def writes_die_half_way(monkeypatch):
+    """Call it to make every local file write stop half way with "No space left on device" (a
+    writer killed mid-write); call ``monkeypatch.undo()`` to end it."""
+    import fsspec.implementations.local as local
+
+    real_write = local.LocalFileOpener.write
+
+    def dies_half_way(self, data):
+        real_write(self, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    return lambda: monkeypatch.setattr(local.LocalFileOpener, "write", dies_half_way)

@@ -67,3 +67,31 @@ def test_projection_keeps_small_banks_as_they_are():
     bank = clustered_bank(rows=100, dim=8)
     np.testing.assert_array_equal(random_projection(bank, 128), bank)
     assert random_projection(clustered_bank(rows=100, dim=256), 64).shape == (100, 64)
+
+
+def test_extending_a_coreset_continues_the_traversal_over_the_new_rows_only():
+    bank = clustered_bank(rows=5000, seed=3)
+    old_rows, new_rows = bank[:4000], bank[4000:]
+    old = greedy_coreset(old_rows, 80, start=0)
+    old_centres = old_rows[old.indices]
+    extended = greedy_coreset(new_rows, 20, block_rows=128, covered_by=old_centres)
+    # the textbook loop seeded with the old centres: each new row starts at its distance to them
+    nearest = np.sqrt(((new_rows[:, None, :] - old_centres[None]) ** 2).sum(-1)).min(1)
+    expected = []
+    for _ in range(20):
+        chosen = int(np.argmax(nearest))
+        expected.append(chosen)
+        nearest = np.minimum(nearest, np.sqrt(((new_rows - new_rows[chosen]) ** 2).sum(-1)))
+    np.testing.assert_array_equal(extended.indices, expected)
+    assert extended.covering_radius == pytest.approx(nearest.max(), rel=1e-4)
+    # old rows stay covered by the old centres: the union's radius is the larger of the two
+    union = np.concatenate([old_centres, new_rows[extended.indices]])
+    assert covering_radius(bank, union) == pytest.approx(max(old.covering_radius, extended.covering_radius), rel=1e-4)
+
+
+def test_extending_with_no_new_centres_reports_how_far_the_new_rows_are():
+    bank = clustered_bank(rows=600, seed=4)
+    centres = bank[:50]
+    result = greedy_coreset(bank[50:], 0, covered_by=centres)
+    assert len(result.indices) == 0
+    assert result.covering_radius == pytest.approx(covering_radius(bank[50:], centres), rel=1e-4)

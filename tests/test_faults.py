@@ -555,10 +555,8 @@ def test_storage_outage_fails_clearly_keeps_written_parts_and_resumes(prefect_se
             proxy.stop()
 
 
-def test_a_write_that_dies_half_way_is_never_listed_as_a_part(tmp_path, monkeypatch):
+def test_a_write_that_dies_half_way_is_never_listed_as_a_part(tmp_path, monkeypatch, writes_die_half_way):
     """Local roots: the bytes go to ``NAME.partial`` and are renamed over NAME when whole."""
-    import fsspec.implementations.local as local
-
     from storage import locations
     from storage.model_store import FeatureBank
     from storage.results_store import ResultStore
@@ -567,20 +565,14 @@ def test_a_write_that_dies_half_way_is_never_listed_as_a_part(tmp_path, monkeypa
     frame = pd.DataFrame({"image_id": ["a"], "score": [1.0]})
     results.write_scores("part-00000", frame)
 
-    real_write = local.LocalFileOpener.write
-
-    def dies_half_way(self, data):
-        real_write(self, data[: len(data) // 2])
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(local.LocalFileOpener, "write", dies_half_way)
+    writes_die_half_way()
     with pytest.raises(OSError):
         results.write_scores("part-00001", pd.concat([frame] * 100))
     with pytest.raises(OSError):
         bank.write_batch(0, np.ones((4, 8), np.float32),
-                               [{"image_id": "a", "uri": "a", "batch": 0, "row_start": 0, "row_stop": 4,
-                                 "grid_h": 2, "grid_w": 2, "height": 32, "width": 32, "input_h": 32,
-                                 "input_w": 32}], rows_per_chunk=4)
+                         [{"image_id": "a", "uri": "a", "batch": 0, "row_start": 0, "row_stop": 4,
+                           "grid_h": 2, "grid_w": 2, "height": 32, "width": 32, "input_h": 32,
+                           "input_w": 32}], rows_per_chunk=4)
     monkeypatch.undo()
 
     assert not (tmp_path / "results" / "scores" / "part-00001.parquet").exists()

@@ -130,20 +130,12 @@ def test_models_lists_the_versions_and_promote_rolls_back_and_forward(work, fitt
     assert current(root) == "v0002"
 
 
-def test_a_promotion_cut_short_leaves_the_old_pointer(work, fitted, monkeypatch):
-    import fsspec.implementations.local as local
-
+def test_a_promotion_cut_short_leaves_the_old_pointer(work, fitted, monkeypatch, writes_die_half_way):
     from storage.model_store import ModelRegistry
 
     registry = ModelRegistry(str(work["root"]))
     before = (work["root"] / "current.json").read_bytes()
-    real_write = local.LocalFileOpener.write
-
-    def dies_half_way(self, data):
-        real_write(self, data[: len(data) // 2])
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(local.LocalFileOpener, "write", dies_half_way)
+    writes_die_half_way()
     with pytest.raises(OSError):
         registry.promote("v0001")
     monkeypatch.undo()
