@@ -59,7 +59,7 @@ def score_new_flow(archive: str, root: str, results: str, night: str | None = No
         table = out.scores()
         nightly.write_history(night, {
             "night": night, "model_version": model.version, "threshold": model.threshold,
-            "images": int(len(table)), "flagged": int(table.is_anomalous.fillna(False).astype(bool).sum()),
+            "images": int(len(table)), "flagged": int(table.is_anomalous.eq(True).sum()),
             "errors": int(len(out.errors())), **{f"score_p{q}": float(table.score.quantile(q / 100))
                                                   for q in (50, 90, 99)},
             "score_max": float(table.score.max()), "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

@@ -58,7 +58,7 @@ def publish_scores(logger, out: ResultStore, summary: dict, errors: list[dict], 
         out.write_table("errors", error_rows)
     summary["images"] = int(len(table))
     if len(table):
-        summary.update({"flagged": int(table.is_anomalous.fillna(False).astype(bool).sum()),
+        summary.update({"flagged": int(table.is_anomalous.eq(True).sum()),
                         "score_p50": float(table.score.quantile(0.5)), "score_p99": float(table.score.quantile(0.99)),
                         "score_max": float(table.score.max())})
         top = table.nlargest(10, "score")[["image_id", "score", "is_anomalous", "model_version", "map"]]

@@ -13,6 +13,9 @@ Checks, all offline:
   named ports, StatefulSet serviceName) resolve;
 * every compose service / k8s container that runs patchwatch or Dask uses the
   image built from infra/Dockerfile;
+* the nightly wiring: a one-shot ``patchwatch deploy`` (compose service / k8s
+  init container) registers the deployments, then ``patchwatch serve`` runs
+  them; both command lines parse with the real ``patchwatch`` parser;
 * no plaintext credentials: k8s only has the Secret template's placeholders,
   compose only ``${VAR:-dev-default}`` interpolations.
 
@@ -40,6 +43,7 @@ COMPOSE_FILE = INFRA / "docker-compose.yml"
 DOCKERFILE = INFRA / "Dockerfile"
 K8S = INFRA / "k8s"
 KUSTOMIZATION = K8S / "kustomization.yaml"
+ENV_EXAMPLE = INFRA / ".env.example"
 
 # Kubernetes versions the manifests must be valid for: an older supported one
 # and the newest schema bundled with kubernetes-validate.
@@ -50,6 +54,10 @@ CREDENTIALS_IN_URL = re.compile(r"://[^/\s:@$]+:[^/\s@$]+@")
 PLACEHOLDER = "REPLACE_ME"
 
 APP_SERVICES = {"patchwatch-serve", "dask-scheduler", "dask-worker"}
+# compose runs `patchwatch deploy` as its own one-shot service; k8s runs it as an
+# init container of the patchwatch-serve pod.
+COMPOSE_APP_SERVICES = APP_SERVICES | {"patchwatch-deploy"}
+DEPLOY_FLAGS = ("--root", "--images", "--archive", "--dask-address")
 APP_IMAGE_NAME = "patchwatch"
 
 
@@ -190,6 +198,31 @@ _UNITS = {
 }
 
 
+def _flag_value(argv: list[str], flag: str) -> str:
+    assert flag in argv, f"{argv[:2]} lacks {flag}"
+    return argv[argv.index(flag) + 1]
+
+
+_INTERPOLATION = re.compile(r"\$\{([A-Z0-9_]+)(?::?-([^}]*))?\}")
+
+
+def _compose_defaults(value: str) -> str:
+    """A compose value with every ``${VAR:-default}`` replaced by its default."""
+    return _INTERPOLATION.sub(lambda m: m.group(2) or "", value)
+
+
+def _k8s_expand(value: str, data: dict) -> str:
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: str(data[m.group(1)]), value)
+
+
+def _schedule_defaults():
+    try:
+        from flows import schedule_defaults
+    except ImportError as exc:  # pragma: no cover - only outside the project's environment
+        pytest.skip(f"the patchwatch project is not importable: {exc}")
+    return schedule_defaults
+
+
 def _bytes(quantity: str) -> float:
     m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(quantity))
     assert m and m.group(2) in _UNITS, f"unparseable memory quantity {quantity!r}"
@@ -224,7 +257,7 @@ def test_compose_app_services_build_from_infra_dockerfile():
         for name, svc in services.items()
         if _runs_app_code(_as_list(svc.get("entrypoint")) + _as_list(svc.get("command")))
     }
-    assert APP_SERVICES <= runs_app, f"expected {APP_SERVICES} to run patchwatch/dask, got {runs_app}"
+    assert COMPOSE_APP_SERVICES <= runs_app, f"expected {COMPOSE_APP_SERVICES} to run patchwatch/dask, got {runs_app}"
     images = set()
     for name in sorted(runs_app):
         svc = services[name]
@@ -240,19 +273,22 @@ def test_compose_app_services_build_from_infra_dockerfile():
 
 
 def test_compose_serve_wiring():
-    services = _load_compose()["services"]
+    compose = _load_compose()
+    services = compose["services"]
     serve = services["patchwatch-serve"]
-    argv = _as_list(serve["command"])
-    assert argv[:2] == ["patchwatch", "serve"]
-    for flag in ("--root", "--images", "--dask-address"):
-        assert flag in argv, f"patchwatch serve lacks {flag}"
-    assert argv[argv.index("--dask-address") + 1] == "tcp://dask-scheduler:8786"
+    # serve takes everything (locations, Dask address, schedules) from the
+    # deployments registered on the Prefect server.
+    assert _as_list(serve["command"]) == ["patchwatch", "serve"]
+    assert serve["depends_on"]["patchwatch-deploy"]["condition"] == "service_completed_successfully"
+    for dependency in ("prefect-server", "dask-scheduler"):
+        assert serve["depends_on"][dependency]["condition"] == "service_healthy"
     env = serve["environment"]
     assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         assert var in env
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         assert env[var] == "http://minio:9000"
+    assert env["PREFECT_RUNNER_SERVER_ENABLE"] == "true"
     # Dask workers execute the tasks, so they need the same S3 settings.
     worker_env = services["dask-worker"]["environment"]
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "PREFECT_API_URL"):
@@ -261,6 +297,50 @@ def test_compose_serve_wiring():
     assert _as_list(services["dask-scheduler"]["command"])[:2] == ["dask", "scheduler"]
     assert "prefect server start" in " ".join(_as_list(services["prefect-server"]["command"]))
     assert services["prefect-server"]["image"].startswith("prefecthq/prefect:3")
+
+
+def test_compose_deploy_wiring():
+    compose = _load_compose()
+    services = compose["services"]
+    deploy = services["patchwatch-deploy"]
+    assert str(deploy.get("restart")) == "no", "patchwatch deploy is one-shot"
+    assert deploy["depends_on"]["prefect-server"]["condition"] == "service_healthy"
+    argv = _as_list(deploy["command"])
+    assert argv[:2] == ["patchwatch", "deploy"]
+    assert _flag_value(argv, "--dask-address") == "tcp://dask-scheduler:8786"
+    # Same settings as every other patchwatch process; the locations it registers
+    # come from the same variables (and defaults) as x-patchwatch-env's.
+    shared = compose["x-patchwatch-env"]
+    assert deploy["environment"] == shared
+    assert shared["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    for flag, var in (("--root", "PATCHWATCH_ROOT"), ("--images", "PATCHWATCH_IMAGES"),
+                      ("--archive", "PATCHWATCH_ARCHIVE")):
+        assert _flag_value(argv, flag) == shared[var], f"{flag} does not use ${{{var}}}"
+    # Schedules are configurable, defaulting to the command's own defaults.
+    defaults = _schedule_defaults()
+    for flag, var, default in (("--refit-cron", "PATCHWATCH_REFIT_CRON", defaults.DEFAULT_REFIT_CRON),
+                               ("--score-cron", "PATCHWATCH_SCORE_CRON", defaults.DEFAULT_SCORE_CRON)):
+        value = _flag_value(argv, flag)
+        assert _INTERPOLATION.fullmatch(value) and _INTERPOLATION.fullmatch(value).group(1) == var, value
+        assert _compose_defaults(value) == default
+    assert "--name" not in argv, "serve (no --name) must find what deploy registered"
+
+
+def test_env_example_lists_the_schedules():
+    if not ENV_EXAMPLE.is_file():
+        pytest.skip("infra/.env.example does not exist")
+    settings = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        m = re.match(r"\s*([A-Z0-9_]+)=(.*)", line)
+        if m:
+            settings[m.group(1)] = m.group(2).strip().strip('"')
+    defaults = _schedule_defaults()
+    assert settings.get("PATCHWATCH_REFIT_CRON") == defaults.DEFAULT_REFIT_CRON
+    assert settings.get("PATCHWATCH_SCORE_CRON") == defaults.DEFAULT_SCORE_CRON
+    assert settings.get("PATCHWATCH_TIMEZONE") == "UTC"
+    # every variable .env.example sets is one the compose file interpolates
+    used = {m.group(1) for m in _INTERPOLATION.finditer(COMPOSE_FILE.read_text())}
+    assert set(settings) <= used, f"set in .env.example but unused: {set(settings) - used}"
 
 
 def test_compose_credentials_are_variables():
@@ -428,17 +508,71 @@ def test_k8s_config_and_serve_wiring():
     (config,) = [d for d in docs if d["kind"] == "ConfigMap"]
     data = config["data"]
     assert data["PREFECT_API_URL"] == "http://prefect-server:4200/api"
-    for key in ("PATCHWATCH_ROOT", "PATCHWATCH_IMAGES", "AWS_ENDPOINT_URL", "DASK_SCHEDULER_ADDRESS"):
+    for key in ("PATCHWATCH_ROOT", "PATCHWATCH_IMAGES", "PATCHWATCH_ARCHIVE", "AWS_ENDPOINT_URL",
+                "DASK_SCHEDULER_ADDRESS", "PATCHWATCH_REFIT_CRON", "PATCHWATCH_SCORE_CRON"):
         assert data.get(key), f"ConfigMap lacks {key}"
+    defaults = _schedule_defaults()
+    assert data["PATCHWATCH_REFIT_CRON"] == defaults.DEFAULT_REFIT_CRON
+    assert data["PATCHWATCH_SCORE_CRON"] == defaults.DEFAULT_SCORE_CRON
     (serve,) = [d for d in docs if _doc_id(d) == "Deployment/patchwatch-serve"]
     assert serve["spec"]["replicas"] == 1, "more than one runner would double-run schedules"
-    (container,) = _containers(serve)
+    (container,) = _containers(serve, include_init=False)
     argv = _as_list(container.get("command")) + _as_list(container.get("args"))
-    assert argv[:2] == ["patchwatch", "serve"]
-    assert "--dask-address" in argv
+    assert argv == ["patchwatch", "serve"]
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         (entry,) = [e for e in container["env"] if e["name"] == var]
         assert "secretKeyRef" in entry["valueFrom"]
+
+    # The init container registers the deployments before serve starts.
+    inits = _pod_spec(serve).get("initContainers", [])
+    deploys = [c for c in inits if _as_list(c.get("args"))[:2] == ["patchwatch", "deploy"]]
+    assert len(deploys) == 1, "patchwatch-serve needs one `patchwatch deploy` init container"
+    (deploy,) = deploys
+    assert inits[-1] is deploy, "patchwatch deploy must be the last init container"
+    assert {"configMapRef": {"name": config["metadata"]["name"]}} in deploy.get("envFrom", [])
+    deploy_argv = _as_list(deploy["args"])
+    for flag, key in (("--root", "PATCHWATCH_ROOT"), ("--images", "PATCHWATCH_IMAGES"),
+                      ("--archive", "PATCHWATCH_ARCHIVE"), ("--dask-address", "DASK_SCHEDULER_ADDRESS"),
+                      ("--refit-cron", "PATCHWATCH_REFIT_CRON"), ("--score-cron", "PATCHWATCH_SCORE_CRON")):
+        assert _flag_value(deploy_argv, flag) == f"$({key})"
+        assert key in data
+    assert "--name" not in deploy_argv, "serve (no --name) must find what deploy registered"
+
+
+def test_deploy_and_serve_command_lines_parse():
+    """The compose and k8s command lines are accepted by the real `patchwatch` parser."""
+    try:
+        from patchwatch.cli import build_parser
+    except ImportError as exc:  # pragma: no cover - only outside the project's environment
+        pytest.skip(f"the patchwatch command line is not importable: {exc}")
+    parser = build_parser()
+    services = _load_compose()["services"]
+    (config,) = [d for d in _all_k8s_docs() if d["kind"] == "ConfigMap"]
+    (serve,) = [d for d in _all_k8s_docs() if _doc_id(d) == "Deployment/patchwatch-serve"]
+    spec = _pod_spec(serve)
+    (deploy_init,) = [c for c in spec["initContainers"] if _as_list(c.get("args"))[:2] == ["patchwatch", "deploy"]]
+    command_lines = {
+        "compose deploy": [_compose_defaults(a) for a in _as_list(services["patchwatch-deploy"]["command"])],
+        "compose serve": _as_list(services["patchwatch-serve"]["command"]),
+        "k8s deploy": [_k8s_expand(a, config["data"]) for a in _as_list(deploy_init["args"])],
+        "k8s serve": _as_list(spec["containers"][0]["args"]),
+    }
+    defaults = _schedule_defaults()
+    for where, argv in command_lines.items():
+        assert argv[0] == "patchwatch", where
+        try:
+            args = parser.parse_args(argv[1:])
+        except SystemExit:
+            pytest.fail(f"{where}: `patchwatch` rejects {argv}")
+        assert args.command == argv[1], where
+        if args.command == "deploy":
+            assert args.name == defaults.DEFAULT_NAME, where
+            assert args.images and args.root and args.archive, where
+            assert args.dask_address.startswith("tcp://dask-scheduler:"), where
+            assert (args.refit_cron, args.score_cron) == (defaults.DEFAULT_REFIT_CRON, defaults.DEFAULT_SCORE_CRON)
+            assert args.timezone == "UTC", where
+        else:
+            assert args.name == defaults.DEFAULT_NAME, where
 
 
 def test_k8s_app_containers_use_app_image():
