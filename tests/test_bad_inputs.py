@@ -514,7 +514,7 @@ def test_pipeline_bad_files_do_not_change_the_clean_images_scores_or_maps(pipeli
 
 def _summary_count(output: str, key: str) -> int:
     """A count from the run's printed summary table (``│ skipped │ 3 │``)."""
-    found = re.findall(rf"{key}\s*│\s*(\d+)\s*│", output)
+    found = re.findall(rf"│ {key}\s*│\s*(\d+)\s*│", output)
     assert found, f"no {key!r} in the summary:\n{output[-3000:]}"
     return int(found[-1])
 
