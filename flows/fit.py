@@ -22,6 +22,7 @@ from tasks.listing import chunk, list_images_task
 from tasks.threshold import calibrate_threshold_task
 from tasks.tiles import extract_tile_features_task
 
+from .defaults import HOLDOUT_FRACTION, THRESHOLD_QUANTILE
 from .report import markdown_rows, markdown_table
 from .runner import gather
 
@@ -65,7 +66,8 @@ def listing_digest(records: list[ImageRecord]) -> str:
 def fit_flow(images: str, root: str, split: str | None = None, feature_config: dict | None = None,
              detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32,
              tiling_config: dict | None = None, coreset_chunk_rows: int = 1 << 20, tiles_per_task: int = 16,
-             holdout_fraction: float = 0.1, threshold_quantile: float = 0.99, full: bool = False) -> dict:
+             holdout_fraction: float = HOLDOUT_FRACTION, threshold_quantile: float = THRESHOLD_QUANTILE,
+             full: bool = False) -> dict:
     """Fit or re-fit the model under ``root`` on the nominal images of ``images``.
 
     Only images the bank does not hold yet are featurised. A PatchCore re-fit with unchanged

@@ -10,7 +10,8 @@ from anomaly.backbone import DEFAULT_BACKBONE
 from anomaly.detectors import CONFIGS, detector_config
 from anomaly.features import FeatureConfig
 from anomaly.patchcore import PatchCoreConfig
-from flows.schedule_defaults import DEFAULT_NAME, DEFAULT_REFIT_CRON, DEFAULT_SCORE_CRON
+from flows.defaults import (DEFAULT_NAME, DEFAULT_REFIT_CRON, DEFAULT_SCORE_CRON, HOLDOUT_FRACTION,
+                            THRESHOLD_QUANTILE)
 
 # PaDiM models each grid position, so every image must reach the network at one size
 PADIM_SQUARE_SIDE = 256
@@ -41,9 +42,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--holdout-fraction", type=float, default=0.1,
+    parser.add_argument("--holdout-fraction", type=float, default=HOLDOUT_FRACTION,
                         help="share of nominal images held out of the memory to set the threshold (default %(default)s)")
-    parser.add_argument("--threshold-quantile", type=float, default=0.99,
+    parser.add_argument("--threshold-quantile", type=float, default=THRESHOLD_QUANTILE,
                         help="the threshold is this quantile of the held-out images' scores (default %(default)s)")
 
 
