@@ -1,20 +1,44 @@
 """The three detectors behind one small interface, for code that handles any of them."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from .features import PatchFeatures
+from .features import FeatureConfig, PatchFeatures
 from .padim import Padim, PadimConfig
-from .patchcore import PatchCore, PatchCoreConfig, reweight_image_score
+from .patchcore import PatchCore, PatchCoreConfig
 from .spade import Spade, SpadeConfig
 
 CONFIGS = {"patchcore": PatchCoreConfig, "padim": PadimConfig, "spade": SpadeConfig}
+
+# Feature defaults that differ by detector. PatchCore: a quarter-size context scale in each patch
+# vector raises MTD image AUROC from 0.947 to 0.967 while its maps keep the primary scale
+# (README, "Choosing defaults"); PaDiM's per-position Gaussians would blur with it, and PaDiM
+# needs one input size for every image.
+DEFAULT_FEATURES = {"patchcore": {"context_scales": (0.25,)}, "padim": {"square_side": 256}, "spade": {}}
+
+
+def default_features(name: str, **overrides) -> FeatureConfig:
+    """The feature settings ``name`` uses unless told otherwise; ``overrides`` that are not None win."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(CONFIGS)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return FeatureConfig(**{**DEFAULT_FEATURES[name], **given})
 
 
 def detector_config(name: str, values: dict | None = None):
     if name not in CONFIGS:
         raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(CONFIGS)}")
     return CONFIGS[name].from_dict(values) if values else CONFIGS[name]()
+
+
+def for_features(name: str, settings, features: FeatureConfig):
+    """Detector settings that depend on the features: PatchCore draws its maps from the primary
+    scale's dimensions when the vectors also carry context scales."""
+    if name == "patchcore" and features.context_scales:
+        return replace(settings, map_dims=features.primary_dims)
+    return settings
 
 
 def score_grid(detector: PatchCore | Padim | Spade, features: PatchFeatures) -> tuple[float, np.ndarray]:
@@ -25,10 +49,7 @@ def score_grid(detector: PatchCore | Padim | Spade, features: PatchFeatures) -> 
     """
     vectors = features.vectors
     if isinstance(detector, PatchCore):
-        scores, nearest = detector.patch_scores(vectors)
-        weighted = reweight_image_score(vectors, scores, nearest, detector.memory, detector.index,
-                                        detector.config.num_neighbors)
-        return weighted, scores.reshape(features.grid)
+        return detector.image_score_and_grid(features)
     if isinstance(detector, Padim):
         grid = detector.patch_scores(vectors).reshape(features.grid)
         return float(grid.max()), grid

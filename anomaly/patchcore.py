@@ -21,6 +21,10 @@ class PatchCoreConfig:
     num_neighbors: int = 9     # b of eq. 7
     sigma: float = 4.0
     seed: int = 0
+    # > 0: the anomaly map's patch scores use only the first map_dims dimensions of each vector
+    # (the primary scale's features): context scales sharpen the image score but blur the map
+    # (MTD AUPRO 0.624 from whole vectors, 0.690 from the primary half)
+    map_dims: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +80,8 @@ class PatchCore:
         self.index = index if index is not None else build_index(self.memory)
         if self.index.ntotal != len(self.memory):
             raise ValueError(f"index holds {self.index.ntotal} vectors but the memory {len(self.memory)}")
+        self.map_index = (build_index(self.memory[:, :config.map_dims])
+                          if 0 < config.map_dims < self.memory.shape[1] else None)
 
     @classmethod
     def fit(cls, bank: np.ndarray, config: PatchCoreConfig = PatchCoreConfig()) -> "PatchCore":
@@ -86,11 +92,22 @@ class PatchCore:
         squared, nearest = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
         return np.sqrt(np.maximum(squared[:, 0], 0)), nearest[:, 0]
 
-    def score(self, features: PatchFeatures) -> tuple[float, np.ndarray]:
-        """Image score (eq. 7) and the anomaly map at the original image size."""
+    def map_scores(self, vectors: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """The patch scores the anomaly map shows: ``scores`` themselves, or with ``map_dims`` the
+        distances over the primary-scale dimensions only."""
+        if self.map_index is None:
+            return scores
+        squared, _ = self.map_index.search(np.ascontiguousarray(vectors[:, :self.config.map_dims]), 1)
+        return np.sqrt(np.maximum(squared[:, 0], 0))
+
+    def image_score_and_grid(self, features: PatchFeatures) -> tuple[float, np.ndarray]:
+        """Image score (eq. 7) and the patch-score grid of the map."""
         scores, nearest = self.patch_scores(features.vectors)
         image_score = reweight_image_score(features.vectors, scores, nearest, self.memory, self.index,
                                            self.config.num_neighbors)
-        amap = anomaly_map(scores.reshape(features.grid), features.image_shape, self.config.sigma,
-                           features.input_shape)
-        return image_score, amap
+        return image_score, self.map_scores(features.vectors, scores).reshape(features.grid)
+
+    def score(self, features: PatchFeatures) -> tuple[float, np.ndarray]:
+        """Image score (eq. 7) and the anomaly map at the original image size."""
+        image_score, grid = self.image_score_and_grid(features)
+        return image_score, anomaly_map(grid, features.image_shape, self.config.sigma, features.input_shape)

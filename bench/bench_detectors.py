@@ -40,7 +40,9 @@ def main() -> None:
             timings, counts = metrics["timings"], metrics["counts"]
             rows.append({"detector": detector, "image AUROC": metrics["image_auroc"],
                          "pixel AUROC": metrics["pixel_auroc"], "AUPRO": metrics["aupro"],
-                         "F1-max": metrics["f1_max"], "fit s": timings["fit_s"],
+                         "F1-max": metrics["f1_max"],
+                         "nominal flagged": metrics["nominal_threshold"].get("nominal_flagged_rate"),
+                         "defects flagged": metrics["nominal_threshold"].get("recall"), "fit s": timings["fit_s"],
                          "score s/image": timings["score_s"] / max(counts["test_images"], 1),
                          "model MiB": folder_size_mib(out / "model")})
     title = "Detectors side by side (patchwatch evaluate, defaults)"
@@ -48,6 +50,8 @@ def main() -> None:
             "wall_s": time.perf_counter() - started, "parameters": {"split": args.split}}
     notes = ["fit s: the fit flow end to end (listing, features on Dask, coreset or Gaussian fit, index)",
              "score s/image: the score flow end to end divided by the test images (maps written to Zarr)",
+             "nominal / defects flagged: share of the test split's nominal / defective images above the "
+             "threshold set from held-out nominal training images only (no labels)",
              "model MiB: the model root on disk, feature bank (Zarr) included"]
     report(args.out, "detectors", title, meta, [{"title": "MTD", "rows": rows, "notes": notes}])
 

@@ -9,6 +9,7 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from anomaly.detectors import default_features, for_features
 from anomaly.detectors import detector_config as detector_settings
 from anomaly.features import FeatureConfig
 from anomaly.tiling import TilingConfig, tile_grid
@@ -75,8 +76,8 @@ def fit_flow(images: str, root: str, split: str | None = None, feature_config: d
     from the whole bank). Nothing new and nothing changed: no new version.
     """
     logger = get_run_logger()
-    features = FeatureConfig.from_dict(feature_config) if feature_config else FeatureConfig()
-    settings = detector_settings(detector, detector_config)
+    features = FeatureConfig.from_dict(feature_config) if feature_config else default_features(detector)
+    settings = for_features(detector, detector_settings(detector, detector_config), features)
     tiling = TilingConfig(**tiling_config) if tiling_config else TilingConfig()
     registry = ModelRegistry(root)
     registry.bank.claim({"feature_config": features.to_dict(), "tiling_config": tiling.to_dict()})

@@ -7,29 +7,32 @@ import os
 import sys
 
 from anomaly.backbone import DEFAULT_BACKBONE
-from anomaly.detectors import CONFIGS, detector_config
+from anomaly.detectors import CONFIGS, DEFAULT_FEATURES, default_features, detector_config
 from anomaly.features import FeatureConfig
 from anomaly.patchcore import PatchCoreConfig
 from flows.defaults import (DEFAULT_NAME, DEFAULT_REFIT_CRON, DEFAULT_SCORE_CRON, HOLDOUT_FRACTION,
                             THRESHOLD_QUANTILE)
 
-# PaDiM models each grid position, so every image must reach the network at one size
-PADIM_SQUARE_SIDE = 256
-
-
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     defaults = FeatureConfig()
     parser.add_argument("--detector", choices=sorted(CONFIGS), default="patchcore",
                         help="anomaly detector (default %(default)s)")
-    parser.add_argument("--input-scale", type=float, default=defaults.input_scale,
-                        help="every image is resized by this factor, aspect kept (default %(default)s)")
+    parser.add_argument("--input-scale", type=float, default=None,
+                        help=f"every image is resized by this factor, aspect kept (default {defaults.input_scale})")
+    parser.add_argument("--context-scales", default=None,
+                        help="more input scales whose features are added to each patch, comma-separated; "
+                             "'' for none (default: "
+                             + "; ".join(f"{name} {','.join(map(str, values.get('context_scales', ()))) or 'none'}"
+                                         for name, values in DEFAULT_FEATURES.items()) + ")")
+    parser.add_argument("--embed-dim", type=int, default=None,
+                        help=f"patch vector length (default {defaults.embed_dim})")
     parser.add_argument("--square-side", type=int, default=None,
                         help="resize every image to this square instead (PaDiM needs a fixed size; "
-                             f"its default is {PADIM_SQUARE_SIDE})")
-    parser.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                             f"its default is {DEFAULT_FEATURES['padim']['square_side']})")
+    parser.add_argument("--backbone", default=None,
                         help=f"timm model name (default {DEFAULT_BACKBONE}, offline); others need the model hub")
-    parser.add_argument("--layers", default=",".join(map(str, defaults.layers)),
-                        help="timm feature stages to use, comma-separated (default %(default)s)")
+    parser.add_argument("--layers", default=None,
+                        help=f"timm feature stages to use, comma-separated (default {','.join(map(str, defaults.layers))})")
     parser.add_argument("--coreset-ratio", type=float, default=PatchCoreConfig().coreset_ratio,
                         help="PatchCore: fraction of the patch bank kept as memory (default %(default)s)")
 
@@ -49,10 +52,12 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _configs(args) -> tuple[dict, dict]:
-    square_side = args.square_side if args.square_side is not None else (
-        PADIM_SQUARE_SIDE if args.detector == "padim" else 0)
-    features = FeatureConfig(backbone=args.backbone, layers=tuple(int(x) for x in args.layers.split(",")),
-                             input_scale=args.input_scale, square_side=square_side)
+    def numbers(text, kind):
+        return None if text is None else tuple(kind(x) for x in text.split(",") if x.strip())
+
+    features = default_features(args.detector, backbone=args.backbone, layers=numbers(args.layers, int),
+                                input_scale=args.input_scale, square_side=args.square_side,
+                                embed_dim=args.embed_dim, context_scales=numbers(args.context_scales, float))
     detector = detector_config(args.detector)
     if args.detector == "patchcore":
         detector = PatchCoreConfig(**{**detector.to_dict(), "coreset_ratio": args.coreset_ratio})

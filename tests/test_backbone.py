@@ -48,3 +48,17 @@ def test_hub_model_without_network_fails_clearly():
 def test_unknown_model_name_fails_clearly():
     with pytest.raises(BackboneUnavailable, match="unknown timm model"):
         create_backbone("no_such_network_v9")
+
+
+def test_context_scales_add_a_block_on_the_primary_grid():
+    from anomaly.features import FeatureConfig, PatchFeatureExtractor
+
+    image = (np.random.default_rng(0).random((200, 320)) * 255).astype(np.uint8)
+    single = PatchFeatureExtractor(FeatureConfig()).extract([image])[0]
+    config = FeatureConfig(context_scales=(0.25,))
+    assert config.block_dims == [128, 128] and config.primary_dims == 128
+    both = PatchFeatureExtractor(config).extract([image])[0]
+    assert both.grid == single.grid and both.input_shape == single.input_shape
+    assert both.vectors.shape == (single.grid[0] * single.grid[1], 256)
+    # the context block differs from the primary block: it saw the image at another scale
+    assert not np.allclose(both.vectors[:, :128], both.vectors[:, 128:], atol=1e-3)

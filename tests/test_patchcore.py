@@ -1,4 +1,6 @@
 """PatchCore scoring: eq. 7 re-weighting, maps at the input's own size, defects found."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -59,3 +61,39 @@ def test_patchcore_ranks_a_planted_defect_first_and_its_map_peaks_there():
     assert defect_score > max(clean_scores)
     row, col = np.unravel_index(np.argmax(defect_map), defect_map.shape)
     assert 5 * 8 <= row < 7 * 8 and 2 * 8 <= col < 4 * 8
+
+
+def test_with_context_dimensions_the_map_stays_on_the_defect_and_the_image_score_uses_both():
+    """Vectors = [primary 8 | context 8]. A defect changes the primary dims on its own patches;
+    the context dims (wider receptive field) change over a wide ring around it. The map must
+    show the defect, not the ring; the image score still ranks the defect first."""
+    rng = np.random.default_rng(1)
+    grid, shape = (10, 10), (80, 80)
+    prototypes = rng.standard_normal((4, 16)).astype(np.float32)
+
+    def image(defect=False):
+        vectors = prototypes[rng.integers(0, 4, 100)] + 0.05 * rng.standard_normal((100, 16))
+        if defect:
+            ring = np.zeros(grid, bool)
+            ring[2:8, 2:8] = True
+            vectors[ring.ravel(), 8:] += 2.0
+            core = np.zeros(grid, bool)
+            core[4:6, 4:6] = True
+            vectors[core.ravel(), :8] += 3.0
+        return PatchFeatures(vectors.astype(np.float32), grid, shape, shape)
+
+    bank = np.concatenate([image().vectors for _ in range(20)])
+    config = PatchCoreConfig(coreset_ratio=0.2, projection_dim=8, sigma=1.0)
+    whole = PatchCore.fit(bank, config)
+    primary = PatchCore(whole.memory, replace(config, map_dims=8))
+    defect = image(defect=True)
+    ring_only = np.zeros(shape, bool)
+    ring_only[16:64, 16:64] = True
+    ring_only[28:52, 28:52] = False  # leave out the defect and the smoothing around it
+    _, blurred = whole.score(defect)
+    score, sharp = primary.score(defect)
+    nominal_level = np.median(primary.score(image())[1])
+    assert sharp[ring_only].mean() < nominal_level + 0.25 * (blurred[ring_only].mean() - nominal_level)
+    row, col = np.unravel_index(np.argmax(sharp), shape)
+    assert 32 <= row < 48 and 32 <= col < 48
+    assert score > max(primary.score(image())[0] for _ in range(5))
