@@ -324,10 +324,12 @@ def kill_a_busy_worker(cluster: DaskCluster, run: Background, task_function: str
 
 
 def interrupted(states: dict[str, list[str]]) -> list[str]:
-    """Task runs whose run was cut short (Running, then a new start) and that completed after."""
+    """Task runs the kill cost their result and that completed when run again: started twice
+    (Running twice), completed at the end. The kill lands inside the task's code, but the
+    worker may die a few milliseconds later, after the body returned (Prefect has recorded
+    Completed) and before Dask had the result: Dask runs it again either way."""
     return [name for name, history in states.items()
-            if history[-1] == "Completed" and any(a == "Running" and b != "Completed"
-                                                  for a, b in zip(history, history[1:]))]
+            if history[-1] == "Completed" and history.count("Running") >= 2]
 
 
 def ran_twice(states: dict[str, list[str]]) -> list[str]:
