@@ -334,7 +334,7 @@ def write_results(out_dir: str | Path, name: str, title: str, meta: dict, sectio
              f"load average at start {machine['load_average_at_start']}",
              f"- versions: python {machine['python']}, torch {machine['torch']}, numpy {machine['numpy']}, "
              f"faiss {machine['faiss']}",
-             f"- memory: {MEMORY_METHOD}",
+             *([f"- memory: {MEMORY_METHOD}"] if meta.get("measures_memory", True) else []),
              f"- total wall time: {meta['wall_s']:.1f} s"]
     for key, value in meta.get("parameters", {}).items():
         lines.append(f"- {key}: {fmt(value) if not isinstance(value, (list, dict)) else value}")
