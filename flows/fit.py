@@ -17,7 +17,7 @@ from storage.images import ImageRecord
 from storage.model_store import HOLDOUT, TRAIN, ModelRegistry
 from tasks.coreset import select_coreset_task
 from tasks.detectors import fit_detector_task
-from tasks.features import extract_features_task
+from tasks.features import extract_features_task, from_outcome
 from tasks.index import build_index_task
 from tasks.listing import chunk, list_images_task
 from tasks.threshold import calibrate_threshold_task
@@ -105,22 +105,32 @@ def fit_flow(images: str, root: str, split: str | None = None, feature_config: d
     logger.info("%s: %d listed images, %d new in %d batches -> %s", images, len(records), len(plan), len(batches),
                 model.root)
 
-    # Prefect's cache skips batches a killed run already finished; a batch whose files are gone
-    # from storage must run again even when the cache remembers it
+    # a batch a killed run finished is not run again: its outcome is read back from the bank
     written = set(registry.bank.batches(TRAIN)) | set(registry.bank.batches(HOLDOUT))
-    futures = [extract_features_task.with_options(refresh_cache=(number not in written))
-               .submit(root, number, group, features, tiling, kind) for number, kind, group in batches]
-    extracted = gather(futures, "features")
+
+    def run_or_recall(jobs: list, submit, kind_of, description: str) -> list[dict]:
+        recalled = {n: registry.bank.outcome(n, kind_of(job)) if n in written else None for n, job in jobs}
+        futures = [submit(n, job) for n, job in jobs if recalled[n] is None]
+        ran = iter(gather(futures, description))
+        return [from_outcome(recalled[n]) if recalled[n] is not None else next(ran) for n, _ in jobs]
+
+    extracted = run_or_recall(
+        [(number, (kind, group)) for number, kind, group in batches],
+        lambda n, job: extract_features_task.submit(root, n, job[1], features, tiling, job[0]),
+        lambda job: job[0], "features")
     # large nominal images feed the bank tile by tile, spread over the workers
     large = [item for result in extracted for item in result["large"]]
     next_batch = max(number for number, _, _ in batches) + 1 if batches else registry.bank.next_batch()
-    tile_futures = []
+    tile_jobs = []
     for record, shape in large:
         for group in chunk(tile_grid(*shape, tiling.tile, tiling.overlap), tiles_per_task):
-            task = extract_tile_features_task.with_options(refresh_cache=next_batch not in written)
-            tile_futures.append(task.submit(root, next_batch, record.image_id, record.uri, group, features))
+            tile_jobs.append((next_batch, (record, group)))
             next_batch += 1
-    extracted += gather(tile_futures, "tile features")
+    extracted += run_or_recall(
+        tile_jobs,
+        lambda n, job: extract_tile_features_task.submit(root, n, job[0].image_id, job[0].uri, job[1],
+                                                           features),
+        lambda job: TRAIN, "tile features")
     extract_s = time.perf_counter() - started
     errors = [e for result in extracted for e in result["errors"]]
     for error in errors:

@@ -68,16 +68,24 @@ class FeatureBank:
         return zarr.open_group(self.url, mode=mode, zarr_format=3)
 
     def write_batch(self, batch: int, vectors: np.ndarray, index_rows: list[dict], rows_per_chunk: int,
-                    kind: str = TRAIN) -> None:
-        """Write one batch's patch vectors, then its index part (the part marks it complete)."""
+                    kind: str = TRAIN, outcome: dict | None = None) -> None:
+        """Write one batch's patch vectors, its ``outcome`` (counts, skipped files, large images
+        left for tiling: what a resumed fit needs without running the batch again), then its
+        index part (the part marks it complete)."""
         array = self._group().create_array(
             self.batch_name(batch, kind), shape=vectors.shape, dtype="float32",
             chunks=(max(1, min(rows_per_chunk, len(vectors))), vectors.shape[1]), overwrite=True)
         array[...] = vectors
+        if outcome is not None:
+            write_json(join(self.url, "outcomes", f"{self.batch_name(batch, kind)}.json"), outcome)
         buffer = io.BytesIO()
         pd.DataFrame(index_rows, columns=BANK_INDEX_COLUMNS).to_parquet(buffer, index=False)
         write_bytes_atomically(join(self.url, "index", f"{self.batch_name(batch, kind)}.parquet"),
                                buffer.getvalue())
+
+    def outcome(self, batch: int, kind: str = TRAIN) -> dict | None:
+        url = join(self.url, "outcomes", f"{self.batch_name(batch, kind)}.json")
+        return read_json(url) if exists(url) else None
 
     def batches(self, kind: str = TRAIN) -> list[int]:
         """Complete batches of one kind (their index part, written last, exists), from one listing."""

@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 from prefect import task
-from prefect.cache_policies import INPUTS
 
 from anomaly.features import FeatureConfig, PatchFeatures
 from anomaly.tiling import TilingConfig
@@ -85,8 +84,8 @@ def drop_too_small(extractor, records: list[ImageRecord], images: list[np.ndarra
     return kept_records, kept_images
 
 
-@task(name="extract-features", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=INPUTS,
-      persist_result=True)
+# no result cache: a batch the bank holds is recalled from its stored outcome, never re-run
+@task(name="extract-features", retries=3, retry_delay_seconds=retry_delays(2, 10, 30))
 def extract_features_task(root: str, batch: int, records: list[ImageRecord], config: FeatureConfig,
                           tiling: TilingConfig | None = None, kind: str = TRAIN, rows_per_chunk: int = 4096) -> dict:
     """Patch features of ``records`` -> ``ROOT/bank/KIND-NNNNN``; returns counts, errors and
@@ -101,5 +100,17 @@ def extract_features_task(root: str, batch: int, records: list[ImageRecord], con
         rows.append(patch.vectors)
         start += len(patch.vectors)
     vectors = np.concatenate(rows) if rows else np.zeros((0, config.embed_dim), np.float32)
-    FeatureBank(root).write_batch(batch, vectors, index_rows, rows_per_chunk, kind)
-    return {"batch": batch, "kind": kind, "images": len(usable), "rows": int(len(vectors)), "errors": errors, "large": large}
+    result = {"batch": batch, "kind": kind, "images": len(usable), "rows": int(len(vectors)), "errors": errors,
+              "large": large}
+    FeatureBank(root).write_batch(batch, vectors, index_rows, rows_per_chunk, kind, outcome=to_outcome(result))
+    return result
+
+
+def to_outcome(result: dict) -> dict:
+    """A batch result as JSON (records as dicts), stored beside the batch."""
+    return {**result, "large": [[record.to_dict(), list(shape)] for record, shape in result["large"]]}
+
+
+def from_outcome(outcome: dict) -> dict:
+    """The result of a batch a killed run finished, read back instead of running it again."""
+    return {**outcome, "large": [(ImageRecord(**record), tuple(shape)) for record, shape in outcome["large"]]}

@@ -24,8 +24,8 @@ from .scoring import ModelRef, load_model
 PREVIEW_SIDE = 1024
 
 
-@task(name="extract-tile-features", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=INPUTS,
-      persist_result=True)
+# no result cache: a batch the bank holds is recalled from its stored outcome, never re-run
+@task(name="extract-tile-features", retries=3, retry_delay_seconds=retry_delays(2, 10, 30))
 def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, tiles: list[Tile],
                                config: FeatureConfig, rows_per_chunk: int = 4096) -> dict:
     """Patch features of some tiles of one large nominal image -> one bank batch."""
@@ -37,8 +37,9 @@ def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, t
             index_rows.append(bank_index_row(f"{image_id}#{tile.top},{tile.left}", uri, batch, start, features))
             rows.append(features.vectors)
             start += len(features.vectors)
-    FeatureBank(root).write_batch(batch, np.concatenate(rows), index_rows, rows_per_chunk)
-    return {"batch": batch, "images": 0, "tiles": len(tiles), "rows": start, "errors": []}
+    result = {"batch": batch, "images": 0, "tiles": len(tiles), "rows": start, "errors": [], "large": []}
+    FeatureBank(root).write_batch(batch, np.concatenate(rows), index_rows, rows_per_chunk, outcome=result)
+    return result
 
 
 @task(name="score-tiles", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=INPUTS,
