@@ -4,6 +4,8 @@
                                  features (nominal images the detector learns from)
     ROOT/bank/holdout-NNNNN      the same for held-out nominal images (they calibrate the
                                  threshold and never enter a model's memory)
+    ROOT/bank/outcomes/          one JSON per batch: counts, skipped files, large images left for
+                                 tiling (a resumed fit reads it instead of running the batch)
     ROOT/bank/index/             one Parquet part per batch, written after its array: which rows
                                  came from which image (and its geometry)
     ROOT/versions/vNNNN/         one fitted model, never changed once complete:
