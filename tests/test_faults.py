@@ -52,8 +52,8 @@ zarr = pytest.importorskip("zarr")
 s3fs = pytest.importorskip("s3fs")
 distributed = pytest.importorskip("distributed")
 
-# ROOT/bank/index/ (Parquet parts) lies inside the bank's Zarr group: zarr warns when it lists it
-pytestmark = pytest.mark.filterwarnings("ignore:Object at index is not recognized:UserWarning")
+# ROOT/bank/index/ and outcomes/ (Parquet, JSON) lie inside the bank's Zarr group: zarr warns when it lists it
+pytestmark = pytest.mark.filterwarnings(r"ignore:Object at (index|outcomes) is not recognized:UserWarning")
 
 CLI_TIMEOUT = 240          # generous: 2 shared cores
 N_TRAIN, N_TEST = 6, 6     # one image per work batch: 6 batches, so a fault lands mid-run

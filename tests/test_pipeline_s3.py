@@ -38,7 +38,7 @@ faiss = pytest.importorskip("faiss")
 
 # ROOT/bank/index/ (Parquet parts) lies inside the bank's Zarr group: zarr warns when it lists
 # the group's members; the arrays themselves are unaffected
-pytestmark = pytest.mark.filterwarnings("ignore:Object at index is not recognized:UserWarning")
+pytestmark = pytest.mark.filterwarnings(r"ignore:Object at (index|outcomes) is not recognized:UserWarning")
 
 # no shared s3fs instance and no listing cache: every read sees what the server holds now
 FRESH = {"skip_instance_cache": True, "use_listings_cache": False}

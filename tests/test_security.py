@@ -40,7 +40,7 @@ from tests.servers import REPO, patchwatch_command, patchwatch_env, run_patchwat
 zarr = pytest.importorskip("zarr")
 s3fs = pytest.importorskip("s3fs")
 
-pytestmark = pytest.mark.filterwarnings("ignore:Object at index is not recognized:UserWarning")
+pytestmark = pytest.mark.filterwarnings(r"ignore:Object at (index|outcomes) is not recognized:UserWarning")
 
 CLI_TIMEOUT = 240
 SHAPE = (128, 128)
