@@ -36,7 +36,7 @@ zarr = pytest.importorskip("zarr")
 s3fs = pytest.importorskip("s3fs")
 faiss = pytest.importorskip("faiss")
 
-# ROOT/bank/index/ (Parquet parts) lies inside the bank's Zarr group: zarr warns when it lists
+# ROOT/bank/index/ and outcomes/ (Parquet, JSON) lie inside the bank's Zarr group: zarr warns when it lists
 # the group's members; the arrays themselves are unaffected
 pytestmark = pytest.mark.filterwarnings(r"ignore:Object at (index|outcomes) is not recognized:UserWarning")
 
