@@ -34,7 +34,7 @@ def score_new_flow(archive: str, root: str, results: str, night: str | None = No
     started = time.perf_counter()
     store = ModelRegistry(root).resolve()
     manifest = store.read_manifest()
-    model = ModelRef.of(store)
+    model = ModelRef.of(store, manifest)
     night = night or today()
     nightly = NightlyResults(results)
     records = list_images_task(archive)
@@ -55,14 +55,13 @@ def score_new_flow(archive: str, root: str, results: str, night: str | None = No
         scored = score_records(todo, model, manifest, out, out.next_part(), batch_size, tiles_per_task)
         summary.update(scored_now=len(todo) - len(scored["errors"]), skipped_now=len(scored["errors"]),
                        score_s=time.perf_counter() - started)
+        # publish_scores merged every run of the night: its counts and quantiles are the night's
         summary = publish_scores(logger, out, summary, scored["errors"], f"Nightly scoring {night}")
-        table = out.scores()
         nightly.write_history(night, {
             "night": night, "model_version": model.version, "threshold": model.threshold,
-            "images": int(len(table)), "flagged": int(table.is_anomalous.eq(True).sum()),
-            "errors": int(len(out.errors())), **{f"score_p{q}": float(table.score.quantile(q / 100))
-                                                  for q in (50, 90, 99)},
-            "score_max": float(table.score.max()), "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            "images": summary["images"], "flagged": summary.get("flagged", 0), "errors": summary["errors_total"],
+            **{key: summary.get(key, float("nan")) for key in ("score_p50", "score_p90", "score_p99", "score_max")},
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     _publish_trend(nightly)
     return summary
 

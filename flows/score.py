@@ -56,10 +56,10 @@ def publish_scores(logger, out: ResultStore, summary: dict, errors: list[dict], 
     error_rows = out.errors()
     if len(error_rows):
         out.write_table("errors", error_rows)
-    summary["images"] = int(len(table))
+    summary.update(images=int(len(table)), errors_total=int(len(error_rows)))
     if len(table):
         summary.update({"flagged": int(table.is_anomalous.eq(True).sum()),
-                        "score_p50": float(table.score.quantile(0.5)), "score_p99": float(table.score.quantile(0.99)),
+                        **{f"score_p{q}": float(table.score.quantile(q / 100)) for q in (50, 90, 99)},
                         "score_max": float(table.score.max())})
         top = table.nlargest(10, "score")[["image_id", "score", "is_anomalous", "model_version", "map"]]
         create_table_artifact(key=f"{key_prefix}most-anomalous",
@@ -80,7 +80,7 @@ def score_flow(images: str, root: str, results: str, split: str | None = None, b
     started = time.perf_counter()
     store = ModelRegistry(root).resolve(version)  # fails early, and clearly, on a missing or incompatible model
     manifest = store.read_manifest()
-    model = ModelRef.of(store)
+    model = ModelRef.of(store, manifest)
     records = list_images_task(images, split)
     out = ResultStore(results)
     done = score_records(records, model, manifest, out, 0, batch_size, tiles_per_task)

@@ -1,6 +1,7 @@
 """URL helpers shared by the stores."""
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 import uuid
@@ -86,6 +87,31 @@ def write_bytes_atomically(url: str, data: bytes) -> None:
         fs.mv(temporary, path)
     else:
         fs.pipe_file(path, data)
+
+
+def write_parquet(url: str, frame) -> str:
+    """A table as one Parquet object, written whole or not at all; returns ``url``."""
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    write_bytes_atomically(url, buffer.getvalue())
+    return url
+
+
+def read_parquet(url: str, columns: list[str] | None = None):
+    import pandas as pd
+
+    return pd.read_parquet(io.BytesIO(read_bytes(url)), columns=columns)
+
+
+def read_parquet_parts(url: str, paths, columns: list[str] | None = None):
+    """The non-empty tables at ``paths`` (as listed below ``url``, in its filesystem's own path
+    form) concatenated; an empty frame when there are none."""
+    import pandas as pd
+
+    fs, _ = filesystem(url)
+    frames = [pd.read_parquet(io.BytesIO(fs.cat_file(p)), columns=columns) for p in paths]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def write_json(url: str, payload: dict) -> None:

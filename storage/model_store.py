@@ -37,8 +37,8 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .locations import (exists, filesystem, join, list_dir, numbered_parts, read_bytes, read_json,
-                        write_bytes_atomically, write_json)
+from .locations import (exists, join, list_dir, numbered_parts, read_bytes, read_json, read_parquet,
+                        read_parquet_parts, write_bytes_atomically, write_json, write_parquet)
 
 FORMAT_VERSION = 2
 BANK_INDEX_COLUMNS = ["image_id", "uri", "batch", "row_start", "row_stop", "grid_h", "grid_w",
@@ -80,10 +80,8 @@ class FeatureBank:
         array[...] = vectors
         if outcome is not None:
             write_json(join(self.url, "outcomes", f"{self.batch_name(batch, kind)}.json"), outcome)
-        buffer = io.BytesIO()
-        pd.DataFrame(index_rows, columns=BANK_INDEX_COLUMNS).to_parquet(buffer, index=False)
-        write_bytes_atomically(join(self.url, "index", f"{self.batch_name(batch, kind)}.parquet"),
-                               buffer.getvalue())
+        write_parquet(join(self.url, "index", f"{self.batch_name(batch, kind)}.parquet"),
+                      pd.DataFrame(index_rows, columns=BANK_INDEX_COLUMNS))
 
     def outcome(self, batch: int, kind: str = TRAIN) -> dict | None:
         url = join(self.url, "outcomes", f"{self.batch_name(batch, kind)}.json")
@@ -100,11 +98,8 @@ class FeatureBank:
     def index(self, kind: str | None = None) -> pd.DataFrame:
         """Which rows of which batch array belong to which image (complete batches only), with
         a ``kind`` column; one kind or both."""
-        fs, _ = filesystem(self.root)
-        frames = []
-        for part_kind in ([kind] if kind else [TRAIN, HOLDOUT]):
-            for path in sorted(numbered_parts(join(self.url, "index"), part_kind).values()):
-                frames.append(pd.read_parquet(io.BytesIO(fs.cat_file(path))).assign(kind=part_kind))
+        frames = [read_parquet_parts(self.url, sorted(numbered_parts(join(self.url, "index"), part_kind).values()))
+                  .assign(kind=part_kind) for part_kind in ([kind] if kind else [TRAIN, HOLDOUT])]
         frames = [f for f in frames if len(f)]
         if not frames:
             return pd.DataFrame(columns=[*BANK_INDEX_COLUMNS, "kind"])
@@ -195,13 +190,11 @@ class ModelStore:
             return {k: data[k] for k in data.files}
 
     def write_table(self, name: str, frame: pd.DataFrame) -> None:
-        buffer = io.BytesIO()
-        frame.to_parquet(buffer, index=False)
-        write_bytes_atomically(join(self.root, f"{name}.parquet"), buffer.getvalue())
+        write_parquet(join(self.root, f"{name}.parquet"), frame)
 
     def read_table(self, name: str) -> pd.DataFrame | None:
         url = join(self.root, f"{name}.parquet")
-        return pd.read_parquet(io.BytesIO(read_bytes(url))) if exists(url) else None
+        return read_parquet(url) if exists(url) else None
 
     def write_manifest(self, manifest: dict) -> None:
         write_json(join(self.root, "manifest.json"), {"format_version": FORMAT_VERSION, **manifest})

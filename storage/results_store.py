@@ -17,7 +17,6 @@ Nightly scoring keeps one such result root per night, and a history of nightly s
 from __future__ import annotations
 
 import hashlib
-import io
 import posixpath
 import re
 
@@ -25,8 +24,8 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .locations import (exists, filesystem, join, list_dir, numbered_parts, read_json, remove_numbered_parts,
-                        write_bytes_atomically, write_json)
+from .locations import (exists, join, list_dir, numbered_parts, read_json, read_parquet_parts, remove_numbered_parts,
+                        write_bytes_atomically, write_json, write_parquet)
 
 MAP_CHUNK = 512
 
@@ -75,9 +74,7 @@ class ResultStore:
         return zarr.open_array(self.map_url(image_id), mode="r", zarr_format=3)[...]
 
     def _write_part(self, table: str, name: str, frame: pd.DataFrame) -> None:
-        buffer = io.BytesIO()
-        frame.to_parquet(buffer, index=False)
-        write_bytes_atomically(join(self.root, table, f"{name}.parquet"), buffer.getvalue())
+        write_parquet(join(self.root, table, f"{name}.parquet"), frame)
 
     def write_scores(self, part: str, frame: pd.DataFrame) -> None:
         self._write_part("scores", part, frame)
@@ -97,11 +94,8 @@ class ResultStore:
         return exists(join(self.root, table, f"{part}.parquet"))
 
     def _read_table(self, table: str) -> pd.DataFrame:
-        fs, _ = filesystem(self.root)
         parts = sorted(p for p in list_dir(join(self.root, table)) if p.endswith(".parquet"))
-        frames = [pd.read_parquet(io.BytesIO(fs.cat_file(p))) for p in parts]
-        frames = [f for f in frames if len(f)]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        return read_parquet_parts(self.root, parts)
 
     def scores(self) -> pd.DataFrame:
         return self._read_table("scores")
@@ -111,11 +105,7 @@ class ResultStore:
 
     def write_table(self, name: str, frame: pd.DataFrame) -> str:
         """A whole table as one Parquet file (e.g. the merged score table)."""
-        buffer = io.BytesIO()
-        frame.to_parquet(buffer, index=False)
-        url = join(self.root, f"{name}.parquet")
-        write_bytes_atomically(url, buffer.getvalue())
-        return url
+        return write_parquet(join(self.root, f"{name}.parquet"), frame)
 
     def write_summary(self, summary: dict) -> None:
         write_json(join(self.root, "summary.json"), summary)
@@ -149,22 +139,14 @@ class NightlyResults:
 
     def done(self, version: str) -> set[str]:
         """URIs scored (or found unusable) by ``version`` on any night: they are not scored again."""
-        fs, _ = filesystem(self.root)
-        uris: set[str] = set()
-        for night in self.nights():
-            for table in ("scores", "errors"):
-                for path in numbered_parts(join(self.root, "nights", night, table), "part").values():
-                    frame = pd.read_parquet(io.BytesIO(fs.cat_file(path)), columns=["uri", "model_version"])
-                    uris.update(frame.uri[frame.model_version == version])
-        return uris
+        parts = [path for night in self.nights() for table in ("scores", "errors")
+                 for path in numbered_parts(join(self.root, "nights", night, table), "part").values()]
+        frame = read_parquet_parts(self.root, parts, columns=["uri", "model_version"])
+        return set(frame.uri[frame.model_version == version]) if len(frame) else set()
 
     def write_history(self, date: str, row: dict) -> None:
-        buffer = io.BytesIO()
-        pd.DataFrame([row]).to_parquet(buffer, index=False)
-        write_bytes_atomically(join(self.root, "history", f"{date}.parquet"), buffer.getvalue())
+        write_parquet(join(self.root, "history", f"{date}.parquet"), pd.DataFrame([row]))
 
     def history(self) -> pd.DataFrame:
-        fs, _ = filesystem(self.root)
-        paths = sorted(p for p in list_dir(join(self.root, "history")) if p.endswith(".parquet"))
-        frames = [pd.read_parquet(io.BytesIO(fs.cat_file(p))) for p in paths]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        return read_parquet_parts(self.root, sorted(p for p in list_dir(join(self.root, "history"))
+                                                    if p.endswith(".parquet")))

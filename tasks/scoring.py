@@ -36,8 +36,9 @@ class ModelRef:
     threshold: float | None   # from held-out nominal images; None when there were none
 
     @classmethod
-    def of(cls, store: ModelStore) -> "ModelRef":
-        manifest = store.read_manifest()
+    def of(cls, store: ModelStore, manifest: dict | None = None) -> "ModelRef":
+        """The reference to the version in ``store`` (``manifest``: its manifest, if read already)."""
+        manifest = manifest or store.read_manifest()
         return cls(store.root, store.version, manifest_fingerprint(manifest), manifest.get("threshold"))
 
     def flags(self, score: float) -> bool | None:
