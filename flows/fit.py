@@ -74,7 +74,17 @@ def fit_flow(images: str, root: str, split: str | None = None, feature_config: d
     Only images the bank does not hold yet are featurised. A PatchCore re-fit with unchanged
     settings extends the current version's coreset over the new rows (``full``: select afresh
     from the whole bank). Nothing new and nothing changed: no new version.
+
+    One fit per root at a time: two would plan the same bank batches into the same version
+    folder. A second fit is refused (LeaseHeldError, one line naming the holder).
     """
+    with ModelRegistry(root).fit_lease() as lease:
+        return _fit(images, root, split, feature_config, detector, detector_config, batch_size, tiling_config,
+                    coreset_chunk_rows, tiles_per_task, holdout_fraction, threshold_quantile, full, lease)
+
+
+def _fit(images, root, split, feature_config, detector, detector_config, batch_size, tiling_config,
+         coreset_chunk_rows, tiles_per_task, holdout_fraction, threshold_quantile, full, lease) -> dict:
     logger = get_run_logger()
     features = FeatureConfig.from_dict(feature_config) if feature_config else default_features(detector)
     settings = for_features(detector, detector_settings(detector, detector_config), features)
@@ -172,6 +182,7 @@ def fit_flow(images: str, root: str, split: str | None = None, feature_config: d
     for key in ("memory_rows", "covering_radius"):
         if key in fitted:
             manifest[key] = fitted[key]
+    lease.check()  # a fit whose lease expired and was taken over must not commit a version
     model.write_manifest(manifest)  # written last: the version is complete
     registry.promote(model.version)  # and only then current, in one atomic write
     summary = {"root": root, "version": model.version, "parent": parent_version, "refit": True,

@@ -19,6 +19,10 @@ from .report import markdown_rows, markdown_table
 from .runner import gather
 
 
+class NothingScoredError(RuntimeError):
+    """Images were listed but not one could be scored: the run failed, whatever its error rows say."""
+
+
 def score_records(records: list[ImageRecord], model: ModelRef, manifest: dict, out: ResultStore, first_part: int,
                   batch_size: int, tiles_per_task: int) -> dict:
     """Score ``records`` into ``out``: score/error parts numbered from ``first_part``, one per

@@ -129,11 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     # the ephemeral server must not try to reach the internet (telemetry)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.deployments import NoServerError
+    from flows.score import NothingScoredError
+    from storage.leases import LeaseHeldError, LeaseLostError
     from storage.model_store import IncompatibleModelError
 
     try:
         return _run(args)
-    except (FileNotFoundError, IncompatibleModelError, LookupError, NoServerError, ValueError) as error:
+    except (FileNotFoundError, IncompatibleModelError, LookupError, NoServerError, ValueError, LeaseHeldError,
+            LeaseLostError, NothingScoredError) as error:
         # a mistake in the command or its inputs: one clear line, no traceback
         print(f"patchwatch {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
         return 1

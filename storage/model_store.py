@@ -18,6 +18,8 @@
         manifest.json            configs, threshold and lineage; written last: marks it complete
         metrics.json             metrics on a labelled split, when one was evaluated
     ROOT/current.json            {"version": ...}: the version scoring uses, replaced atomically
+    ROOT/locks/fit-NNNNN.json    the lease of the fit writing the root (storage/leases.py): two
+                                 fits would append to one plan and both call it the same version
 
 The bank only grows: a re-fit featurises only images it does not hold yet, and every version
 records which bank batches it was built from, so a version stays reproducible after later ones
@@ -37,6 +39,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from .leases import Lease
 from .locations import (exists, join, list_dir, numbered_parts, read_bytes, read_json, read_parquet,
                         read_parquet_parts, write_bytes_atomically, write_json, write_parquet)
 
@@ -234,6 +237,10 @@ class ModelRegistry:
 
     def _pointer(self) -> str:
         return join(self.root, "current.json")
+
+    def fit_lease(self, seconds: float | None = None) -> Lease:
+        """The lease a fit holds on this root for as long as it runs: a second fit is refused."""
+        return Lease(join(self.root, "locks"), "fit", "fit", seconds)
 
     def model(self, version: str) -> ModelStore:
         if not VERSION_PATTERN.match(version):

@@ -1,0 +1,49 @@
+"""One Dask scheduler + one single-threaded worker, shared by a test module's CLI calls
+(``--dask-address``): the backbone loads once, and each call skips starting a cluster."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def dask_cluster(work: Path, env: dict):
+    """Yield the scheduler address; both processes are ended by their own process-group ids."""
+    scheduler_file = work / "scheduler.json"
+    commands = [
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+         "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+        [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
+         "--nthreads", "1", "--no-dashboard"],
+    ]
+    processes = []
+    try:
+        for command in commands:
+            processes.append(subprocess.Popen(command, env=env, cwd=REPO, stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                              start_new_session=True))
+            deadline = time.monotonic() + 120
+            while not scheduler_file.exists():
+                assert processes[-1].poll() is None, f"{command[2]} exited with {processes[-1].returncode}"
+                assert time.monotonic() < deadline, "Dask scheduler did not start"
+                time.sleep(0.2)
+        yield json.loads(scheduler_file.read_text())["address"]
+    finally:
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
