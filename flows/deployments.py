@@ -34,7 +34,14 @@ def build(name: str, parameters: dict[str, dict], crons: dict[str, str], timezon
 
 
 def deploy(name: str, parameters: dict[str, dict], crons: dict[str, str], timezone: str = "UTC") -> list[dict]:
+    from prefect.client.orchestration import get_client
+
+    from .nightly import concurrency_limit_name
+
     require_server()
+    # one slot per model root, shared by both flows: a re-fit and a scoring run never overlap
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(concurrency_limit_name(parameters["refit"]["root"]), 1)
     deployments = build(name, parameters, crons, timezone)
     return [{"deployment": f"{FLOWS[kind].name}/{name}", "id": str(d.apply()), "cron": crons[kind],
              "timezone": timezone} for kind, d in zip(FLOWS, deployments)]

@@ -2,6 +2,8 @@
 and the two flows that the scheduled deployments run (re-fit, scoring), each on Dask."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
 
 from prefect import flow, get_run_logger
@@ -15,7 +17,7 @@ from tasks.scoring import ModelRef
 from .fit import fit_flow
 from .report import markdown_table
 from .runner import dask_cluster, run_on_dask
-from .score import publish_scores, score_records
+from .score import NothingScoredError, publish_scores, score_records
 
 TREND_NIGHTS = 30
 
@@ -26,10 +28,15 @@ def today() -> str:
 
 @flow(name="score-new", log_prints=True)
 def score_new_flow(archive: str, root: str, results: str, night: str | None = None, batch_size: int = 16,
-                   tiles_per_task: int = 16) -> dict:
-    """Score the images of ``archive`` that the current model version has not scored (or found
-    unusable) on any night yet, into ``RESULTS/nights/NIGHT``; update the night's summary row
-    in ``RESULTS/history``. Run twice in one night, the second run scores nothing."""
+                   tiles_per_task: int = 16, rescore: bool = False) -> dict:
+    """Score the images of ``archive`` that no model version has scored (or found unusable) on
+    any night yet, into ``RESULTS/nights/NIGHT``; update the night's summary row in
+    ``RESULTS/history``. Run twice in one night, the second run scores nothing.
+
+    ``rescore``: also score again, with the current version, every image that only older
+    versions scored (after a re-fit, to have the whole archive under the new model). Each row
+    names its version and has its own map; the night's counts are per image (its newest row).
+    """
     logger = get_run_logger()
     started = time.perf_counter()
     store = ModelRegistry(root).resolve()
@@ -37,15 +44,16 @@ def score_new_flow(archive: str, root: str, results: str, night: str | None = No
     model = ModelRef.of(store, manifest)
     night = night or today()
     nightly = NightlyResults(results)
-    records = list_images_task(archive)
-    done = nightly.done(model.version)
-    todo = [r for r in records if r.uri not in done]
     out = nightly.night(night)
+    out.prepare()  # a missing bucket fails here; a root deleted later fails the run, never re-created
+    records = list_images_task(archive)
+    done = nightly.done(model.version if rescore else None)
+    todo = [r for r in records if r.uri not in done]
     summary = {"night": night, "results": out.root, "model_version": model.version, "threshold": model.threshold,
-               "listed": len(records), "already_scored": len(records) - len(todo)}
+               "listed": len(records), "already_scored": len(records) - len(todo), "rescore": rescore}
     if not todo:
-        logger.info("nothing to score: all %d images of %s were scored by %s already", len(records), archive,
-                    model.version)
+        logger.info("nothing to score: all %d images of %s were scored already%s", len(records), archive,
+                    f" by {model.version}" if rescore else "")
         summary.update(scored_now=0, skipped_now=0, score_s=time.perf_counter() - started)
         create_markdown_artifact(key="score-summary", markdown="# Nightly scoring: nothing new\n\n"
                                  + markdown_table(summary), description=f"scoring of {archive}")
@@ -55,13 +63,20 @@ def score_new_flow(archive: str, root: str, results: str, night: str | None = No
         scored = score_records(todo, model, manifest, out, out.next_part(), batch_size, tiles_per_task)
         summary.update(scored_now=len(todo) - len(scored["errors"]), skipped_now=len(scored["errors"]),
                        score_s=time.perf_counter() - started)
-        # publish_scores merged every run of the night: its counts and quantiles are the night's
+        # publish_scores merged every run of the night: its counts and quantiles are the night's,
+        # one per image (from its newest version's row)
         summary = publish_scores(logger, out, summary, scored["errors"], f"Nightly scoring {night}")
+        out.require()
         nightly.write_history(night, {
             "night": night, "model_version": model.version, "threshold": model.threshold,
-            "images": summary["images"], "flagged": summary.get("flagged", 0), "errors": summary["errors_total"],
+            "images": summary["images"], "rows": summary["rows"], "flagged": summary.get("flagged", 0),
+            "errors": summary["errors_total"],
             **{key: summary.get(key, float("nan")) for key in ("score_p50", "score_p90", "score_p99", "score_max")},
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        if not summary["scored_now"]:
+            _publish_trend(nightly)
+            raise NothingScoredError(f"none of the {len(todo)} images to score in {archive} could be scored "
+                                     f"({len(scored['errors'])} error rows in {out.root})")
     _publish_trend(nightly)
     return summary
 
@@ -88,15 +103,36 @@ def nightly_refit_flow(images: str, root: str, split: str | None = None, feature
                        detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32,
                        dask_address: str | None = None, workers: int | None = None) -> dict:
     """The scheduled re-fit: absorb the nominal images that arrived since the last fit."""
-    with dask_cluster(dask_address, workers) as address:
+    with one_nightly_run_per_root(root), dask_cluster(dask_address, workers) as address:
         return run_on_dask(fit_flow, address, images=images, root=root, split=split, feature_config=feature_config,
                            detector=detector, detector_config=detector_config, batch_size=batch_size)
 
 
 @flow(name="nightly-score", log_prints=True)
 def nightly_score_flow(archive: str, root: str, results: str, batch_size: int = 16,
-                       dask_address: str | None = None, workers: int | None = None) -> dict:
-    """The scheduled scoring: what the current model has not scored yet, into tonight's partition."""
-    with dask_cluster(dask_address, workers) as address:
+                       dask_address: str | None = None, workers: int | None = None, rescore: bool = False) -> dict:
+    """The scheduled scoring: what no model has scored yet (``rescore``: what the current model
+    has not), into tonight's partition."""
+    with one_nightly_run_per_root(root), dask_cluster(dask_address, workers) as address:
         return run_on_dask(score_new_flow, address, archive=archive, root=root, results=results,
-                           batch_size=batch_size)
+                           batch_size=batch_size, rescore=rescore)
+
+
+def concurrency_limit_name(root: str) -> str:
+    """The Prefect global concurrency limit (one slot) that the nightly flows of one model root share."""
+    return f"patchwatch-root-{hashlib.sha256(str(root).rstrip('/').encode()).hexdigest()[:16]}"
+
+
+@contextlib.contextmanager
+def one_nightly_run_per_root(root: str):
+    """Hold the root's one-slot global concurrency limit: a re-fit and a scoring run of the same
+    root never overlap (the later one waits for the slot, whoever started it: schedule, UI, CLI).
+    The limit is created on first use (``patchwatch deploy`` creates it too)."""
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    name = concurrency_limit_name(root)
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, 1)
+    with concurrency(name, occupy=1, strict=True):
+        yield

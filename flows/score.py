@@ -38,12 +38,13 @@ def score_records(records: list[ImageRecord], model: ModelRef, manifest: dict, o
     tile_futures = {record.image_id: [score_tiles_task.submit(model, record.uri, group)
                                       for group in chunk(tile_grid(*shape, tiling.tile, tiling.overlap), tiles_per_task)]
                     for record, shape in large}
-    stitched = [stitch_map_task.submit(out.root, record.image_id, shape,
+    stitched = [stitch_map_task.submit(out.root, record.image_id, record.uri, model.version, shape,
                                        [item for future in tile_futures[record.image_id] for item in future.result()],
                                        manifest["detector_config"]["sigma"], tiling.overlap)
                 for record, shape in large]
     for part, ((record, shape), future) in enumerate(zip(large, stitched), start=first_part + len(batches)):
         row = future.result()
+        out.require()
         out.write_scores(part_name(part), pd.DataFrame([score_row(record, row["score"], shape, row["map"], model)],
                                                        columns=SCORE_COLUMNS))
     errors = [e for result in scored for e in result["errors"]]
@@ -55,17 +56,24 @@ def publish_scores(logger, out: ResultStore, summary: dict, errors: list[dict], 
     artifacts (the most anomalous images, the summary)."""
     for error in errors:
         logger.error("skipped %s: %s", error["uri"], error["reason"])
+    out.require()
+    # one row per (image, model version), the newest part's if a re-run wrote one again; the
+    # counts are per image, from its newest version's row (a root scored again by a new version
+    # holds both rows, each with its own map)
     table = out.scores()
+    if len(table):
+        table = table.drop_duplicates(["uri", "model_version"], keep="last").reset_index(drop=True)
     summary["score_table"] = out.write_table("scores", table) if len(table) else None
     error_rows = out.errors()
     if len(error_rows):
         out.write_table("errors", error_rows)
-    summary.update(images=int(len(table)), errors_total=int(len(error_rows)))
-    if len(table):
-        summary.update({"flagged": int(table.is_anomalous.eq(True).sum()),
-                        **{f"score_p{q}": float(table.score.quantile(q / 100)) for q in (50, 90, 99)},
-                        "score_max": float(table.score.max())})
-        top = table.nlargest(10, "score")[["image_id", "score", "is_anomalous", "model_version", "map"]]
+    latest = table.drop_duplicates("uri", keep="last") if len(table) else table
+    summary.update(images=int(len(latest)), rows=int(len(table)), errors_total=int(len(error_rows)))
+    if len(latest):
+        summary.update({"flagged": int(latest.is_anomalous.eq(True).sum()),
+                        **{f"score_p{q}": float(latest.score.quantile(q / 100)) for q in (50, 90, 99)},
+                        "score_max": float(latest.score.max())})
+        top = latest.nlargest(10, "score")[["image_id", "score", "is_anomalous", "model_version", "map"]]
         create_table_artifact(key=f"{key_prefix}most-anomalous",
                               table=top.astype(object).where(top.notna(), None).to_dict("records"),
                               description=f"the most anomalous images in {out.root}")
@@ -87,11 +95,14 @@ def score_flow(images: str, root: str, results: str, split: str | None = None, b
     model = ModelRef.of(store, manifest)
     records = list_images_task(images, split)
     out = ResultStore(results)
+    out.prepare()  # a missing bucket fails here, before any work
     done = score_records(records, model, manifest, out, 0, batch_size, tiles_per_task)
     drop_parts_from(out, done["parts"])  # leftovers of an earlier, larger run
-    if records and not len(out.scores()) and not done["errors"]:
-        raise RuntimeError(f"{len(records)} images listed but none scored and no error recorded in {results}")
     summary = {"results": results, "model_version": model.version, "model": model.fingerprint,
                "threshold": model.threshold, "skipped": len(done["errors"]),
                "score_s": time.perf_counter() - started}
-    return publish_scores(logger, out, summary, done["errors"], f"Scoring with {model.version}")
+    summary = publish_scores(logger, out, summary, done["errors"], f"Scoring with {model.version}")
+    if records and not summary["images"]:
+        raise NothingScoredError(f"none of the {len(records)} images of {images} could be scored "
+                                 f"({len(done['errors'])} error rows in {results})")
+    return summary

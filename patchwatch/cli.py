@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     score_new.add_argument("--root", required=True, help="model root")
     score_new.add_argument("--results", required=True, help="results root (folder or URL)")
     score_new.add_argument("--night", default=None, help="partition date YYYY-MM-DD (default: today, UTC)")
+    score_new.add_argument("--rescore", action="store_true",
+                           help="also score again, with the current version, images only older versions scored "
+                                "(default: only images no version has scored)")
     _add_run_options(score_new)
 
     models = commands.add_parser("models", help="list the model versions under a root")
@@ -169,7 +172,8 @@ def _run(args) -> int:
         from flows.nightly import score_new_flow
         with dask_cluster(args.dask_address, args.workers) as address:
             summary = run_on_dask(score_new_flow, address, archive=args.archive, root=args.root,
-                                  results=args.results, night=args.night, batch_size=args.batch_size)
+                                  results=args.results, night=args.night, batch_size=args.batch_size,
+                                  rescore=args.rescore)
         print_summary("score-new", summary)
     elif args.command == "models":
         from flows.report import print_versions

@@ -137,7 +137,34 @@ def _check_array(array: np.ndarray, uri: str) -> np.ndarray:
     if array.ndim == 3 and array.shape[2] > 4:
         # multi-page TIFFs decode as (pages, H, W): take the first page
         array = array[0]
+    if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
+        return _float_to_unit(array, uri)
     return array
+
+
+def _float_to_unit(array: np.ndarray, uri: str) -> np.ndarray:
+    """Float pixels as float32 in [0, 1], the range the model reads floats in.
+
+    The rule: values within [0, 1] are taken as they are; within [0, 255], divided by 255 (an
+    8-bit image saved as float scores as the 8-bit one does); anything else is stretched from
+    the image's own minimum to its maximum (a constant image becomes 0). NaN or infinite values
+    refuse the file: a NaN pixel makes a NaN score that no threshold flags, and a NaN row in a
+    fit's memory corrupts every score after it.
+    """
+    if np.iscomplexobj(array):
+        raise ImageReadError(uri, "complex-valued pixels (not an image)")
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = array[~finite]
+        kinds = [k for k, present in (("NaN", np.isnan(bad).any()), ("infinite", np.isinf(bad).any())) if present]
+        raise ImageReadError(uri, f"{' and '.join(kinds)} pixel values ({bad.size} of {array.size} pixels)")
+    array = array.astype(np.float32, copy=False)
+    low, high = float(array.min()), float(array.max())
+    if low >= 0 and high <= 1:
+        return array
+    if low >= 0 and high <= 255:
+        return array / np.float32(255)
+    return (array - low) / np.float32(high - low) if high > low else np.zeros_like(array)
 
 
 def file_error(uri: str, error: OSError) -> ImageReadError:

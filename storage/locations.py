@@ -79,8 +79,10 @@ def write_bytes_atomically(url: str, data: bytes) -> None:
     name and renamed over the target.
     """
     fs, path = filesystem(url)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
     if is_local(url):
+        # object stores have no folders, and s3fs's makedirs creates a missing bucket: a
+        # results bucket deleted mid-run would silently come back
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
         temporary = f"{path}.{uuid.uuid4().hex}.partial"  # unique: concurrent writers never interleave
         with fs.open(temporary, "wb") as handle:
             handle.write(data)

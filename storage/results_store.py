@@ -1,13 +1,18 @@
 """Scoring results under one root URL.
 
-    RESULTS/maps/<image_id>      Zarr v3 array per image, (height, width) float32 at the image's
-                                 original size, chunked in 512 x 512 tiles
+    RESULTS/maps/VERSION/<name>-<hash>  Zarr v3 array per image and model version, (height,
+                                 width) float32 at the image's original size, 512 x 512 chunks
+    RESULTS/results.json          written when a run opens the root: a run checks it before
+                                 writing parts, so a root deleted mid-run is never re-created
     RESULTS/scores/part-*.parquet the score table, one part per work batch
     RESULTS/errors/part-*.parquet files that could not be scored, with the reason
     RESULTS/summary.json          counts, timings and metrics of the run
 
 Maps are one array per image because images differ in size; large maps are chunked so that a
-viewer reads only the tiles it shows.
+viewer reads only the tiles it shows. A map's key is readable (the image's name and up to two
+folders, sanitised and truncated) and unique (a hash of the image's full URI), so that images
+that share a name never share a map and no name is too long for the file system; maps of
+different model versions never overwrite each other.
 
 Nightly scoring keeps one such result root per night, and a history of nightly summaries:
 
@@ -19,15 +24,24 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
+import time
+import uuid
 
 import numpy as np
 import pandas as pd
 import zarr
 
-from .locations import (exists, join, list_dir, numbered_parts, read_json, read_parquet_parts, remove_numbered_parts,
-                        write_bytes_atomically, write_json, write_parquet)
+from .locations import (exists, filesystem, is_local, join, list_dir, numbered_parts, read_json, read_parquet_parts,
+                        remove_numbered_parts, write_bytes_atomically, write_json, write_parquet)
 
 MAP_CHUNK = 512
+MAP_NAME_BYTES = 48  # per readable component of a map key: far below any file system's 255
+MAP_FOLDERS = 2      # folders of the image's path kept in its map key, nearest the file first
+MARKER = "results.json"
+
+
+class ResultsRootGoneError(FileNotFoundError):
+    """The results root (its bucket or folder) is missing: it is never created or re-created silently."""
 
 
 def part_name(number: int) -> str:
@@ -35,43 +49,103 @@ def part_name(number: int) -> str:
     return f"part-{number:05d}"
 
 
-def map_key(image_id: str) -> str:
-    """A Zarr node path for an image id: nested by its folders, with unsafe characters replaced.
+def map_key(image_id: str, uri: str, version: str) -> str:
+    """The Zarr node path of an image's map by one model version: ``VERSION/folder/name-HASH``.
 
-    When anything had to be replaced, a short hash of the id is appended, so ids that differ
-    only in such characters ("a b.png", "a_b.png") never share a map.
+    Readable: the image id's last folders and name, unsafe characters replaced, each part cut to
+    MAP_NAME_BYTES. Unique per source: HASH is a hash of the full URI, so ``a/y.jpg`` and
+    ``../y.jpg``, or two long names cut to the same prefix, never share a map.
     """
     raw = [p for p in image_id.replace("\\", "/").split("/") if p not in ("", ".", "..")]
-    parts = [re.sub(r"[^\w.\-]", "_", p) or "_" for p in raw]
-    parts = [("_" + p) if p.startswith("__") else p for p in parts]
-    if parts != raw or not parts:
-        digest = hashlib.sha1(image_id.encode()).hexdigest()[:8]
-        parts = (parts or ["_"])[:-1] + [f"{(parts or ['_'])[-1]}-{digest}"]
-    return "/".join(parts)
+    parts = [_key_part(p) for p in raw[-(MAP_FOLDERS + 1):]] or ["_"]
+    parts[-1] = f"{parts[-1]}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+    return "/".join([_key_part(version), *parts])
+
+
+def _key_part(part: str) -> str:
+    cleaned = re.sub(r"[^\w.\-]", "_", part).encode()[:MAP_NAME_BYTES].decode(errors="ignore") or "_"
+    # zarr reserves names starting with "__"; names of dots only are not names
+    return "_" + cleaned if cleaned.startswith("__") or not cleaned.strip(".") else cleaned
+
+
+def source_stamp(uris: list[str]) -> str:
+    """What the result cache knows the images at ``uris`` by: each one's size and modification
+    time (or ETag), never its name alone, so an image replaced under the same name is scored
+    again. A file that cannot be looked up gets a fresh token: its batch runs again."""
+    stamps = []
+    for uri in uris:
+        fs, path = filesystem(uri)
+        try:
+            fs.invalidate_cache(path)
+            info = fs.info(path)
+            stamps.append(f"{uri}|{info.get('size')}|{info.get('mtime') or info.get('LastModified')}|"
+                          f"{info.get('ETag') or info.get('ino') or ''}")
+        except Exception:
+            stamps.append(f"{uri}|{uuid.uuid4().hex}")
+    return hashlib.sha256("\n".join(stamps).encode()).hexdigest()
 
 
 class ResultStore:
     def __init__(self, root: str):
         self.root = str(root).rstrip("/")
+        self._maps_by_id: dict[str, str] | None = None
 
-    def map_url(self, image_id: str) -> str:
-        return join(self.root, "maps", map_key(image_id))
+    # ------------------------------------------------------------------ the root itself
+    def prepare(self) -> None:
+        """Open the root for a run: a folder is created, a bucket must exist (s3fs would create
+        a missing bucket on the first write: patchwatch never does). Then the marker that
+        :meth:`require` checks is written."""
+        fs, path = filesystem(self.root)
+        if is_local(self.root):
+            fs.makedirs(path, exist_ok=True)
+        else:
+            bucket = path.split("/", 1)[0]
+            fs.invalidate_cache(bucket)
+            if not fs.exists(bucket):
+                raise ResultsRootGoneError(f"results root {self.root}: bucket {bucket} does not exist "
+                                           "(patchwatch never creates buckets: create it, or check the URL)")
+        if not exists(join(self.root, MARKER)):
+            write_json(join(self.root, MARKER), {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
-    def write_map(self, image_id: str, anomaly_map: np.ndarray) -> str:
-        array = zarr.create_array(self.map_url(image_id), shape=anomaly_map.shape, dtype="float32",
+    def require(self) -> None:
+        """Raise :class:`ResultsRootGoneError` if the root vanished since :meth:`prepare` (a
+        deleted bucket or folder): writing on would re-create it and lose the run's context."""
+        if not exists(join(self.root, MARKER)):
+            raise ResultsRootGoneError(f"results root {self.root} vanished during the run (bucket or folder "
+                                       "deleted?): not re-created; nothing more is written")
+
+    # ------------------------------------------------------------------ maps
+    def map_url(self, image_id: str, uri: str, version: str) -> str:
+        return join(self.root, "maps", map_key(image_id, uri, version))
+
+    def write_map(self, image_id: str, uri: str, version: str, anomaly_map: np.ndarray) -> str:
+        url = self.map_url(image_id, uri, version)
+        array = zarr.create_array(url, shape=anomaly_map.shape, dtype="float32",
                                   chunks=tuple(min(MAP_CHUNK, s) for s in anomaly_map.shape),
                                   overwrite=True, zarr_format=3)
         array[...] = anomaly_map.astype(np.float32, copy=False)
-        return self.map_url(image_id)
+        return url
 
-    def create_map(self, image_id: str, shape: tuple[int, int], chunk: int = MAP_CHUNK) -> zarr.Array:
+    def create_map(self, image_id: str, uri: str, version: str, shape: tuple[int, int],
+                   chunk: int = MAP_CHUNK) -> zarr.Array:
         """An empty map to be filled region by region (tiled scoring of large images)."""
-        return zarr.create_array(self.map_url(image_id), shape=shape, dtype="float32",
+        return zarr.create_array(self.map_url(image_id, uri, version), shape=shape, dtype="float32",
                                  chunks=(min(chunk, shape[0]), min(chunk, shape[1])), fill_value=0.0,
                                  overwrite=True, zarr_format=3)
 
-    def read_map(self, image_id: str) -> np.ndarray:
-        return zarr.open_array(self.map_url(image_id), mode="r", zarr_format=3)[...]
+    def read_map(self, location: str) -> np.ndarray:
+        """The map at ``location``: a score row's ``map``, or an image id that has exactly one
+        row in the score table."""
+        if not location.startswith(join(self.root, "maps") + "/"):
+            if self._maps_by_id is None:
+                table = self.scores()
+                counts = table.image_id.value_counts() if len(table) else pd.Series(dtype=int)
+                self._maps_by_id = {row.image_id: row.map for row in table.itertuples()
+                                    if counts[row.image_id] == 1}
+            if location not in self._maps_by_id:
+                raise KeyError(f"{location}: not one row of the score table in {self.root} (use the row's map)")
+            location = self._maps_by_id[location]
+        return zarr.open_array(location, mode="r", zarr_format=3)[...]
 
     def _write_part(self, table: str, name: str, frame: pd.DataFrame) -> None:
         write_parquet(join(self.root, table, f"{name}.parquet"), frame)
@@ -137,12 +211,14 @@ class NightlyResults:
     def nights(self) -> list[str]:
         return sorted(posixpath.basename(p.rstrip("/")) for p in list_dir(join(self.root, "nights")))
 
-    def done(self, version: str) -> set[str]:
-        """URIs scored (or found unusable) by ``version`` on any night: they are not scored again."""
+    def done(self, version: str | None = None) -> set[str]:
+        """URIs scored (or found unusable) on any night: by ``version``, or by any version."""
         parts = [path for night in self.nights() for table in ("scores", "errors")
                  for path in numbered_parts(join(self.root, "nights", night, table), "part").values()]
         frame = read_parquet_parts(self.root, parts, columns=["uri", "model_version"])
-        return set(frame.uri[frame.model_version == version]) if len(frame) else set()
+        if not len(frame):
+            return set()
+        return set(frame.uri if version is None else frame.uri[frame.model_version == version])
 
     def write_history(self, date: str, row: dict) -> None:
         write_parquet(join(self.root, "history", f"{date}.parquet"), pd.DataFrame([row]))

@@ -1,12 +1,15 @@
 """Score one batch of images with a fitted model; write maps (Zarr) and a score part (Parquet)."""
 from __future__ import annotations
 
+import errno
 import functools
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 from prefect import task
-from prefect.cache_policies import INPUTS
+from prefect.cache_policies import INPUTS, CacheKeyFnPolicy
 
 from anomaly.features import FeatureConfig
 from anomaly.padim import Padim
@@ -15,11 +18,11 @@ from anomaly.spade import Spade
 from anomaly.tiling import TilingConfig
 from storage.images import ImageRecord
 from storage.model_store import ModelStore, manifest_fingerprint
-from storage.results_store import ResultStore, part_name
+from storage.results_store import ResultStore, ResultsRootGoneError, part_name, source_stamp
 
 from .features import drop_too_small, load_images
 from .runtime import feature_extractor
-from .retries import retry_delays
+from .retries import retry_delays, transient
 
 SCORE_COLUMNS = ["image_id", "uri", "score", "is_anomalous", "height", "width", "map", "label", "defect_type",
                  "mask_uri", "model_version", "model"]
@@ -76,19 +79,70 @@ def error_table(errors: list[dict], model: ModelRef) -> pd.DataFrame:
     return pd.DataFrame([{**e, "model_version": model.version} for e in errors], columns=ERROR_COLUMNS)
 
 
-@task(name="score-batch", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=INPUTS,
-      persist_result=True)
+# an OSError with one of these, writing one image's map, is about that image (its key), not about
+# the store: the image gets an error row and the batch goes on (a retry would fail the same way)
+IMAGE_WRITE_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ, errno.ENOTDIR, errno.EISDIR})
+
+
+class Unusable(Exception):
+    """One image that cannot be scored, with the reason for its error row."""
+
+
+def score_image(record: ImageRecord, image, extractor, detector, out: ResultStore, model: ModelRef) -> dict:
+    """Score one decoded image and write its map; :class:`Unusable` if this image cannot be,
+    anything else (storage trouble) propagates to the task's retries."""
+    try:
+        features = extractor.extract([image])[0]
+        score, amap = detector.score(features)
+    except MemoryError:
+        raise
+    except Exception as error:  # a shape or value that only this image has: its row, not the batch
+        raise Unusable(f"cannot score it ({type(error).__name__}: {' '.join(str(error).split())[:60]})") from error
+    if not np.isfinite(score) or not np.isfinite(amap).all():
+        raise Unusable("its score is not finite (NaN or infinite values)")
+    try:
+        url = out.write_map(record.image_id, record.uri, model.version, amap)
+    except OSError as error:
+        if error.errno not in IMAGE_WRITE_ERRNOS:
+            raise
+        raise Unusable(f"cannot write its map ({os.strerror(error.errno)})") from error
+    return score_row(record, score, amap.shape, url, model)
+
+
+def _content(context, parameters: dict) -> str:
+    """The sources' sizes and modification times: a cached result is reused only for the same content."""
+    records = parameters.get("records")
+    return source_stamp([r.uri for r in records] if records is not None else [parameters["uri"]])
+
+
+# inputs (model, results root, part, records) and the images' content: never the names alone
+CONTENT_CACHE = INPUTS + CacheKeyFnPolicy(cache_key_fn=_content)
+
+
+def retry_unless_root_gone(task, task_run, state) -> bool:
+    """A vanished results root is not transient: retrying would only wait, then fail the same way."""
+    return not isinstance(state.result(raise_on_failure=False), ResultsRootGoneError)
+
+
+@task(name="score-batch", retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
+      retry_condition_fn=transient, cache_policy=CONTENT_CACHE,
+      persist_result=True, retry_condition_fn=retry_unless_root_gone)
 def score_batch_task(model: ModelRef, results: str, part: int, records: list[ImageRecord],
                      tiling: TilingConfig | None = None) -> dict:
-    extractor, detector = load_model(model.root, model.fingerprint)
     out = ResultStore(results)
+    out.require()
+    extractor, detector = load_model(model.root, model.fingerprint)
     good, images, errors, large = load_images(records, tiling)
     good, images = drop_too_small(extractor, good, images, errors)
     rows = []
-    for record, image, features in zip(good, images, extractor.extract(images) if images else []):
-        score, amap = detector.score(features)
-        rows.append(score_row(record, score, amap.shape, out.write_map(record.image_id, amap), model))
-    # the score part is written after every map of the batch: it marks the batch complete
+    for record, image in zip(good, images):
+        try:
+            rows.append(score_image(record, image, extractor, detector, out, model))
+        except Unusable as unusable:
+            errors.append({"image_id": record.image_id, "uri": record.uri, "reason": str(unusable)})
+    # the parts are written after every map of the batch (the score part marks it complete), and
+    # only into a root that still exists: a deleted bucket is a failed run, not one re-created
+    out.require()
     out.write_errors(part_name(part), error_table(errors, model))
     out.write_scores(part_name(part), pd.DataFrame(rows, columns=SCORE_COLUMNS))
     return {"part": part, "images": len(rows), "errors": errors, "large": large}

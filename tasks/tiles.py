@@ -6,7 +6,6 @@ import io
 import numpy as np
 from PIL import Image
 from prefect import task
-from prefect.cache_policies import INPUTS
 
 from anomaly.detectors import score_grid
 from anomaly.features import FeatureConfig
@@ -18,14 +17,15 @@ from storage.results_store import MAP_CHUNK, ResultStore, map_key
 
 from .features import bank_index_row
 from .runtime import feature_extractor
-from .retries import retry_delays
-from .scoring import ModelRef, load_model
+from .retries import retry_delays, transient
+from .scoring import CONTENT_CACHE, ModelRef, load_model, retry_unless_root_gone
 
 PREVIEW_SIDE = 1024
 
 
 # no result cache: a batch the bank holds is recalled from its stored outcome, never re-run
-@task(name="extract-tile-features", retries=3, retry_delay_seconds=retry_delays(2, 10, 30))
+@task(name="extract-tile-features", retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
+      retry_condition_fn=transient)
 def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, tiles: list[Tile],
                                config: FeatureConfig, rows_per_chunk: int = 4096) -> dict:
     """Patch features of some tiles of one large nominal image -> one bank batch."""
@@ -42,7 +42,8 @@ def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, t
     return result
 
 
-@task(name="score-tiles", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=INPUTS,
+@task(name="score-tiles", retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
+      retry_condition_fn=transient, cache_policy=CONTENT_CACHE,
       persist_result=True)
 def score_tiles_task(model: ModelRef, uri: str, tiles: list[Tile]) -> list[dict]:
     """Patch-score grids of some tiles of one image (small: 1/stride^2 of the tile's pixels)."""
@@ -57,9 +58,10 @@ def score_tiles_task(model: ModelRef, uri: str, tiles: list[Tile]) -> list[dict]
     return scored
 
 
-@task(name="stitch-map", retries=3, retry_delay_seconds=retry_delays(2, 10, 30))
-def stitch_map_task(results: str, image_id: str, shape: tuple[int, int], tile_scores: list[dict],
-                    sigma: float, overlap: int) -> dict:
+@task(name="stitch-map", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), retry_condition_fn=transient,
+      retry_condition_fn=retry_unless_root_gone)
+def stitch_map_task(results: str, image_id: str, uri: str, version: str, shape: tuple[int, int],
+                    tile_scores: list[dict], sigma: float, overlap: int) -> dict:
     """Blend the tiles' grids and render the full-resolution map into Zarr, block by block."""
     first = tile_scores[0]
     stride = first["tile"].shape[0] / first["grid"].shape[0]
@@ -70,14 +72,15 @@ def stitch_map_task(results: str, image_id: str, shape: tuple[int, int], tile_sc
     # sigma is in network-input pixels; the tile was resized to input_shape
     sigma_px = sigma * first["tile"].shape[0] / first["input_shape"][0]
     out = ResultStore(results)
-    array = out.create_map(image_id, shape, MAP_CHUNK)
+    out.require()
+    array = out.create_map(image_id, uri, version, shape, MAP_CHUNK)
     for block in blocks(shape[0], shape[1], MAP_CHUNK):
         array[block.top:block.bottom, block.left:block.right] = render_block(grid, stitcher.stride, shape, block, sigma_px)
     best = max(tile_scores, key=lambda item: item["max"])  # the image's max patch, eq. 7 weighted
     preview = _preview(grid, float(np.percentile(grid, 50)), float(grid.max()))
-    preview_url = out.write_file(f"previews/{map_key(image_id)}.png", preview)
+    preview_url = out.write_file(f"previews/{map_key(image_id, uri, version)}.png", preview)
     return {"image_id": image_id, "score": best["weighted"], "height": shape[0], "width": shape[1],
-            "map": out.map_url(image_id), "preview": preview_url, "tiles": len(tile_scores)}
+            "map": out.map_url(image_id, uri, version), "preview": preview_url, "tiles": len(tile_scores)}
 
 
 def _preview(grid: np.ndarray, low: float, high: float) -> bytes:

@@ -210,11 +210,16 @@ def test_nightly_scoring_scores_each_image_once_per_version(work, fitted):
                "--night", "2026-11-25")
     assert len(pd.read_parquet(results / "nights" / "2026-11-25" / "scores.parquet")) == 1
 
-    # another version is current: everything is scored again, by it
+    # another version is current: by default it scores only what no version has scored (nothing
+    # here); asked to rescore, it scores everything again, each row with its version and map
     admin(work, "promote", "v0001", "--root", root)
     patchwatch(work, "score-new", "--archive", archive, "--root", root, "--results", results,
                "--night", "2026-11-25")
+    assert len(pd.read_parquet(results / "nights" / "2026-11-25" / "scores.parquet")) == 1
+    patchwatch(work, "score-new", "--archive", archive, "--root", root, "--results", results,
+               "--night", "2026-11-25", "--rescore")
     later = pd.read_parquet(results / "nights" / "2026-11-25" / "scores.parquet")
     assert len(later) == 1 + N_ARCHIVE + 1
     assert (later.model_version == "v0001").sum() == N_ARCHIVE + 1
+    assert later["map"].nunique() == len(later)
     admin(work, "promote", "v0002", "--root", root)

@@ -1,15 +1,24 @@
-"""Result locations: every image gets its own map, whatever its name."""
+"""Result locations: every image gets its own map, whatever its name, per model version."""
 from storage.results_store import map_key
 
 
 def test_names_differing_only_in_unsafe_characters_get_different_maps():
     names = ["a b.png", "a_b.png", "a:b.png", "a?b.png", "dir/a b.png", "dir/a_b.png"]
-    keys = [map_key(n) for n in names]
+    keys = [map_key(n, f"/src/{n}", "v0001") for n in names]
     assert len(set(keys)) == len(names)
     assert all(" " not in k and ":" not in k and "?" not in k for k in keys)
 
 
 def test_safe_names_keep_their_folders_and_unicode_letters():
-    assert map_key("MT_Free/Imgs/exp1_num_10181.jpg") == "MT_Free/Imgs/exp1_num_10181.jpg"
-    assert map_key("défaut_画像.png") == "défaut_画像.png"
-    assert ".." not in map_key("../outside/x.png").split("/")
+    key = map_key("MT_Free/Imgs/exp1_num_10181.jpg", "/m/MT_Free/Imgs/exp1_num_10181.jpg", "v0001")
+    assert key.startswith("v0001/MT_Free/Imgs/exp1_num_10181.jpg-")
+    assert map_key("défaut_画像.png", "/d/défaut_画像.png", "v0001").startswith("v0001/défaut_画像.png-")
+    assert ".." not in map_key("../outside/x.png", "/outside/x.png", "v0001").split("/")
+
+
+def test_one_name_in_two_folders_long_names_and_versions_never_share_a_map():
+    assert map_key("y.jpg", "/a/csv/y.jpg", "v0001") != map_key("../y.jpg", "/a/y.jpg", "v0001")
+    long_a, long_b = "n" * 250 + "a.jpg", "n" * 250 + "b.jpg"
+    key_a, key_b = map_key(long_a, f"/s/{long_a}", "v0001"), map_key(long_b, f"/s/{long_b}", "v0001")
+    assert key_a != key_b and all(len(p.encode()) < 100 for k in (key_a, key_b) for p in k.split("/"))
+    assert map_key("x.png", "/s/x.png", "v0001") != map_key("x.png", "/s/x.png", "v0002")
