@@ -22,7 +22,7 @@ from storage.results_store import ResultStore, ResultsRootGoneError, part_name, 
 
 from .features import drop_too_small, load_images
 from .runtime import feature_extractor
-from .retries import retry_delays, transient
+from .retries import retry_delays
 
 SCORE_COLUMNS = ["image_id", "uri", "score", "is_anomalous", "height", "width", "map", "label", "defect_type",
                  "mask_uri", "model_version", "model"]
@@ -124,8 +124,7 @@ def retry_unless_root_gone(task, task_run, state) -> bool:
     return not isinstance(state.result(raise_on_failure=False), ResultsRootGoneError)
 
 
-@task(name="score-batch", retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
-      retry_condition_fn=transient, cache_policy=CONTENT_CACHE,
+@task(name="score-batch", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=CONTENT_CACHE,
       persist_result=True, retry_condition_fn=retry_unless_root_gone)
 def score_batch_task(model: ModelRef, results: str, part: int, records: list[ImageRecord],
                      tiling: TilingConfig | None = None) -> dict:
