@@ -1,12 +1,27 @@
-"""Task runner and progress helpers shared by the flows."""
+"""Task runner, Prefect API and progress helpers shared by the flows."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import socket
+import sys
 
 from prefect.futures import as_completed
 from prefect_dask import DaskTaskRunner
 from tqdm.auto import tqdm
+
+from storage.locations import for_log, redact
+
+logger = logging.getLogger("patchwatch")
+
+# a local cluster that has not shut down by then is left to end with this process: the flow's
+# outcome is already decided and must not be turned into a failure by the shutdown
+CLUSTER_CLOSE_TIMEOUT_S = 30
+# Prefect's own default (20 s) is too short for a first start (database migrations) on a loaded
+# machine; PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS may only lengthen it
+SERVER_STARTUP_TIMEOUT_S = 180
 
 
 @contextlib.contextmanager
@@ -23,9 +38,16 @@ def dask_cluster(address: str | None = None, workers: int | None = None):
     if api_url:  # workers report their task runs to the same Prefect API as the flow
         env["PREFECT_API_URL"] = api_url
     workers = workers or max(1, os.cpu_count() or 1)
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      env=env) as cluster:
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                           env=env)
+    try:
         yield cluster.scheduler_address
+    finally:
+        try:
+            cluster.close(timeout=CLUSTER_CLOSE_TIMEOUT_S)
+        except (TimeoutError, OSError) as error:  # asyncio.TimeoutError is TimeoutError (3.11)
+            logger.warning("the local Dask cluster did not shut down cleanly (%s: %s); its worker "
+                           "processes end with this one", type(error).__name__, error)
 
 
 def _current_api_url() -> str | None:
@@ -45,6 +67,7 @@ def _current_api_url() -> str | None:
 
 def run_on_dask(flow_function, address: str, **parameters):
     """Run ``flow_function`` with its tasks on the Dask cluster at ``address``."""
+    _sanitise_worker_logs(address)
     return flow_function.with_options(task_runner=DaskTaskRunner(address=address))(**parameters)
 
 
@@ -57,3 +80,144 @@ def gather(futures: list, description: str) -> list:
             results[index_of[id(future)]] = future.result()
             bar.update(1)
     return [results[i] for i in range(len(futures))]
+
+
+# --------------------------------------------------------------------------- log lines
+
+
+def _expected(error: BaseException | None) -> bool:
+    """Failures that are the input's or the machine's, not the program's: their traceback helps
+    nobody (the message names the file and the reason), so Prefect's logs of them are one line."""
+    from storage.images import SourceError
+    from storage.locations import DETERMINISTIC_ERRNOS
+
+    return isinstance(error, (SourceError, PermissionError)) or (
+        isinstance(error, OSError) and error.errno in DETERMINISTIC_ERRNOS - {errno.ENOENT})
+
+
+def _sanitise_record(record: logging.LogRecord) -> logging.LogRecord:
+    """Credentials masked in the whole message; newlines and control characters escaped in the
+    values put into it (a file name cannot forge a log line; the message's own layout stays);
+    no traceback for an expected failure (see :func:`_expected`)."""
+    try:
+        if record.exc_info and _expected(record.exc_info[1]):
+            error = record.exc_info[1]
+            text = f"{type(error).__name__}: {for_log(error)}"
+            record.msg = f"{str(record.msg).rstrip()} {text.replace('%', '%%') if record.args else text}"
+            record.exc_info = record.exc_text = None
+        if record.args:
+            args = record.args if isinstance(record.args, tuple) else (record.args,)
+            record.msg = redact(str(record.msg)) % tuple(for_log(a) if isinstance(a, str) else a for a in args)
+            record.args = None
+        elif isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+    except Exception:  # a record that does not format is logging's own problem to report
+        pass
+    return record
+
+
+def install_log_sanitiser() -> None:
+    """Every log record this process creates goes through :func:`_sanitise_record` (a record
+    factory, so that handlers added later by Prefect or Dask are covered too). Idempotent."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "patchwatch", False):
+        return
+
+    def factory(*args, **kwargs):
+        return _sanitise_record(previous(*args, **kwargs))
+
+    factory.patchwatch = True
+    logging.setLogRecordFactory(factory)
+
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin
+except ImportError:  # pragma: no cover - distributed is a dependency
+    WorkerPlugin = object
+
+
+class LogSanitiser(WorkerPlugin):
+    """Installs the log sanitiser in every worker of a cluster (local or remote, present and
+    future): task logs are written there."""
+
+    name = "patchwatch-log-sanitiser"
+
+    def setup(self, worker):
+        install_log_sanitiser()
+
+
+def _sanitise_worker_logs(address: str) -> None:
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=60) as client:
+            client.register_plugin(LogSanitiser(), name=LogSanitiser.name)
+    except OSError as error:  # the task runner will say it better
+        logger.debug("could not register the log sanitiser on %s: %s", address, error)
+
+
+# --------------------------------------------------------------------------- Prefect API
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _server_class():
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class RunServer(SubprocessASGIServer):
+        """Prefect's ephemeral server (the same uvicorn app), bound to this process's lifetime:
+        the kernel stops it when this process ends in any way (PR_SET_PDEATHSIG), even when it is
+        killed and Prefect's atexit hook never runs."""
+
+        def _run_uvicorn_command(self):
+            import subprocess
+
+            import prefect
+            from prefect.settings import get_current_settings
+
+            command = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+                       "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                       "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+            launcher = ("import ctypes, os, signal, sys\n"
+                        "ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+                        f"if os.getppid() != {os.getpid()}: sys.exit(0)  # parent already gone\n"
+                        "os.execv(sys.executable, sys.argv[1:])\n")
+            if sys.platform.startswith("linux"):
+                command = [sys.executable, "-c", launcher, *command]
+            env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                   "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)}
+            return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+
+    return RunServer
+
+
+@contextlib.contextmanager
+def prefect_api():
+    """The Prefect API for this run: ``PREFECT_API_URL`` when set; else a temporary server of this
+    run's own, on a free port, started with a long timeout and always stopped."""
+    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+                                  temporary_settings)
+
+    if PREFECT_API_URL.value():
+        yield PREFECT_API_URL.value()
+        return
+    server = _server_class()(port=free_port())
+    timeout = max(SERVER_STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    try:
+        server.start(timeout=timeout)
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            previous = os.environ.get("PREFECT_API_URL")
+            os.environ["PREFECT_API_URL"] = server.api_url  # for the processes this run starts
+            try:
+                yield server.api_url
+            finally:
+                if previous is None:
+                    os.environ.pop("PREFECT_API_URL", None)
+                else:
+                    os.environ["PREFECT_API_URL"] = previous
+    finally:
+        server.stop()

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import errno
 import io
+import logging
+import os
 import posixpath
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from .locations import filesystem
+from .locations import absolute, filesystem, for_log, has_credentials, is_below, location
+
+logger = logging.getLogger("patchwatch.listing")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SPLIT_COLUMNS = ("image", "mask", "label", "defect_type", "split")
@@ -38,13 +42,61 @@ class ImageRecord:
         return asdict(self)
 
 
+@dataclass
+class Listing:
+    """What listing a source found: the records, and what a person should hear about it."""
+
+    records: list[ImageRecord]
+    warnings: list[str] = field(default_factory=list)   # duplicates, labels read case-insensitively
+    refused: list[str] = field(default_factory=list)    # rows the source policy refused, one line each
+
+
+class SourceError(ValueError):
+    """An image source that cannot be used as given; the message names the file and the reason."""
+
+
+LABELS = ("good", "defect")
+ALLOW_SOURCES_ENV = "PATCHWATCH_ALLOW_SOURCES"
+
+
+def allowed_sources(text: str | None = None) -> list[str]:
+    """Locations a split CSV may name besides its own folder: ``--allow-sources`` (the CLI sets
+    ``PATCHWATCH_ALLOW_SOURCES`` from it, so that the flow process reads the same list)."""
+    text = os.environ.get(ALLOW_SOURCES_ENV, "") if text is None else text
+    return [absolute(p.strip()) for p in text.split(",") if p.strip()]
+
+
 def list_images(source: str, split: str | None = None) -> list[ImageRecord]:
-    """Records of a split CSV (optionally one split) or of every image below a folder."""
+    """Records of a split CSV (optionally one split) or of every image below a folder; what
+    :func:`scan_source` has to say goes to the ``patchwatch.listing`` logger."""
+    listing = scan_source(source, split)
+    for line in listing.warnings:
+        logger.warning(line)
+    for line in listing.refused:
+        logger.error(line)
+    return listing.records
+
+
+def scan_source(source: str, split: str | None = None, allow: list[str] | None = None) -> Listing:
+    """List a split CSV (optionally one split) or every image below a folder.
+
+    Raises :class:`SourceError` (one line naming the file) when nothing can be listed: a missing
+    source, an empty or header-only CSV, ``split`` without a split column, unknown labels, or
+    no image at all.
+    """
     if str(source).lower().endswith(".csv"):
-        return _list_split_csv(source, split)
+        listing = _list_split_csv(source, split, allowed_sources() if allow is None else allow)
+    else:
+        listing = Listing(_list_folder(source))
+        if not listing.records:
+            raise SourceError(f"{for_log(source)}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return listing
+
+
+def _list_folder(source: str) -> list[ImageRecord]:
     fs, root = filesystem(source)
     if not fs.exists(root):
-        raise FileNotFoundError(f"image source {source} does not exist")
+        raise FileNotFoundError(f"image source {for_log(source)} does not exist")
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     records = []
     for path in sorted(fs.find(root)):
@@ -55,29 +107,133 @@ def list_images(source: str, split: str | None = None) -> list[ImageRecord]:
     return records
 
 
-def _list_split_csv(source: str, split: str | None) -> list[ImageRecord]:
+def _read_split_csv(source: str) -> pd.DataFrame:
     fs, path = filesystem(source)
-    with fs.open(path, "rb") as handle:
-        table = pd.read_csv(handle, dtype=str, keep_default_na=False)
-    missing = [c for c in ("image",) if c not in table.columns]
-    if missing:
-        raise ValueError(f"{source}: split CSV lacks column(s) {missing}; expected {SPLIT_COLUMNS}")
+    if not fs.exists(path):
+        raise FileNotFoundError(f"split CSV {for_log(source)} does not exist")
+    try:
+        with fs.open(path, "rb") as handle:
+            return pd.read_csv(handle, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise SourceError(f"{for_log(source)}: empty file; a split CSV needs the header "
+                          f"{','.join(SPLIT_COLUMNS)} and one row per image") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise SourceError(f"{for_log(source)}: not a readable CSV ({_short(error, 120)})") from None
+
+
+def _rows(lines: list[int], limit: int = 5) -> str:
+    shown = ", ".join(map(str, lines[:limit]))
+    return f"row {shown}" if len(lines) == 1 else f"rows {shown}" + (f" and {len(lines) - limit} more" if len(lines) > limit else "")
+
+
+def _list_split_csv(source: str, split: str | None, allow: list[str]) -> Listing:
+    """Rows are numbered as in a spreadsheet: the header is row 1, the first image row 2."""
+    name = for_log(source)
+    table = _read_split_csv(source)
+    if "image" not in table.columns:
+        raise SourceError(f"{name}: no 'image' column (columns: {', '.join(map(for_log, table.columns))}); "
+                          f"expected {','.join(SPLIT_COLUMNS)}")
+    if not len(table):
+        raise SourceError(f"{name}: header only, no rows")
+    table.index = range(2, len(table) + 2)
+    warnings = _check_labels(table, name)
+    if split is not None:
+        if "split" not in table.columns:
+            raise SourceError(f"{name}: no 'split' column, so --split {for_log(split)} would select nothing")
+        present = sorted(set(table["split"]))
+        table = table[table["split"] == split]
+        if not len(table):
+            raise SourceError(f"{name}: no row has split {for_log(split)!r} (splits present: "
+                              f"{', '.join(for_log(s) or repr(s) for s in present)})")
     base = str(source).rsplit("/", 1)[0] if "/" in str(source) else "."
+    policy = SourcePolicy(source, allow)
 
     def resolve(path: str) -> str:  # relative paths are relative to the CSV's folder
         return path if path.startswith("/") or "://" in path else f"{base}/{path}"
 
-    records = []
-    for row in table.itertuples(index=False):
-        row = row._asdict()
-        if split is not None and row.get("split", "") != split:
+    records, refused, seen = [], [], {}
+    for line, row in zip(table.index, table.to_dict("records")):
+        if not row["image"].strip():
+            refused.append(f"{name} row {line}: no image path")
             continue
+        uri = resolve(row["image"])
         mask = row.get("mask") or None
+        mask_uri = resolve(mask) if mask else None
+        why = policy.refusal(uri) or (policy.refusal(mask_uri) if mask_uri else None)
+        if why:
+            refused.append(f"{name} row {line}: {why}")
+            continue
+        key = location(uri)
+        if key in seen:
+            seen[key][1].append(line)
+            continue
+        seen[key] = (len(records), [line])
         records.append(ImageRecord(
-            image_id=row["image"], uri=resolve(row["image"]),
-            mask_uri=resolve(mask) if mask else None, label=row.get("label") or None,
+            image_id=row["image"], uri=uri, mask_uri=mask_uri, label=row.get("label") or None,
             defect_type=row.get("defect_type") or None, split=row.get("split") or None))
-    return records
+    for index, lines in seen.values():
+        if len(lines) > 1:  # scored once: a second row would only repeat its score and weigh it twice
+            warnings.append(f"{name}: {for_log(records[index].image_id)} is listed on {_rows(lines)}; "
+                            f"used once (row {lines[0]})")
+    if not records:
+        raise SourceError(f"{name}: no usable rows ({len(refused)} refused"
+                          + (f"; first: {refused[0]}" if refused else "") + ")")
+    return Listing(records, warnings, refused)
+
+
+def _check_labels(table: pd.DataFrame, name: str) -> list[str]:
+    """Labels are ``good``, ``defect`` or empty; another case (``DEFECT``) is read as its lower
+    case with a warning; anything else refuses the file (an evaluation on guessed labels would
+    report numbers that mean nothing)."""
+    if "label" not in table.columns:
+        return []
+    stripped = table["label"].str.strip()
+    lowered = stripped.str.lower()
+    unknown = table.index[(stripped != "") & ~lowered.isin(LABELS)].tolist()
+    if unknown:
+        values = sorted(set(stripped[unknown]))
+        raise SourceError(f"{name}: label {', '.join(repr(for_log(v)) for v in values[:5])} on {_rows(unknown)} "
+                          f"is not one of {', '.join(LABELS)} (or empty)")
+    warnings = []
+    for value in sorted(set(table["label"][(table["label"] != lowered) & (stripped != "")])):
+        lines = table.index[table["label"] == value].tolist()
+        warnings.append(f"{name}: label {for_log(value)!r} on {_rows(lines)} read as {lowered[lines[0]]!r}")
+    table["label"] = lowered
+    return warnings
+
+
+class SourcePolicy:
+    """Where a split CSV's entries may point. A CSV is data, not configuration: by default its
+    entries stay inside the CSV's own store (below its folder; for an object store, in its
+    bucket). Other locations need ``--allow-sources PREFIX``; ``http(s)://`` and ``file://`` URLs
+    and URLs with credentials are refused unless a prefix allows them (credentials: never)."""
+
+    def __init__(self, source: str, allow: list[str]):
+        self.source, self.allow = source, list(allow)
+        protocol, path = location(source)
+        self.protocol = protocol
+        self.folder = str(source).rsplit("/", 1)[0] if "/" in str(source) else "."
+        folder = path.rsplit("/", 1)[0] if "/" in path else ""
+        self.home = folder if protocol == "file" else folder.split("/", 1)[0]  # the CSV's folder / bucket
+
+    def refusal(self, uri: str) -> str | None:
+        """Why ``uri`` may not be read (None: it may)."""
+        shown = for_log(uri)
+        if has_credentials(uri):
+            return f"{shown}: credentials in a URL are not accepted (configure the store instead)"
+        if any(is_below(uri, prefix) for prefix in [self.folder, *self.allow]):
+            return None
+        protocol, path = location(uri)
+        hint = f"; to allow it: --allow-sources PREFIX ({ALLOW_SOURCES_ENV})"
+        if str(uri).lower().startswith(("http://", "https://", "file://")):
+            return f"{shown}: {str(uri).split(':', 1)[0].lower()}:// URLs are not allowed{hint}"
+        if protocol != self.protocol:
+            return f"{shown}: outside the CSV's store ({protocol}, not {self.protocol}){hint}"
+        if self.protocol == "file":
+            inside = path.startswith(self.home.rstrip("/") + "/")
+        else:
+            inside = path.split("/", 1)[0] == self.home
+        return None if inside else f"{shown}: outside the CSV's {'folder' if protocol == 'file' else 'bucket'}{hint}"
 
 
 def decode_image(data: bytes, uri: str) -> np.ndarray:

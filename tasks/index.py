@@ -7,10 +7,10 @@ from prefect import task
 
 from anomaly.patchcore import build_index
 from storage.model_store import ModelStore
-from .retries import retry_delays
+from .retries import retry_delays, transient
 
 
-@task(name="build-index", retries=3, retry_delay_seconds=retry_delays(2, 10, 30))
+@task(name="build-index", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), retry_condition_fn=transient)
 def build_index_task(model_root: str) -> dict:
     store = ModelStore(model_root)
     started = time.perf_counter()

@@ -1,16 +1,22 @@
 """List an image source and cut it into work batches."""
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 
-from storage.images import ImageRecord, list_images
-from .retries import retry_delays
+from storage.images import ImageRecord, scan_source
+from .retries import retry_delays, transient
 
 
 def chunk(records: list, batch_size: int) -> list[list]:
     return [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
 
 
-@task(name="list-images", retries=3, retry_delay_seconds=retry_delays(2, 10, 30))
+@task(name="list-images", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), retry_condition_fn=transient)
 def list_images_task(source: str, split: str | None = None) -> list[ImageRecord]:
-    return list_images(source, split)
+    listing = scan_source(source, split)
+    logger = get_run_logger()
+    for line in listing.warnings:
+        logger.warning(line)
+    for line in listing.refused:
+        logger.error(line)
+    return listing.records

@@ -17,14 +17,15 @@ from storage.results_store import MAP_CHUNK, ResultStore, map_key
 
 from .features import bank_index_row
 from .runtime import feature_extractor
-from .retries import retry_delays
+from .retries import retry_delays, transient
 from .scoring import CONTENT_CACHE, ModelRef, load_model, retry_unless_root_gone
 
 PREVIEW_SIDE = 1024
 
 
 # no result cache: a batch the bank holds is recalled from its stored outcome, never re-run
-@task(name="extract-tile-features", retries=3, retry_delay_seconds=retry_delays(2, 10, 30))
+@task(name="extract-tile-features", retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
+      retry_condition_fn=transient)
 def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, tiles: list[Tile],
                                config: FeatureConfig, rows_per_chunk: int = 4096) -> dict:
     """Patch features of some tiles of one large nominal image -> one bank batch."""
@@ -41,7 +42,8 @@ def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, t
     return result
 
 
-@task(name="score-tiles", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=CONTENT_CACHE,
+@task(name="score-tiles", retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
+      retry_condition_fn=transient, cache_policy=CONTENT_CACHE,
       persist_result=True)
 def score_tiles_task(model: ModelRef, uri: str, tiles: list[Tile]) -> list[dict]:
     """Patch-score grids of some tiles of one image (small: 1/stride^2 of the tile's pixels)."""
@@ -56,8 +58,8 @@ def score_tiles_task(model: ModelRef, uri: str, tiles: list[Tile]) -> list[dict]
     return scored
 
 
-@task(name="stitch-map", retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
-      retry_condition_fn=retry_unless_root_gone)
+# transient() refuses to retry a vanished results root too (ResultsRootGoneError is a FileNotFoundError)
+@task(name="stitch-map", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), retry_condition_fn=transient)
 def stitch_map_task(results: str, image_id: str, uri: str, version: str, shape: tuple[int, int],
                     tile_scores: list[dict], sigma: float, overlap: int) -> dict:
     """Blend the tiles' grids and render the full-resolution map into Zarr, block by block."""

@@ -13,6 +13,9 @@ MTD_SPLIT = MTD / "split.csv"
 
 # tests run offline: never wait on a model hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the tests' split CSVs live in temporary folders and name MTD's images where they are (read in
+# place): allow that location, as a user would with --allow-sources (tests/test_trust.py unsets it)
+os.environ.setdefault("PATCHWATCH_ALLOW_SOURCES", str(MTD))
 
 
 def mtd_available() -> bool:
