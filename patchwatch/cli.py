@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from anomaly.backbone import DEFAULT_BACKBONE
@@ -42,6 +43,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dask-address", default=None,
                         help="tcp://HOST:PORT of an existing Dask scheduler (default: a local cluster)")
     parser.add_argument("--workers", type=int, default=None, help="local Dask workers (default: one per core)")
+    parser.add_argument("--allow-sources", default=None, metavar="PREFIX[,PREFIX]",
+                        help="locations a split CSV may name besides its own folder (bucket), e.g. "
+                             "/data/shared,s3://other-bucket/images; http(s):// and file:// need a prefix too")
 
 
 def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
@@ -136,13 +140,63 @@ def main(argv: list[str] | None = None) -> int:
     from storage.leases import LeaseHeldError, LeaseLostError
     from storage.model_store import IncompatibleModelError
 
+    from flows.runner import install_log_sanitiser, prefect_api
+    from storage.locations import DETERMINISTIC_ERRNOS, for_log
+
+    install_log_sanitiser()
+    # `kill PID` ends the run through its finally blocks (its Prefect server and cluster stop too)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
-        return _run(args)
+        _prepare(args)
+        if args.command not in FLOW_COMMANDS:
+            return _run(args)
+        with prefect_api():
+            return _run(args)
     except (FileNotFoundError, IncompatibleModelError, LookupError, NoServerError, ValueError, LeaseHeldError,
-            LeaseLostError, NothingScoredError) as error:
+            LeaseLostError, NothingScoredError, PermissionError, ConnectionError) as error:
         # a mistake in the command or its inputs: one clear line, no traceback
-        print(f"patchwatch {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"patchwatch {args.command}: {type(error).__name__}: {for_log(error)}", file=sys.stderr)
         return 1
+    except OSError as error:
+        if error.errno not in DETERMINISTIC_ERRNOS:
+            raise
+        # a full disk, a read-only store: one line naming what could not be written
+        where = error.filename or " / ".join(filter(None, (getattr(args, n, None) for n in ("out", "root", "results"))))
+        print(f"patchwatch {args.command}: {error.strerror or error}: {for_log(where)}", file=sys.stderr)
+        return 1
+
+
+FLOW_COMMANDS = ("fit", "score", "score-new", "evaluate")
+PATH_ARGUMENTS = ("images", "root", "out", "archive", "results", "split_csv")
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _prepare(args) -> None:
+    """Check and settle the command's locations before anything runs: paths made absolute (Dask
+    workers and deployments resolve them elsewhere), credentials in URLs refused (they would be
+    recorded as flow parameters, in logs and tables: the store's own configuration holds them),
+    remote stores probed once (wrong keys or a silent endpoint: one line, at once)."""
+    from storage.images import ALLOW_SOURCES_ENV
+    from storage.locations import absolute, check_store, has_credentials, redact
+
+    if getattr(args, "allow_sources", None) is not None:
+        os.environ[ALLOW_SOURCES_ENV] = args.allow_sources  # read where the listing runs (the flow)
+    for name in PATH_ARGUMENTS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if has_credentials(value):
+            raise ValueError(f"--{name.replace('_', '-')} {redact(value)}: credentials in a URL are not accepted; "
+                             "give them to the store (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+                             "fsspec configuration)")
+        setattr(args, name, absolute(value))
+    if args.command in FLOW_COMMANDS or args.command == "deploy":
+        for name in PATH_ARGUMENTS:
+            if getattr(args, name, None):
+                check_store(getattr(args, name))
 
 
 def _run(args) -> int:
