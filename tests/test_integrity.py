@@ -350,13 +350,11 @@ def test_a_results_bucket_that_vanishes_mid_run_fails_the_run_and_is_not_recreat
     s3 = s3_environment
     bucket = f"vanishing-{time.monotonic_ns()}"
     s3.create_bucket(bucket)
-    images = work["folder"] / "vanishing-images"
-    images.mkdir()
-    for n, i in enumerate(SIZED * 2):
-        (images / f"v{n:02d}.jpg").write_bytes(mtd_test_image(i))
     fs = s3.filesystem()
-    process = start(work, "score", "--images", images, "--root", work["root"], "--out", f"s3://{bucket}/results",
-                    "--batch-size", "1")
+    for n, i in enumerate(SIZED * 2):  # the images live in the bucket too: they vanish with it
+        fs.pipe_file(f"{bucket}/images/v{n:02d}.jpg", mtd_test_image(i))
+    process = start(work, "score", "--images", f"s3://{bucket}/images", "--root", work["root"],
+                    "--out", f"s3://{bucket}/results", "--batch-size", "1")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
         fs.invalidate_cache()
