@@ -23,6 +23,7 @@ from tasks.listing import chunk, list_images_task
 from tasks.threshold import calibrate_threshold_task
 from tasks.tiles import extract_tile_features_task
 
+from .choice import choose_configuration
 from .defaults import HOLDOUT_FRACTION, THRESHOLD_QUANTILE
 from .report import markdown_rows, markdown_table
 from .runner import gather
@@ -68,33 +69,40 @@ def fit_flow(images: str, root: str, split: str | None = None, feature_config: d
              detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32,
              tiling_config: dict | None = None, coreset_chunk_rows: int = 1 << 20, tiles_per_task: int = 16,
              holdout_fraction: float = HOLDOUT_FRACTION, threshold_quantile: float = THRESHOLD_QUANTILE,
-             full: bool = False) -> dict:
+             full: bool = False, auto: bool = False) -> dict:
     """Fit or re-fit the model under ``root`` on the nominal images of ``images``.
 
     Only images the bank does not hold yet are featurised. A PatchCore re-fit with unchanged
     settings extends the current version's coreset over the new rows (``full``: select afresh
     from the whole bank). Nothing new and nothing changed: no new version.
 
+    ``auto``: the first fit of a root compares candidate configurations on the nominal images
+    with synthetic defects pasted in and keeps the best (flows/choice.py); later fits keep it.
+
     One fit per root at a time: two would plan the same bank batches into the same version
     folder. A second fit is refused (LeaseHeldError, one line naming the holder).
     """
     with ModelRegistry(root).fit_lease() as lease:
         return _fit(images, root, split, feature_config, detector, detector_config, batch_size, tiling_config,
-                    coreset_chunk_rows, tiles_per_task, holdout_fraction, threshold_quantile, full, lease)
+                    coreset_chunk_rows, tiles_per_task, holdout_fraction, threshold_quantile, full, lease, auto)
 
 
 def _fit(images, root, split, feature_config, detector, detector_config, batch_size, tiling_config,
-         coreset_chunk_rows, tiles_per_task, holdout_fraction, threshold_quantile, full, lease) -> dict:
+         coreset_chunk_rows, tiles_per_task, holdout_fraction, threshold_quantile, full, lease, auto) -> dict:
     logger = get_run_logger()
     features = FeatureConfig.from_dict(feature_config) if feature_config else default_features(detector)
     settings = for_features(detector, detector_settings(detector, detector_config), features)
     tiling = TilingConfig(**tiling_config) if tiling_config else TilingConfig()
     registry = ModelRegistry(root)
-    registry.bank.claim({"feature_config": features.to_dict(), "tiling_config": tiling.to_dict()})
     started = time.perf_counter()
     records = list_images_task(images, split)
     if not records:
         raise ValueError(f"no images found in {images}" + (f" (split {split!r})" if split else ""))
+    choice = None
+    if auto:
+        features, detector, settings, choice = _auto_configuration(registry, records, tiling, logger, root)
+    registry.bank.claim({"feature_config": features.to_dict(), "tiling_config": tiling.to_dict()})
+    extract_started = time.perf_counter()  # after --auto's probe, which the summary times on its own
     parent_version = registry.current()
     parent = registry.model(parent_version).read_manifest() if parent_version else None
     recipe = {"detector": detector, "detector_config": settings.to_dict(), "threshold_quantile": threshold_quantile,
@@ -141,7 +149,7 @@ def _fit(images, root, split, feature_config, detector, detector_config, batch_s
         lambda n, job: extract_tile_features_task.submit(root, n, job[0].image_id, job[0].uri, job[1],
                                                            features),
         lambda job: TRAIN, "tile features")
-    extract_s = time.perf_counter() - started
+    extract_s = time.perf_counter() - extract_started
     errors = [e for result in extracted for e in result["errors"]]
     for error in errors:
         logger.error("skipped %s: %s", error["uri"], error["reason"])
@@ -182,11 +190,15 @@ def _fit(images, root, split, feature_config, detector, detector_config, batch_s
     for key in ("memory_rows", "covering_radius"):
         if key in fitted:
             manifest[key] = fitted[key]
+    if choice:
+        manifest["auto"] = choice
     lease.check()  # a fit whose lease expired and was taken over must not commit a version
     model.write_manifest(manifest)  # written last: the version is complete
     registry.promote(model.version)  # and only then current, in one atomic write
     summary = {"root": root, "version": model.version, "parent": parent_version, "refit": True,
-               "incremental": fitted["incremental"], "detector": detector, "images": manifest["n_images"],
+               "incremental": fitted["incremental"], "detector": detector,
+               **({"configuration": choice["chosen"], "auto_s": choice.get("seconds", 0.0)} if choice else {}),
+               "images": manifest["n_images"],
                "new_images": manifest["new_images"], "skipped": len(errors), "batches": len(batches),
                "bank_rows": manifest["bank_rows"], "memory_rows": fitted.get("memory_rows"),
                "covering_radius": fitted.get("covering_radius"), "holdout_images": calibration["holdout_images"],
@@ -197,7 +209,25 @@ def _fit(images, root, split, feature_config, detector, detector_config, batch_s
         markdown=f"# Fit: version {model.version}\n\n" + markdown_table(summary)
         + ("\n\n## Skipped files\n\n" + markdown_rows(errors) if errors else ""),
         description=f"fit of {root}")
-    return {**summary, "errors": errors}
+    return {**summary, "errors": errors, **({"auto": choice} if choice else {})}
+
+
+def _auto_configuration(registry: ModelRegistry, records: list[ImageRecord], tiling: TilingConfig, logger,
+                        root: str):
+    """(features, detector, settings, record) for ``--auto``: chosen by the probe on a root's first
+    fit; a root whose bank holds features already keeps the configuration they were made with
+    (choosing again would mean featurising every image again: start a new root for that)."""
+    current = registry.current()
+    if registry.bank.settings() is None or current is None:
+        candidate, record = choose_configuration(records, tiling, logger, root)
+        return candidate.features, candidate.detector, candidate.settings, record
+    manifest = registry.model(current).read_manifest()
+    features = FeatureConfig.from_dict(manifest["feature_config"])
+    detector = manifest.get("detector", "patchcore")
+    settings = detector_settings(detector, manifest["detector_config"])
+    kept = manifest.get("auto", {}).get("chosen", "the configuration")
+    logger.info("--auto: keeping %s of %s (this root's bank was featurised with it)", kept, current)
+    return features, detector, settings, {**manifest.get("auto", {}), "kept_from": current, "seconds": 0.0}
 
 
 def _nothing_new(logger, root: str, images: str, version: str, listed: int, started: float,

@@ -101,11 +101,11 @@ def _publish_trend(nightly: NightlyResults) -> None:
 @flow(name="nightly-refit", log_prints=True)
 def nightly_refit_flow(images: str, root: str, split: str | None = None, feature_config: dict | None = None,
                        detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32,
-                       dask_address: str | None = None, workers: int | None = None) -> dict:
+                       dask_address: str | None = None, workers: int | None = None, auto: bool = False) -> dict:
     """The scheduled re-fit: absorb the nominal images that arrived since the last fit."""
     with one_nightly_run_per_root(root), dask_cluster(dask_address, workers) as address:
         return run_on_dask(fit_flow, address, images=images, root=root, split=split, feature_config=feature_config,
-                           detector=detector, detector_config=detector_config, batch_size=batch_size)
+                           detector=detector, detector_config=detector_config, batch_size=batch_size, auto=auto)
 
 
 @flow(name="nightly-score", log_prints=True)

@@ -34,8 +34,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help=f"timm model name (default {DEFAULT_BACKBONE}, offline); others need the model hub")
     parser.add_argument("--layers", default=None,
                         help=f"timm feature stages to use, comma-separated (default {','.join(map(str, defaults.layers))})")
-    parser.add_argument("--coreset-ratio", type=float, default=PatchCoreConfig().coreset_ratio,
-                        help="PatchCore: fraction of the patch bank kept as memory (default %(default)s)")
+    parser.add_argument("--coreset-ratio", type=float, default=None,
+                        help=f"PatchCore: fraction of the patch bank kept as memory (default {PatchCoreConfig().coreset_ratio})")
+    parser.add_argument("--auto", action="store_true",
+                        help="choose the detector and feature settings from the nominal images themselves: "
+                             "candidate configurations are compared on held-out images with synthetic defects "
+                             "pasted in (a root's first fit; later fits keep the choice)")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -55,15 +59,25 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
                         help="the threshold is this quantile of the held-out images' scores (default %(default)s)")
 
 
+MODEL_OPTIONS = ("backbone", "layers", "input_scale", "square_side", "embed_dim", "context_scales", "coreset_ratio")
+
+
 def _configs(args) -> tuple[dict, dict]:
     def numbers(text, kind):
         return None if text is None else tuple(kind(x) for x in text.split(",") if x.strip())
+
+    if getattr(args, "auto", False):
+        given = [f"--{name.replace('_', '-')}" for name in MODEL_OPTIONS if getattr(args, name) is not None]
+        if given or args.detector != "patchcore":
+            raise ValueError(f"--auto chooses the detector and feature settings itself: drop {', '.join(given) or '--detector'}"
+                             " or --auto")
+        return None, None
 
     features = default_features(args.detector, backbone=args.backbone, layers=numbers(args.layers, int),
                                 input_scale=args.input_scale, square_side=args.square_side,
                                 embed_dim=args.embed_dim, context_scales=numbers(args.context_scales, float))
     detector = detector_config(args.detector)
-    if args.detector == "patchcore":
+    if args.detector == "patchcore" and args.coreset_ratio is not None:
         detector = PatchCoreConfig(**{**detector.to_dict(), "coreset_ratio": args.coreset_ratio})
     return features.to_dict(), detector.to_dict()
 
@@ -210,10 +224,11 @@ def _run(args) -> int:
             summary = run_on_dask(fit_flow, address, images=args.images, root=args.root, split=args.split,
                                   feature_config=features, detector=args.detector, detector_config=detector,
                                   batch_size=args.batch_size, holdout_fraction=args.holdout_fraction,
-                                  threshold_quantile=args.threshold_quantile, full=args.full)
+                                  threshold_quantile=args.threshold_quantile, full=args.full, auto=args.auto)
         print_summary("fit", {k: v for k, v in summary.items() if k != "message"})
         if summary.get("message"):
             print(summary["message"])
+        _say_auto_choice(summary.get("auto"))
     elif args.command == "score":
         from flows.score import score_flow
         from storage.locations import join
@@ -243,7 +258,7 @@ def _run(args) -> int:
         run = {"dask_address": args.dask_address, "workers": args.workers}
         parameters = {"refit": {"images": args.images, "root": args.root, "feature_config": features,
                                 "detector": args.detector, "detector_config": detector,
-                                "batch_size": args.batch_size, **run},
+                                "batch_size": args.batch_size, "auto": args.auto, **run},
                       "score": {"archive": args.archive or args.images, "root": args.root,
                                 "results": args.results or join(args.root, "results"), **run}}
         for line in deploy(args.name, parameters, {"refit": args.refit_cron, "score": args.score_cron}, args.timezone):
@@ -257,10 +272,20 @@ def _run(args) -> int:
         features, detector = _configs(args)
         summary = evaluate_flow(split_csv=args.split_csv, out=args.out, feature_config=features,
                                 detector=args.detector, detector_config=detector, batch_size=args.batch_size,
-                                dask_address=args.dask_address, workers=args.workers)
+                                dask_address=args.dask_address, workers=args.workers, auto=args.auto)
         print_summary("evaluate", summary)
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def _say_auto_choice(choice: dict | None) -> None:
+    if not choice:
+        return
+    if choice.get("kept_from"):
+        print(f"--auto: kept {choice.get('chosen', 'the configuration')} of {choice['kept_from']} "
+              "(this root's bank was featurised with it; a new root chooses again)")
+    else:
+        print(f"--auto chose {choice['chosen']}: {choice['reason']} ({choice['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

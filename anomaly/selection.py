@@ -1,0 +1,259 @@
+"""Choose a configuration from nominal images alone (``patchwatch fit --auto``).
+
+A user with a new production line has defect-free images and no labels. Each candidate
+configuration (feature settings + detector) is fitted on part of those images and scored on the
+rest twice: as they are, and with one synthetic defect pasted in. The candidate that best tells
+the two apart (image AUROC) is kept. The synthetic defects are deliberately generic (a region of
+another nominal image pasted in, a local intensity change, a thin line: in the spirit of CutPaste
+and DRAEM) and drawn at many sizes and contrasts, so the probe measures how well a configuration
+notices *any* local departure from the nominal appearance at the data's own scale.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+from sklearn.metrics import roc_auc_score
+
+from .detectors import default_features, detector_config, for_features
+from .engine import extract_views, fit_detector, score_features
+from .features import FeatureConfig, PatchFeatureExtractor, to_float_rgb
+from .tiling import TilingConfig
+
+DEFECT_KINDS = ("paste", "intensity", "line")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    detector: str
+    features: FeatureConfig
+    settings: object  # the detector's config dataclass
+
+    @classmethod
+    def make(cls, name: str, detector: str, features: dict | None = None, settings: dict | None = None):
+        feature_config = default_features(detector, **(features or {}))
+        base = detector_config(detector)
+        config = type(base).from_dict({**base.to_dict(), **(settings or {})})
+        return cls(name, detector, feature_config, for_features(detector, config, feature_config))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "detector": self.detector, "feature_config": self.features.to_dict(),
+                "detector_config": self.settings.to_dict()}
+
+
+def default_candidates() -> list[Candidate]:
+    """The configurations ``--auto`` compares, cheapest and most general first (ties keep the
+    earlier one). They span what the quality benchmark found to matter on unseen data: the grid's
+    fineness (input scale, which stages), context, and a per-position model for aligned parts."""
+    return [
+        Candidate.make("coarse-context", "patchcore"),
+        Candidate.make("full-size", "patchcore", {"input_scale": 1.0}),
+        Candidate.make("fine", "patchcore", {"layers": (2, 3), "input_scale": 1.0, "context_scales": ()},
+                       {"coreset_ratio": 0.02}),
+        Candidate.make("padim", "padim"),
+    ]
+
+
+# ---- synthetic defects ----------------------------------------------------------------------------
+def irregular_region(shape: tuple[int, int], diameter: float, rng: np.random.Generator) -> np.ndarray:
+    """(H, W) float32 alpha in [0, 1]: a soft-edged irregular blob of about ``diameter`` pixels at a
+    random place (smoothed noise inside an ellipse, so outlines differ every time)."""
+    height, width = shape
+    radius_y = max(1.5, diameter / 2 * rng.uniform(0.5, 1.5))
+    radius_x = max(1.5, diameter / 2 * rng.uniform(0.5, 1.5))
+    cy, cx = rng.uniform(radius_y, max(radius_y + 1, height - radius_y)), rng.uniform(radius_x, max(radius_x + 1, width - radius_x))
+    angle = rng.uniform(0, np.pi)
+    top, bottom = int(max(0, cy - 2 * max(radius_y, radius_x))), int(min(height, cy + 2 * max(radius_y, radius_x) + 1))
+    left, right = int(max(0, cx - 2 * max(radius_y, radius_x))), int(min(width, cx + 2 * max(radius_y, radius_x) + 1))
+    yy, xx = np.mgrid[top:bottom, left:right].astype(np.float32)
+    dy, dx = yy - cy, xx - cx
+    u = (dx * np.cos(angle) + dy * np.sin(angle)) / radius_x
+    v = (-dx * np.sin(angle) + dy * np.cos(angle)) / radius_y
+    noise = gaussian_filter(rng.standard_normal(u.shape).astype(np.float32), max(1.0, diameter / 6))
+    noise /= max(float(np.abs(noise).max()), 1e-6)
+    inside = 1.0 - np.sqrt(u ** 2 + v ** 2) + 0.35 * noise
+    alpha = np.zeros(shape, np.float32)
+    alpha[top:bottom, left:right] = np.clip(inside / 0.25, 0, 1)
+    return gaussian_filter(alpha, 0.7)
+
+
+def thin_line(shape: tuple[int, int], length: float, rng: np.random.Generator) -> np.ndarray:
+    """(H, W) float32 alpha of a gently curving, anti-aliased line 1-3 px wide."""
+    height, width = shape
+    steps = max(8, int(length))
+    y, x = rng.uniform(0, height), rng.uniform(0, width)
+    heading, turn = rng.uniform(0, 2 * np.pi), rng.normal(0, 0.03)
+    points = []
+    for _ in range(steps):
+        points.append((y, x))
+        heading += turn + rng.normal(0, 0.05)
+        y, x = y + np.sin(heading), x + np.cos(heading)
+    points = np.array(points)
+    alpha = np.zeros(shape, np.float32)
+    rows, cols = np.round(points[:, 0]).astype(int), np.round(points[:, 1]).astype(int)
+    keep = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    alpha[rows[keep], cols[keep]] = 1.0
+    width_px = rng.uniform(0.5, 1.2)
+    alpha = gaussian_filter(alpha, width_px)
+    return np.clip(alpha / max(float(alpha.max()), 1e-6), 0, 1)
+
+
+def paste_defect(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator,
+                 kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` with one synthetic defect, as (H, W, 3) float32 in [0, 1], and its boolean mask.
+
+    Sizes run from a few pixels to a sixth of the shorter side; contrasts are set relative to the
+    image's own intensity spread, from faint to plain.
+    """
+    rgb = to_float_rgb(image)
+    height, width = rgb.shape[:2]
+    kind = kind or DEFECT_KINDS[rng.integers(len(DEFECT_KINDS))]
+    short = min(height, width)
+    diameter = float(np.exp(rng.uniform(np.log(max(4.0, short * 0.02)), np.log(max(6.0, short / 6)))))
+    spread = max(float(rgb.std()), 0.02)
+    if kind == "paste":
+        alpha = irregular_region((height, width), diameter, rng)
+        source = to_float_rgb(donor)
+        source = np.rot90(source, rng.integers(4)) if rng.random() < 0.5 else source
+        dy, dx = rng.integers(0, max(1, source.shape[0] - height + 1)), rng.integers(0, max(1, source.shape[1] - width + 1))
+        source = np.resize(source[dy:dy + height, dx:dx + width], rgb.shape)  # tiles when the donor is smaller
+        shift = (rng.integers(height), rng.integers(width))
+        fill = np.roll(source, shift, axis=(0, 1))
+    elif kind == "intensity":
+        alpha = irregular_region((height, width), diameter, rng)
+        fill = rgb + rng.choice([-1, 1]) * rng.uniform(0.5, 2.0) * spread
+    elif kind == "line":
+        alpha = thin_line((height, width), rng.uniform(0.1, 0.4) * max(height, width), rng)
+        fill = rgb + rng.choice([-1, 1]) * rng.uniform(1.0, 3.0) * spread
+    else:
+        raise ValueError(f"unknown defect kind {kind!r}; choose one of {DEFECT_KINDS}")
+    out = (1 - alpha[..., None]) * rgb + alpha[..., None] * fill
+    # the defect region keeps the sensor noise of its surroundings
+    out += (alpha[..., None] > 0.05) * rng.normal(0, 0.01, rgb.shape).astype(np.float32)
+    changed = np.abs(out - rgb).max(axis=2) > 0.25 * spread
+    mask = (alpha > 0.25) & changed
+    if not mask.any():  # a defect that did not change the image is no defect: mark its core
+        mask = alpha >= alpha.max() * 0.5
+    return np.clip(out, 0, 1).astype(np.float32), mask
+
+
+def probe_view(image: np.ndarray, tiling: TilingConfig | None, rng: np.random.Generator) -> np.ndarray:
+    """A large image is probed on one tile-sized crop: the model sees it tile by tile anyway."""
+    height, width = image.shape[:2]
+    if tiling is None or not tiling.needs_tiling(height, width):
+        return image
+    side_y, side_x = min(tiling.tile, height), min(tiling.tile, width)
+    top, left = rng.integers(0, height - side_y + 1), rng.integers(0, width - side_x + 1)
+    return image[top:top + side_y, left:left + side_x]
+
+
+# ---- the probe ---------------------------------------------------------------------------------------
+@dataclass
+class ProbeSet:
+    """Nominal images to fit on, and nominal probe images each with a defective twin."""
+
+    train: list[np.ndarray]
+    clean: list[np.ndarray]
+    defective: list[np.ndarray]
+    masks: list[np.ndarray]
+    kinds: list[str] = field(default_factory=list)
+
+
+# how many nominal images the probe fits on and scores: enough for a stable ranking, few enough
+# that comparing the candidates costs minutes, not a full fit each
+PROBE_IMAGES = 32
+PROBE_TRAIN_IMAGES = 80
+
+
+def make_probe_set(images: list[np.ndarray], probe_images: int = PROBE_IMAGES, seed: int = 0,
+                   tiling: TilingConfig | None = None, train_images: int | None = PROBE_TRAIN_IMAGES) -> ProbeSet:
+    """Split nominal ``images`` into a fitting part and ``probe_images`` probes (evenly spread),
+    and paste one synthetic defect (kinds in turn) into a copy of each probe."""
+    rng = np.random.default_rng(seed)
+    count = len(images)
+    if count < 4:
+        raise ValueError(f"--auto needs at least 4 nominal images to compare configurations, got {count}")
+    probes = min(probe_images, max(2, count // 4))
+    probe_rows = set(np.linspace(0, count - 1, probes).round().astype(int).tolist())
+    train = [images[i] for i in range(count) if i not in probe_rows]
+    if train_images is not None and len(train) > train_images:
+        train = [train[i] for i in np.linspace(0, len(train) - 1, train_images).round().astype(int)]
+    train = [probe_view(image, tiling, rng) for image in train]
+    clean, defective, masks, kinds = [], [], [], []
+    for number, row in enumerate(sorted(probe_rows)):
+        view = to_float_rgb(probe_view(images[row], tiling, rng))
+        donor = train[number % len(train)]
+        kind = DEFECT_KINDS[number % len(DEFECT_KINDS)]
+        broken, mask = paste_defect(view, donor, rng, kind)
+        clean.append(view)
+        defective.append(broken)
+        masks.append(mask)
+        kinds.append(kind)
+    return ProbeSet(train, clean, defective, masks, kinds)
+
+
+@dataclass
+class ProbeResult:
+    name: str
+    image_auroc: float
+    pixel_auroc: float
+    seconds: float
+    per_kind: dict
+
+    def row(self) -> dict:
+        return {"candidate": self.name, "image_auroc": round(self.image_auroc, 4),
+                "pixel_auroc": round(self.pixel_auroc, 4), "seconds": round(self.seconds, 1),
+                **{f"auroc_{k}": round(v, 4) for k, v in self.per_kind.items()}}
+
+
+def probe_candidate(candidate: Candidate, probe: ProbeSet, extractor: PatchFeatureExtractor | None = None,
+                    tiling: TilingConfig | None = None) -> ProbeResult:
+    """Fit ``candidate`` on the probe set's nominal part; how well it separates each probe image
+    from its defective twin (image AUROC), and how well its maps find the pasted defects."""
+    started = time.perf_counter()
+    extractor = extractor or PatchFeatureExtractor(candidate.features)
+    features = [f for image in probe.train for _, f in extract_views(extractor, image, None)]
+    detector = fit_detector(candidate.detector, candidate.settings, features)
+
+    def score(image):
+        return score_features(detector, extract_views(extractor, image, None), image.shape[:2], None)
+
+    clean = [score(image) for image in probe.clean]
+    broken = [score(image) for image in probe.defective]
+    labels = np.r_[np.zeros(len(clean)), np.ones(len(broken))]
+    scores = np.r_[[s.score for s in clean], [s.score for s in broken]]
+    per_kind = {}
+    for kind in sorted(set(probe.kinds)):
+        rows = [i for i, k in enumerate(probe.kinds) if k == kind]
+        per_kind[kind] = float(roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(rows))],
+                                             np.r_[scores[:len(clean)], scores[len(clean) + np.array(rows)]]))
+    # pixel AUROC over the defective twins (every 2nd pixel: plenty for a ranking)
+    pixels = np.concatenate([s.map[::2, ::2].ravel() for s in broken])
+    truth = np.concatenate([m[::2, ::2].ravel() for m in probe.masks])
+    pixel_auroc = float(roc_auc_score(truth, pixels)) if 0 < truth.sum() < len(truth) else float("nan")
+    return ProbeResult(candidate.name, float(roc_auc_score(labels, scores)), pixel_auroc,
+                       time.perf_counter() - started, per_kind)
+
+
+# Probe AUROCs closer than this are within the probe's own noise (a few dozen images): the
+# earlier, more general candidate is kept
+TIE_TOLERANCE = 0.01
+
+
+def choose(results: list[ProbeResult], tolerance: float = TIE_TOLERANCE) -> tuple[ProbeResult, str]:
+    """The first candidate (in the given order) whose probe image AUROC is within ``tolerance``
+    of the best, and a sentence saying why."""
+    best = max(results, key=lambda r: r.image_auroc)
+    chosen = next(r for r in results if r.image_auroc >= best.image_auroc - tolerance)
+    others = ", ".join(f"{r.name} {r.image_auroc:.3f}" for r in results if r is not chosen)
+    if chosen is best:
+        reason = (f"{chosen.name} separated nominal images from their synthetic-defect twins best "
+                  f"(image AUROC {chosen.image_auroc:.3f}; {others})")
+    else:
+        reason = (f"{chosen.name} came within {tolerance} of the best ({best.name} {best.image_auroc:.3f}: "
+                  f"{chosen.image_auroc:.3f}) and comes first in the candidate order, which favours the "
+                  f"more general configuration ({others})")
+    return chosen, reason

@@ -1,0 +1,56 @@
+"""``fit --auto``: compare candidate configurations on the user's own nominal images, keep one."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from prefect.artifacts import create_markdown_artifact
+
+from anomaly.selection import PROBE_IMAGES, PROBE_TRAIN_IMAGES, choose, default_candidates
+from anomaly.tiling import TilingConfig
+from storage.images import ImageRecord
+from tasks.selection import probe_candidate_task
+
+from .report import markdown_rows
+from .runner import gather
+
+PROBE_SEED = 0
+
+
+def probe_sample(records: list[ImageRecord]) -> list[str]:
+    """The images the probe uses: evenly spread over the listing sorted by URI, so the same
+    source gives the same sample on every machine."""
+    uris = sorted(r.uri for r in records)
+    wanted = PROBE_TRAIN_IMAGES + PROBE_IMAGES
+    if len(uris) <= wanted:
+        return uris
+    return [uris[i] for i in np.linspace(0, len(uris) - 1, wanted).round().astype(int)]
+
+
+def choose_configuration(records: list[ImageRecord], tiling: TilingConfig, logger, root: str):
+    """(chosen Candidate, the record for the manifest): every candidate probed on a Dask worker."""
+    started = time.perf_counter()
+    candidates = default_candidates()
+    uris = probe_sample(records)
+    logger.info("--auto: comparing %d configurations (%s) on %d of the %d nominal images with synthetic "
+                "defects pasted in", len(candidates), ", ".join(c.name for c in candidates), len(uris), len(records))
+    outcomes = gather([probe_candidate_task.submit(c, uris, PROBE_SEED, tiling) for c in candidates],
+                      "configuration probe")
+    results = [o["result"] for o in outcomes]
+    chosen_result, reason = choose(results)
+    chosen = next(c for c in candidates if c.name == chosen_result.name)
+    rows = [r.row() for r in results]
+    record = {"chosen": chosen.name, "reason": reason, "seconds": round(time.perf_counter() - started, 1),
+              "sample_images": len(uris), "train_images": outcomes[0]["train_images"],
+              "probe_images": outcomes[0]["probe_images"], "seed": PROBE_SEED, "candidates": rows,
+              "configurations": {c.name: c.describe() for c in candidates}}
+    logger.info("--auto chose %s: %s", chosen.name, reason)
+    create_markdown_artifact(
+        key="configuration-choice",
+        markdown=(f"# Configuration chosen: {chosen.name}\n\n{reason}.\n\n"
+                  f"Probe: {record['train_images']} nominal images fitted, {record['probe_images']} scored as they "
+                  f"are and with one synthetic defect each (image AUROC: how well each configuration tells "
+                  f"them apart; pixel AUROC: how well its maps find the defects), {record['seconds']} s.\n\n"
+                  + markdown_rows(rows)),
+        description=f"fit --auto of {root}")
+    return chosen, record

@@ -1,0 +1,105 @@
+"""``fit --auto``: synthetic defects, the probe's ranking, the choice, and the fit that records it."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomaly.features import to_float_rgb
+from anomaly.selection import (DEFECT_KINDS, Candidate, ProbeResult, choose, default_candidates, make_probe_set,
+                               paste_defect, probe_candidate)
+from tests.synthetic import stripes
+
+# more intra-op threads than free cores makes each backbone pass ~40x slower on this machine
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("kind", DEFECT_KINDS)
+def test_a_pasted_defect_changes_the_image_where_its_mask_says_and_nowhere_else(kind):
+    rng = np.random.default_rng(3)
+    image, donor = stripes(rng), stripes(rng)
+    broken, mask = paste_defect(image, donor, np.random.default_rng(7), kind)
+    again, same_mask = paste_defect(image, donor, np.random.default_rng(7), kind)
+    assert np.array_equal(broken, again) and np.array_equal(mask, same_mask)  # drawn from the seed alone
+    change = np.abs(broken - to_float_rgb(image)).max(axis=2)
+    assert 0 < mask.sum() < mask.size // 4
+    assert change[mask].mean() > 5 * change[~mask].mean()
+
+
+def test_defect_sizes_span_a_few_pixels_to_a_large_region():
+    rng = np.random.default_rng(0)
+    image = np.full((256, 256), 128, np.uint8) + rng.integers(0, 20, (256, 256), dtype=np.uint8)
+    areas = [paste_defect(image, image, rng, "intensity")[1].sum() for _ in range(60)]
+    assert min(areas) < 60 and max(areas) > 600
+
+
+def result(name, auroc):
+    return ProbeResult(name, auroc, 0.9, 1.0, {})
+
+
+def test_the_choice_keeps_the_earlier_candidate_when_the_probe_cannot_tell_them_apart():
+    chosen, reason = choose([result("general", 0.90), result("special", 0.905)])
+    assert chosen.name == "general" and "within" in reason
+    chosen, reason = choose([result("general", 0.70), result("special", 0.95)])
+    assert chosen.name == "special" and "0.950" in reason and "general 0.700" in reason
+
+
+def test_the_probe_measures_what_a_configuration_sees():
+    rng = np.random.default_rng(1)
+    images = [stripes(rng) for _ in range(24)]
+    probe = make_probe_set(images, probe_images=8, seed=0)
+    # at most a quarter of the images are probes: the rest are needed to fit on
+    assert len(probe.clean) == len(probe.defective) == 6 and len(probe.train) == 18
+    seeing = Candidate.make("seeing", "patchcore", {"layers": (2, 3), "input_scale": 1.0, "context_scales": ()})
+    # an eighth-size input leaves a 128 px image one feature cell: a pasted defect is averaged away
+    blind = Candidate.make("blind", "patchcore", {"layers": (2, 3), "input_scale": 0.125, "context_scales": ()})
+    seen, missed = probe_candidate(seeing, probe), probe_candidate(blind, probe)
+    assert seen.image_auroc >= 0.75 and seen.pixel_auroc > 0.85
+    # one feature cell cannot say where a defect is (its map is flat)
+    assert missed.pixel_auroc < seen.pixel_auroc - 0.25
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "patchwatch.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_stripes(folder, count, start=0, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for number in range(start, start + count):
+        Image.fromarray(stripes(rng)).save(folder / f"{number:03d}.png")
+
+
+def test_fit_auto_records_the_comparison_and_a_refit_keeps_the_choice(tmp_path):
+    images, root = tmp_path / "nominal", tmp_path / "root"
+    write_stripes(images, 24)
+    first = run_cli("fit", "--images", str(images), "--root", str(root), "--auto", "--workers", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    manifest = json.loads((root / "versions" / "v0001" / "manifest.json").read_text())
+    auto = manifest["auto"]
+    names = [c.name for c in default_candidates()]
+    assert [row["candidate"] for row in auto["candidates"]] == names
+    assert auto["chosen"] in names and auto["reason"] and auto["seconds"] > 0
+    chosen = auto["configurations"][auto["chosen"]]
+    # the version was fitted with what the probe chose, and says so
+    assert manifest["detector"] == chosen["detector"]
+    assert manifest["feature_config"] == chosen["feature_config"]
+    assert "--auto chose" in first.stderr + first.stdout
+
+    write_stripes(images, 4, start=24, seed=1)
+    second = run_cli("fit", "--images", str(images), "--root", str(root), "--auto", "--workers", "1")
+    assert second.returncode == 0, second.stderr[-3000:]
+    refit = json.loads((root / "versions" / "v0002" / "manifest.json").read_text())
+    assert refit["auto"]["kept_from"] == "v0001" and refit["auto"]["chosen"] == auto["chosen"]
+    assert refit["feature_config"] == manifest["feature_config"] and refit["new_images"] == 4
+
+
+def test_auto_with_explicit_model_options_is_refused_in_one_line(tmp_path):
+    run = run_cli("fit", "--images", str(tmp_path), "--root", str(tmp_path / "root"), "--auto",
+                  "--input-scale", "1.0", timeout=120)
+    assert run.returncode != 0
+    assert run.stderr.strip().count("\n") == 0 and "--input-scale" in run.stderr and "--auto" in run.stderr
