@@ -98,19 +98,20 @@ def _expected(error: BaseException | None) -> bool:
 def _sanitise_record(record: logging.LogRecord) -> logging.LogRecord:
     """Credentials masked in the whole message; newlines and control characters escaped in the
     values put into it (a file name cannot forge a log line; the message's own layout stays);
-    no traceback for an expected failure (see :func:`_expected`)."""
+    no traceback for an expected failure (see :func:`_expected`), its one line instead."""
     try:
-        if record.exc_info and _expected(record.exc_info[1]):
-            error = record.exc_info[1]
-            text = f"{type(error).__name__}: {for_log(error)}"
-            record.msg = f"{str(record.msg).rstrip()} {text.replace('%', '%%') if record.args else text}"
-            record.exc_info = record.exc_text = None
         if record.args:
             args = record.args if isinstance(record.args, tuple) else (record.args,)
-            record.msg = redact(str(record.msg)) % tuple(for_log(a) if isinstance(a, str) else a for a in args)
+            record.msg = redact(str(record.msg) % tuple(for_log(a) if isinstance(a, (str, os.PathLike)) else a
+                                                        for a in args))
             record.args = None
         elif isinstance(record.msg, str):
             record.msg = redact(record.msg)
+        if record.exc_info and _expected(record.exc_info[1]):
+            error = record.exc_info[1]
+            if for_log(error) not in str(record.msg):  # Prefect's own message may quote it already
+                record.msg = f"{str(record.msg).rstrip()} {type(error).__name__}: {for_log(error)}"
+            record.exc_info = record.exc_text = None
     except Exception:  # a record that does not format is logging's own problem to report
         pass
     return record
