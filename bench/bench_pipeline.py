@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pipeline benchmark: {len(records)} train images from {args.split}; scratch {work}", flush=True)
     try:
         csv = work / "train.csv"
+        # the CSV lives in the scratch folder and names the dataset's images where they are
+        os.environ.setdefault("PATCHWATCH_ALLOW_SOURCES", str(Path(args.split).resolve().parent))
         pd.DataFrame([{"image": r.uri, "mask": r.mask_uri or "", "label": r.label or "",
                        "defect_type": r.defect_type or "", "split": "train"} for r in records]).to_csv(csv, index=False)
         for record in records:  # warm the page cache: the first fit must not pay for the disk alone

@@ -103,6 +103,8 @@ def write_splits(split_csv: str, work: Path, limit: int | None, test_limit: int 
 
     table = pd.read_csv(split_csv, dtype=str, keep_default_na=False)
     base = Path(split_csv).resolve().parent
+    # these CSVs live in the scratch folder and name the dataset's images where they are
+    os.environ.setdefault("PATCHWATCH_ALLOW_SOURCES", str(base))
     for column in ("image", "mask"):
         table[column] = [str(base / p) if p else "" for p in table[column]]
     train = table[table.split == "train"].sort_values("image", kind="stable").reset_index(drop=True)
