@@ -11,6 +11,12 @@ from .nightly import nightly_refit_flow, nightly_score_flow
 FLOWS = {"refit": nightly_refit_flow, "score": nightly_score_flow}
 
 
+def deployment_name(name: str, kind: str) -> str:
+    """A deployment's own name says its role: the UI's deployment list shows this name first
+    (``nightly-refit/patchwatch-refit``, ``nightly-score/patchwatch-score``)."""
+    return f"{name}-{kind}"
+
+
 class NoServerError(RuntimeError):
     """Deployments live on a Prefect server: PREFECT_API_URL must name one."""
 
@@ -28,7 +34,7 @@ def require_server() -> str:
 def build(name: str, parameters: dict[str, dict], crons: dict[str, str], timezone: str = "UTC") -> list[RunnerDeployment]:
     """One deployment per nightly flow, each with its parameters and cron schedule."""
     return [FLOWS[kind].to_deployment(
-        name, schedules=[Cron(crons[kind], timezone=timezone)], parameters=parameters[kind], paused=False,
+        deployment_name(name, kind), schedules=[Cron(crons[kind], timezone=timezone)], parameters=parameters[kind], paused=False,
         tags=["patchwatch", "nightly"], entrypoint_type=EntrypointType.MODULE_PATH,
         description=f"patchwatch nightly {kind} ({crons[kind]} {timezone})") for kind in FLOWS]
 
@@ -43,7 +49,7 @@ def deploy(name: str, parameters: dict[str, dict], crons: dict[str, str], timezo
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(concurrency_limit_name(parameters["refit"]["root"]), 1)
     deployments = build(name, parameters, crons, timezone)
-    return [{"deployment": f"{FLOWS[kind].name}/{name}", "id": str(d.apply()), "cron": crons[kind],
+    return [{"deployment": f"{FLOWS[kind].name}/{deployment_name(name, kind)}", "id": str(d.apply()), "cron": crons[kind],
              "timezone": timezone} for kind, d in zip(FLOWS, deployments)]
 
 
@@ -56,16 +62,16 @@ def registered(name: str) -> list[RunnerDeployment]:
     require_server()
     deployments = []
     with get_client(sync_client=True) as client:
-        for flow in FLOWS.values():
+        for kind, flow in FLOWS.items():
             try:
-                found = client.read_deployment_by_name(f"{flow.name}/{name}")
+                found = client.read_deployment_by_name(f"{flow.name}/{deployment_name(name, kind)}")
             except ObjectNotFound:
-                raise LookupError(f"no deployment {flow.name}/{name} on the Prefect server: "
+                raise LookupError(f"no deployment {flow.name}/{deployment_name(name, kind)} on the Prefect server: "
                                   f"run 'patchwatch deploy --name {name} ...' first") from None
             schedules = [Cron(s.schedule.cron, timezone=s.schedule.timezone, day_or=s.schedule.day_or)
                          for s in found.schedules if getattr(s.schedule, "cron", None)]
             deployments.append(flow.to_deployment(
-                name, schedules=schedules, parameters=found.parameters, paused=False, tags=found.tags,
+                deployment_name(name, kind), schedules=schedules, parameters=found.parameters, paused=False, tags=found.tags,
                 entrypoint_type=EntrypointType.MODULE_PATH, description=found.description))
     return deployments
 

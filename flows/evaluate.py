@@ -22,7 +22,7 @@ from storage.results_store import ResultStore
 
 from .fit import fit_flow
 from .report import markdown_table
-from .runner import dask_cluster, run_on_dask
+from .runner import dask_cluster, run_name, run_on_dask
 from .score import score_flow
 
 OVERLAYS = 6
@@ -43,7 +43,7 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", flow_run_name=run_name("evaluate {split_csv}"), log_prints=True)
 def evaluate_flow(split_csv: str, out: str, feature_config: dict | None = None,
                   detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32, dask_address: str | None = None,
                   workers: int | None = None) -> dict:

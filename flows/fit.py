@@ -26,7 +26,7 @@ from tasks.tiles import extract_tile_features_task
 from .choice import choose_configuration
 from .defaults import HOLDOUT_FRACTION, THRESHOLD_QUANTILE
 from .report import markdown_rows, markdown_table
-from .runner import gather
+from .runner import gather, run_name
 
 # below this many listed images every one is needed for the memory: no hold-out, no threshold
 MIN_IMAGES_FOR_HOLDOUT = 20
@@ -64,7 +64,7 @@ def listing_digest(records: list[ImageRecord]) -> str:
     return hashlib.sha256("\n".join(sorted(r.uri for r in records)).encode()).hexdigest()[:16]
 
 
-@flow(name="fit", log_prints=True)
+@flow(name="fit", flow_run_name=run_name("fit {root}"), log_prints=True)
 def fit_flow(images: str, root: str, split: str | None = None, feature_config: dict | None = None,
              detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32,
              tiling_config: dict | None = None, coreset_chunk_rows: int = 1 << 20, tiles_per_task: int = 16,

@@ -16,7 +16,7 @@ from tasks.scoring import ModelRef
 
 from .fit import fit_flow
 from .report import markdown_table
-from .runner import dask_cluster, run_on_dask
+from .runner import dask_cluster, run_name, run_on_dask
 from .score import NothingScoredError, publish_scores, score_records
 
 TREND_NIGHTS = 30
@@ -26,7 +26,8 @@ def today() -> str:
     return time.strftime("%Y-%m-%d", time.gmtime())
 
 
-@flow(name="score-new", log_prints=True)
+@flow(name="score-new", flow_run_name=run_name("score-new {night} {results}", night=lambda: today()),
+      log_prints=True)
 def score_new_flow(archive: str, root: str, results: str, night: str | None = None, batch_size: int = 16,
                    tiles_per_task: int = 16, rescore: bool = False) -> dict:
     """Score the images of ``archive`` that no model version has scored (or found unusable) on
@@ -98,7 +99,7 @@ def _publish_trend(nightly: NightlyResults) -> None:
                              description="images flagged per night")
 
 
-@flow(name="nightly-refit", log_prints=True)
+@flow(name="nightly-refit", flow_run_name=run_name("nightly-refit {root}"), log_prints=True)
 def nightly_refit_flow(images: str, root: str, split: str | None = None, feature_config: dict | None = None,
                        detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32,
                        dask_address: str | None = None, workers: int | None = None, auto: bool = False) -> dict:
@@ -108,7 +109,7 @@ def nightly_refit_flow(images: str, root: str, split: str | None = None, feature
                            detector=detector, detector_config=detector_config, batch_size=batch_size, auto=auto)
 
 
-@flow(name="nightly-score", log_prints=True)
+@flow(name="nightly-score", flow_run_name=run_name("nightly-score {results}"), log_prints=True)
 def nightly_score_flow(archive: str, root: str, results: str, batch_size: int = 16,
                        dask_address: str | None = None, workers: int | None = None, rescore: bool = False) -> dict:
     """The scheduled scoring: what no model has scored yet (``rescore``: what the current model

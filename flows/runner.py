@@ -16,6 +16,9 @@ from storage.locations import for_log, redact
 
 logger = logging.getLogger("patchwatch")
 
+# the API URL of this run's own temporary server, if it started one (its UI links die with it)
+_temporary_api_url: str | None = None
+
 # a local cluster that has not shut down by then is left to end with this process: the flow's
 # outcome is already decided and must not be turned into a failure by the shutdown
 CLUSTER_CLOSE_TIMEOUT_S = 30
@@ -68,7 +71,60 @@ def _current_api_url() -> str | None:
 def run_on_dask(flow_function, address: str, **parameters):
     """Run ``flow_function`` with its tasks on the Dask cluster at ``address``."""
     _sanitise_worker_logs(address)
-    return flow_function.with_options(task_runner=DaskTaskRunner(address=address))(**parameters)
+    return run_and_link(flow_function.with_options(task_runner=DaskTaskRunner(address=address)), **parameters)
+
+
+def run_and_link(flow_function, **parameters):
+    """Run ``flow_function`` and return its result; with a Prefect server of the user's
+    (``PREFECT_API_URL`` set before this run), print where the UI shows the run, logs included:
+    the terminal only shows warnings (see patchwatch.cli)."""
+    state = flow_function(**parameters, return_state=True)
+    url = flow_run_url(state.state_details.flow_run_id)
+    if url:
+        print(f"{flow_function.name} run: {url}", flush=True)
+    return state.result()
+
+
+def flow_run_url(flow_run_id) -> str | None:
+    """The UI page of a flow run on the user's own Prefect server; None for this run's temporary
+    server (it stops with the command) or without an id."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.utilities.urls import url_for
+
+    api_url = PREFECT_API_URL.value()
+    if not flow_run_id or not api_url or api_url == _temporary_api_url:
+        return None
+    return url_for("flow-run", obj_id=flow_run_id)
+
+
+def location_name(location: str | None, parts: int = 2) -> str:
+    """A run-name-sized location: its last ``parts`` path components (``plant/model`` of
+    ``s3://plant/model``), credentials masked."""
+    if not location:
+        return ""
+    tail = [p for p in str(location).rstrip("/").split("://")[-1].split("/") if p][-parts:]
+    return for_log("/".join(tail))
+
+
+def run_name(pattern: str, **defaults):
+    """A ``flow_run_name`` callable: ``pattern`` formatted with the run's parameters, locations
+    (``images``, ``root``, ``results``, ``archive``, ``split_csv``) shortened by :func:`location_name`,
+    ``defaults`` (callables) filling parameters left None. The UI lists runs by these names."""
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        values = dict(flow_run.parameters)
+        for key, default in defaults.items():
+            if values.get(key) is None:
+                values[key] = default()
+        for key in ("images", "root", "results", "archive"):
+            if isinstance(values.get(key), str):
+                values[key] = location_name(values[key])
+        if isinstance(values.get("split_csv"), str):
+            values["split_csv"] = location_name(values["split_csv"], 1)
+        return pattern.format(**values)
+
+    return name
 
 
 def gather(futures: list, description: str) -> list:
@@ -206,10 +262,12 @@ def prefect_api():
     if PREFECT_API_URL.value():
         yield PREFECT_API_URL.value()
         return
+    global _temporary_api_url
     server = _server_class()(port=free_port())
     timeout = max(SERVER_STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
     try:
         server.start(timeout=timeout)
+        _temporary_api_url = server.api_url
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             previous = os.environ.get("PREFECT_API_URL")
             os.environ["PREFECT_API_URL"] = server.api_url  # for the processes this run starts

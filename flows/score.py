@@ -16,7 +16,7 @@ from tasks.scoring import SCORE_COLUMNS, ModelRef, score_batch_task, score_row
 from tasks.tiles import score_tiles_task, stitch_map_task
 
 from .report import markdown_rows, markdown_table
-from .runner import gather
+from .runner import gather, run_name
 
 
 class NothingScoredError(RuntimeError):
@@ -84,7 +84,7 @@ def publish_scores(logger, out: ResultStore, summary: dict, errors: list[dict], 
     return {**summary, "errors": errors}
 
 
-@flow(name="score", log_prints=True)
+@flow(name="score", flow_run_name=run_name("score {results}"), log_prints=True)
 def score_flow(images: str, root: str, results: str, split: str | None = None, batch_size: int = 16,
                tiles_per_task: int = 16, version: str | None = None) -> dict:
     """Score every image of ``images`` with ``version`` (default: the current one) into ``results``."""

@@ -146,7 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # INFO reaches the Prefect server (each run's logs in the UI), the terminal shows warnings
+    # only: the level gates what is emitted at all, the console handler what is printed. Set
+    # before Prefect is imported (it configures logging then); Dask workers inherit them.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     # the ephemeral server must not try to reach the internet (telemetry)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.deployments import NoServerError
@@ -269,8 +273,9 @@ def _run(args) -> int:
         serve_registered(args.name)
     elif args.command == "evaluate":
         from flows.evaluate import evaluate_flow
+        from flows.runner import run_and_link
         features, detector = _configs(args)
-        summary = evaluate_flow(split_csv=args.split_csv, out=args.out, feature_config=features,
+        summary = run_and_link(evaluate_flow, split_csv=args.split_csv, out=args.out, feature_config=features,
                                 detector=args.detector, detector_config=detector, batch_size=args.batch_size,
                                 dask_address=args.dask_address, workers=args.workers, auto=args.auto)
         print_summary("evaluate", summary)

@@ -11,7 +11,7 @@ from storage.model_store import TRAIN, FeatureBank, ModelStore
 from .retries import retry_delays, transient
 
 
-@task(name="fit-detector", retries=2, retry_delay_seconds=retry_delays(5, 30), retry_condition_fn=transient)
+@task(name="fit-detector", task_run_name="fit-detector", retries=2, retry_delay_seconds=retry_delays(5, 30), retry_condition_fn=transient)
 def fit_detector_task(root: str, model_root: str, name: str, config: PadimConfig | SpadeConfig) -> dict:
     """PaDiM's running per-position Gaussians or SPADE's per-image galleries, from the bank's
     training batches -> the version's detector.npz."""

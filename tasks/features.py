@@ -85,7 +85,7 @@ def drop_too_small(extractor, records: list[ImageRecord], images: list[np.ndarra
 
 
 # no result cache: a batch the bank holds is recalled from its stored outcome, never re-run
-@task(name="extract-features", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), retry_condition_fn=transient)
+@task(name="extract-features", task_run_name="extract-features batch {batch:05d}", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), retry_condition_fn=transient)
 def extract_features_task(root: str, batch: int, records: list[ImageRecord], config: FeatureConfig,
                           tiling: TilingConfig | None = None, kind: str = TRAIN, rows_per_chunk: int = 4096) -> dict:
     """Patch features of ``records`` -> ``ROOT/bank/KIND-NNNNN``; returns counts, errors and

@@ -11,7 +11,7 @@ def chunk(records: list, batch_size: int) -> list[list]:
     return [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
 
 
-@task(name="list-images", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), retry_condition_fn=transient)
+@task(name="list-images", task_run_name="list-images", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), retry_condition_fn=transient)
 def list_images_task(source: str, split: str | None = None) -> list[ImageRecord]:
     listing = scan_source(source, split)
     logger = get_run_logger()

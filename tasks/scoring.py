@@ -124,7 +124,7 @@ def retry_unless_root_gone(task, task_run, state) -> bool:
     return not isinstance(state.result(raise_on_failure=False), ResultsRootGoneError)
 
 
-@task(name="score-batch", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=CONTENT_CACHE,
+@task(name="score-batch", task_run_name="score-batch part {part:05d}", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=CONTENT_CACHE,
       persist_result=True, retry_condition_fn=retry_unless_root_gone)
 def score_batch_task(model: ModelRef, results: str, part: int, records: list[ImageRecord],
                      tiling: TilingConfig | None = None) -> dict:

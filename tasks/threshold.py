@@ -13,7 +13,7 @@ from .retries import retry_delays, transient
 from .scoring import open_detector
 
 
-@task(name="calibrate-threshold", retries=2, retry_delay_seconds=retry_delays(5, 30), retry_condition_fn=transient)
+@task(name="calibrate-threshold", task_run_name="calibrate-threshold", retries=2, retry_delay_seconds=retry_delays(5, 30), retry_condition_fn=transient)
 def calibrate_threshold_task(root: str, model_root: str, detector: str, detector_config: dict,
                              quantile: float) -> dict:
     """Image scores of the bank's held-out images (their features are in the bank already) ->

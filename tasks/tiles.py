@@ -24,7 +24,7 @@ PREVIEW_SIDE = 1024
 
 
 # no result cache: a batch the bank holds is recalled from its stored outcome, never re-run
-@task(name="extract-tile-features", retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
+@task(name="extract-tile-features", task_run_name="extract-tile-features batch {batch:05d}", retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
       retry_condition_fn=transient)
 def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, tiles: list[Tile],
                                config: FeatureConfig, rows_per_chunk: int = 4096) -> dict:
@@ -42,7 +42,14 @@ def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, t
     return result
 
 
-@task(name="score-tiles", retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
+def _score_tiles_run_name(parameters: dict) -> str:
+    """The image and where its first tile starts: the UI tells the tile tasks of one image apart."""
+    first = parameters["tiles"][0] if parameters["tiles"] else None
+    return (f"score-tiles {str(parameters['uri']).rstrip('/').rsplit('/', 1)[-1]}"
+            + (f" at {first.top},{first.left}" if first is not None else ""))
+
+
+@task(name="score-tiles", task_run_name=_score_tiles_run_name, retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
       retry_condition_fn=transient, cache_policy=CONTENT_CACHE,
       persist_result=True)
 def score_tiles_task(model: ModelRef, uri: str, tiles: list[Tile]) -> list[dict]:
@@ -59,7 +66,7 @@ def score_tiles_task(model: ModelRef, uri: str, tiles: list[Tile]) -> list[dict]
 
 
 # transient() refuses to retry a vanished results root too (ResultsRootGoneError is a FileNotFoundError)
-@task(name="stitch-map", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), retry_condition_fn=transient)
+@task(name="stitch-map", task_run_name="stitch-map {image_id}", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), retry_condition_fn=transient)
 def stitch_map_task(results: str, image_id: str, uri: str, version: str, shape: tuple[int, int],
                     tile_scores: list[dict], sigma: float, overlap: int) -> dict:
     """Blend the tiles' grids and render the full-resolution map into Zarr, block by block."""

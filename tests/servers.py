@@ -314,7 +314,6 @@ def patchwatch_env(home: Path, api_url: str | None = None, s3: S3Server | None =
         "PREFECT_HOME": str(home),
         "PREFECT_PROFILES_PATH": str(home / "profiles.toml"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",

@@ -74,8 +74,8 @@ def deployed(prefect_server, tmp_path_factory):
 
 def test_deploy_registers_both_deployments_with_cron_schedules(deployed):
     with temporary_settings(updates={PREFECT_API_URL: deployed["api_url"]}):
-        refit = asyncio.run(_deployment(f"nightly-refit/{deployed['name']}"))
-        score = asyncio.run(_deployment(f"nightly-score/{deployed['name']}"))
+        refit = asyncio.run(_deployment(f"nightly-refit/{deployed['name']}-refit"))
+        score = asyncio.run(_deployment(f"nightly-score/{deployed['name']}-score"))
     for deployment, cron in ((refit, "0 1 * * *"), (score, "30 2 * * *")):
         assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules] == [(cron, "UTC", True)]
         assert not deployment.paused
@@ -95,7 +95,7 @@ def test_serve_runs_a_triggered_refit_and_scoring(deployed):
         with temporary_settings(updates={PREFECT_API_URL: deployed["api_url"]}):
             finished = {}
             for flow in ("nightly-refit", "nightly-score"):
-                triggered = run_deployment(f"{flow}/{deployed['name']}", timeout=0)
+                triggered = run_deployment(f"{flow}/{deployed['name']}-{flow.rsplit('-', 1)[1]}", timeout=0)
                 run = asyncio.run(_wait_for(triggered.id, RUN_TIMEOUT))
                 assert run.state.is_completed(), (
                     f"{flow}: {run.state}\n" + (deployed["work"] / "serve.log").read_text()[-6000:])

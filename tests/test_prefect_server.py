@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, FlowFilter,
-                                            FlowFilterName, FlowRunFilter, FlowRunFilterId)
+                                            FlowFilterName, FlowRunFilter, FlowRunFilterId, LogFilter,
+                                            LogFilterFlowRunId)
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 # the server fixtures (session-scoped) as a plugin: registered once however many modules ask, so
@@ -49,23 +50,24 @@ def server_run(prefect_server, mtd_slice, tmp_path_factory) -> dict:
     tiny.to_csv(images, index=False)
     root, results = work / "model", work / "results"
     env = patchwatch_env(work / "client-home", api_url=prefect_server.api_url)
-    timings = {}
+    timings, output = {}, {}
     started = time.monotonic()
-    run_patchwatch(["fit", "--images", images, "--split", "train", "--root", root, "--workers", "1"], env,
-                   timeout=CLI_TIMEOUT)
+    output["fit"] = run_patchwatch(["fit", "--images", images, "--split", "train", "--root", root, "--workers", "1"], env,
+                   timeout=CLI_TIMEOUT).stdout
     timings["fit_s"] = time.monotonic() - started
     started = time.monotonic()
-    run_patchwatch(["score", "--images", images, "--split", "test", "--root", root, "--out", results,
-                    "--workers", "1"], env, timeout=CLI_TIMEOUT)
+    output["score"] = run_patchwatch(["score", "--images", images, "--split", "test", "--root", root, "--out",
+                                      results, "--workers", "1"], env, timeout=CLI_TIMEOUT).stdout
     timings["score_s"] = time.monotonic() - started
     print(f"fit {timings['fit_s']:.1f}s, score {timings['score_s']:.1f}s against {prefect_server.api_url}")
-    return {"api_url": prefect_server.api_url, "root": str(root), "n_train": int((tiny.split == "train").sum()),
+    return {"api_url": prefect_server.api_url, "root": str(root), "results": str(results), "output": output,
+            "n_train": int((tiny.split == "train").sum()),
             "n_test": int((tiny.split == "test").sum()), "timings": timings}
 
 
 def _task_name(run_name: str) -> str:
-    """A task run's name is ``<task name>-<3 hex digits>``."""
-    return run_name.rsplit("-", 1)[0]
+    """A task run's name is ``<task name>`` or ``<task name> <what it works on>`` (a batch, a part)."""
+    return run_name.split(" ", 1)[0]
 
 
 async def _recorded(api_url: str, root: str) -> dict:
@@ -93,10 +95,11 @@ async def _recorded(api_url: str, root: str) -> dict:
             if complete or time.monotonic() > deadline:
                 break
             await asyncio.sleep(2)
+        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs])))
         artifacts = await client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=sorted(ARTIFACT_KEYS)),
                                            flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in runs])))
-    return {"flow_runs": by_flow, "task_runs": tasks_by_flow, "artifacts": artifacts}
+    return {"flow_runs": by_flow, "task_runs": tasks_by_flow, "artifacts": artifacts, "logs": logs}
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +149,35 @@ def test_artifacts(recorded, server_run):
     table = by_key["most-anomalous"].data
     rows = json.loads(table) if isinstance(table, str) else table
     assert len(rows) == server_run["n_test"] and {"image_id", "score", "map"} <= set(rows[0])
+
+
+def test_info_logs_reach_the_server(recorded, server_run):
+    """The runs' INFO logs are in the UI (flow and worker task runs alike), though the terminal
+    showed warnings only."""
+    fit_run, score_run = recorded["flow_runs"]["fit"][0], recorded["flow_runs"]["score"][0]
+    logs = recorded["logs"]
+    info = [log for log in logs if log.level == 20]
+    fit_messages = [log.message for log in info if log.flow_run_id == fit_run.id]
+    assert any("listed images" in m and "1 batches" in m for m in fit_messages), fit_messages
+    # written on the Dask worker, by the score-batch task run
+    score_tasks = {t.id for t in recorded["task_runs"]["score"] if _task_name(t.name) == "score-batch"}
+    assert any(log.task_run_id in score_tasks and log.flow_run_id == score_run.id for log in info), \
+        [(log.task_run_id, log.message) for log in info if log.flow_run_id == score_run.id]
+    for command in ("fit", "score"):
+        assert " INFO " not in server_run["output"][command], server_run["output"][command]
+
+
+def test_runs_and_task_runs_are_named_for_their_work(recorded, server_run):
+    from flows.runner import location_name
+
+    fit_run, score_run = recorded["flow_runs"]["fit"][0], recorded["flow_runs"]["score"][0]
+    assert fit_run.name == f"fit {location_name(server_run['root'])}", fit_run.name
+    assert score_run.name == f"score {location_name(server_run['results'])}", score_run.name
+    fit_tasks = {t.name for t in recorded["task_runs"]["fit"]}
+    score_tasks = {t.name for t in recorded["task_runs"]["score"]}
+    assert {"list-images", "extract-features batch 00000", "select-coreset", "build-index"} <= fit_tasks, fit_tasks
+    assert {"list-images", "score-batch part 00000"} <= score_tasks, score_tasks
+    # each command says where its run is in the UI
+    base = server_run["api_url"].removesuffix("/api")
+    assert f"fit run: {base}/runs/flow-run/{fit_run.id}" in server_run["output"]["fit"], server_run["output"]["fit"]
+    assert f"score run: {base}/runs/flow-run/{score_run.id}" in server_run["output"]["score"]
