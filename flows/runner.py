@@ -25,6 +25,12 @@ CLUSTER_CLOSE_TIMEOUT_S = 30
 # Prefect's own default (20 s) is too short for a first start (database migrations) on a loaded
 # machine; PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS may only lengthen it
 SERVER_STARTUP_TIMEOUT_S = 180
+# Dask's default pre-spawn MALLOC_TRIM_THRESHOLD_=65536 also switches glibc's dynamic mmap threshold
+# off: every block above 128 KiB (each backbone activation) is then a fresh mmap, page-faulted in and
+# unmapped again on free, and the backbone ran ~3x slower. A fixed 32 MiB mmap threshold keeps those
+# blocks on the heap and reused (bench/bench_workers.py); trimming still returns freed heap to the OS.
+# glibc reads these once, at process start: they must be in the environment the worker is spawned with.
+WORKER_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
 
 
 @contextlib.contextmanager
@@ -34,6 +40,7 @@ def dask_cluster(address: str | None = None, workers: int | None = None):
     if address:
         yield address
         return
+    import dask
     from distributed import LocalCluster
 
     env = {}
@@ -41,8 +48,9 @@ def dask_cluster(address: str | None = None, workers: int | None = None):
     if api_url:  # workers report their task runs to the same Prefect API as the flow
         env["PREFECT_API_URL"] = api_url
     workers = workers or max(1, os.cpu_count() or 1)
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           env=env)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_spawn_environ()}):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               env=env)
     try:
         yield cluster.scheduler_address
     finally:
@@ -51,6 +59,16 @@ def dask_cluster(address: str | None = None, workers: int | None = None):
         except (TimeoutError, OSError) as error:  # asyncio.TimeoutError is TimeoutError (3.11)
             logger.warning("the local Dask cluster did not shut down cleanly (%s: %s); its worker "
                            "processes end with this one", type(error).__name__, error)
+
+
+def worker_spawn_environ(allocator: dict | None = None) -> dict:
+    """Dask's ``distributed.nanny.pre-spawn-environ`` (set before a worker process starts) with
+    ``allocator`` (default :data:`WORKER_ALLOCATOR_ENV`) over it; a value of None removes a variable."""
+    import dask
+
+    merged = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}),
+              **(WORKER_ALLOCATOR_ENV if allocator is None else allocator)}
+    return {key: value for key, value in merged.items() if value is not None}
 
 
 def _current_api_url() -> str | None:

@@ -1,0 +1,120 @@
+"""Backbone time inside a Dask worker under different glibc allocator settings.
+
+One local Dask cluster (one single-threaded worker process) per setting, all started before any
+timing; the settings go into ``distributed.nanny.pre-spawn-environ`` as ``flows.runner.dask_cluster``
+does (glibc reads them at process start). Rounds are interleaved: each round times every setting
+once, in turn, so a change in the machine's load falls on all of them alike. Each timing is the
+default patch feature extraction (``PatchFeatureExtractor.extract``, one image at a time, as the fit
+and score tasks run it) over the same MTD images, decoded beforehand; the worker's resident memory
+after the round is recorded too (what trimming is for).
+Usage: python bench/bench_workers.py [--images 12] [--rounds 6] [--out bench/results]
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import base_parser, command_line, machine_info, report, select_records, utc_now  # noqa: E402
+
+DASK_DEFAULT = "Dask default (MALLOC_TRIM_THRESHOLD_=65536)"
+SETTINGS = {  # name -> allocator variables over Dask's pre-spawn-environ (None: unset)
+    DASK_DEFAULT: {},
+    "trim threshold unset (glibc defaults)": {"MALLOC_TRIM_THRESHOLD_": None},
+    "trim 65536 + MALLOC_MMAP_THRESHOLD_=32 MiB (patchwatch)": {"MALLOC_MMAP_THRESHOLD_": "33554432"},
+    "MALLOC_TRIM_THRESHOLD_=128 MiB": {"MALLOC_TRIM_THRESHOLD_": "134217728"},
+}
+
+
+def time_backbone(uris: list[str]) -> dict:
+    """Runs on the worker: ms per image of the default feature extraction, and the worker's memory."""
+    import os
+
+    from anomaly.detectors import default_features
+    from storage.images import read_image
+    from tasks.runtime import feature_extractor  # sets torch to 1 thread, as in every task
+
+    extractor = feature_extractor(default_features("patchcore"))
+    images = [read_image(uri) for uri in uris]
+    extractor.extract(images[:1])  # warm-up: lazy initialisation is not the steady state
+    times, cpu = [], []
+    for image in images:
+        started, started_cpu = time.perf_counter(), time.process_time()
+        extractor.extract([image])
+        times.append((time.perf_counter() - started) * 1000)
+        cpu.append((time.process_time() - started_cpu) * 1000)
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {"ms": times, "cpu_ms": cpu, "rss_mib": int(status["VmRSS"].split()[0]) / 1024,
+            "env": {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")}}
+
+
+def main() -> None:
+    parser = base_parser(__doc__, "workers")
+    parser.add_argument("--images", type=int, default=12, help="train images timed per round (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (default %(default)s)")
+    args = parser.parse_args()
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    from flows.runner import worker_spawn_environ
+
+    started, machine = time.perf_counter(), machine_info()
+    uris = [r.uri for r in select_records(args.split, "train", args.images)]
+    clusters, clients = {}, {}
+    try:
+        for name, allocator in SETTINGS.items():
+            # the nanny puts its pre-spawn variables into this process's os.environ before it spawns
+            # the worker, and a spawned worker inherits them: clear the previous cluster's first
+            for key in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"):
+                os.environ.pop(key, None)
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_spawn_environ(allocator)}):
+                clusters[name] = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                              dashboard_address=None)
+            clients[name] = Client(clusters[name])
+        runs = {name: [] for name in SETTINGS}
+        for round_ in range(args.rounds):
+            for name in SETTINGS:
+                result = clients[name].submit(time_backbone, uris, pure=False).result()
+                runs[name].append(result)
+                print(f"round {round_ + 1} {name}: median {np.median(result['ms']):.1f} ms/image "
+                      f"(CPU {np.median(result['cpu_ms']):.1f}), "
+                      f"RSS {result['rss_mib']:.0f} MiB, env {result['env']}", flush=True)
+    finally:
+        for client in clients.values():
+            client.close()
+        for cluster in clusters.values():
+            cluster.close()
+    rows = []
+    for name, results in runs.items():
+        medians = [float(np.median(r["ms"])) for r in results]
+        rows.append({"worker allocator setting": name,
+                     "CPU ms / image (median)": float(np.median([t for r in results for t in r["cpu_ms"]])),
+                     "wall ms / image (median)": float(np.median([t for r in results for t in r["ms"]])),
+                     "round medians wall ms": ", ".join(f"{m:.0f}" for m in medians),
+                     "worker RSS MiB (last round)": results[-1]["rss_mib"],
+                     "env seen by the worker": ", ".join(f"{k}={v}" for k, v in results[-1]["env"].items() if v)})
+    for key in ("CPU ms / image (median)", "wall ms / image (median)"):
+        for row in rows:
+            row[key.split(" ")[0] + " ÷ Dask default"] = row[key] / rows[0][key]
+    meta = {"command": command_line(), "date": utc_now(), "machine": machine, "measures_memory": False,
+            "wall_s": time.perf_counter() - started,
+            "parameters": {"split": args.split, "images": len(uris), "rounds": args.rounds}}
+    notes = ["one LocalCluster (1 worker process, 1 thread) per setting, all started first; rounds interleaved",
+             "CPU: the worker process's CPU time (user + system: page faults count) per image; wall: elapsed "
+             "time, which the other load on this machine inflates (see the round medians)",
+             "timed: PatchFeatureExtractor.extract with default_features('patchcore'), one image at a time, "
+             "images decoded beforehand, one untimed warm-up image per round",
+             "worker RSS: VmRSS of the worker process after its round (images and model loaded)",
+             "patchwatch's local cluster uses the 'patchwatch' row (flows/runner.py WORKER_ALLOCATOR_ENV)"]
+    report(args.out, args.name, "Backbone time in a Dask worker by allocator setting", meta,
+           [{"title": "Backbone per image", "rows": rows, "notes": notes}])
+
+
+if __name__ == "__main__":
+    main()
