@@ -43,6 +43,8 @@ def print_versions(root: str) -> None:
 
     registry = ModelRegistry(root)
     current = registry.current()
+    if not registry.versions():  # a mistyped root must not look like a model with no versions yet
+        raise FileNotFoundError(f"no model versions at {root}: is it the --root given to 'patchwatch fit'?")
     columns = ["version", "state", "created", "parent", "detector", "images", "new", "incremental",
                "memory rows", "threshold", "image AUROC"]
     table = Table(title=f"model versions in {root}")

@@ -82,9 +82,42 @@ def _configs(args) -> tuple[dict, dict]:
     return features.to_dict(), detector.to_dict()
 
 
+EXAMPLES = {
+    "fit": "patchwatch fit --images data/nominal --root models/line1\n"
+           "patchwatch fit --images s3://plant/split.csv --split train --root s3://plant/model",
+    "score": "patchwatch score --images data/today --root models/line1 --out results/today",
+    "score-new": "patchwatch score-new --archive s3://plant/archive --root s3://plant/model --results s3://plant/results",
+    "models": "patchwatch models --root models/line1",
+    "promote": "patchwatch promote v0003 --root models/line1",
+    "deploy": "PREFECT_API_URL=http://127.0.0.1:4200/api patchwatch deploy --images s3://plant/nominal "
+              "--root s3://plant/model --archive s3://plant/archive",
+    "serve": "PREFECT_API_URL=http://127.0.0.1:4200/api patchwatch serve",
+    "evaluate": "patchwatch evaluate ../shared/datasets/mtd/split.csv --out runs/mtd",
+}
+DESCRIPTION = ("patchwatch: unsupervised visual anomaly detection on image archives. Fit a model on "
+               "defect-free images, score new ones; maps (Zarr) and score tables (Parquet) go to a folder or S3.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="patchwatch", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    from patchwatch import __version__
+
+    parser = argparse.ArgumentParser(prog="patchwatch", description=DESCRIPTION,
+                                     epilog="'patchwatch COMMAND --help' describes a command, with an example.")
+    parser.add_argument("--version", action="version", version=f"patchwatch {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="also show Dask's and Prefect's progress logs")
+    common.add_argument("--debug", action="store_true", help="a failure shows its full traceback")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    class Commands:  # every command gets the common options and its example as epilog
+        @staticmethod
+        def add_parser(name, help, **kwargs):
+            return subparsers.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                                         epilog="example:\n  " + EXAMPLES[name].replace("\n", "\n  "),
+                                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                                         parents=[common], **kwargs)
+
+    commands = Commands()
 
     fit = commands.add_parser("fit", help="fit a model on nominal images")
     fit.add_argument("--images", required=True, help="folder, split CSV, or URL of either")
@@ -146,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        # Dask's INFO lines (cluster start and stop, 30-40 per command) say nothing to a user; set
+        # before distributed is imported (it configures its loggers then), inherited by workers
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    else:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "INFO")
     # INFO reaches the Prefect server (each run's logs in the UI), the terminal shows warnings
     # only: the level gates what is emitted at all, the console handler what is printed. Set
     # before Prefect is imported (it configures logging then); Dask workers inherit them.
@@ -172,11 +211,13 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
     except (FileNotFoundError, IncompatibleModelError, LookupError, NoServerError, ValueError, LeaseHeldError,
             LeaseLostError, NothingScoredError, PermissionError, ConnectionError) as error:
+        if args.debug:
+            raise
         # a mistake in the command or its inputs: one clear line, no traceback
         print(f"patchwatch {args.command}: {type(error).__name__}: {for_log(error)}", file=sys.stderr)
         return 1
     except OSError as error:
-        if error.errno not in DETERMINISTIC_ERRNOS:
+        if error.errno not in DETERMINISTIC_ERRNOS or args.debug:
             raise
         # a full disk, a read-only store: one line naming what could not be written
         where = error.filename or " / ".join(filter(None, (getattr(args, n, None) for n in ("out", "root", "results"))))
@@ -186,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
 
 FLOW_COMMANDS = ("fit", "score", "score-new", "evaluate")
 PATH_ARGUMENTS = ("images", "root", "out", "archive", "results", "split_csv")
+# locations a command reads: a local one that does not exist is named at once, before any run
+INPUT_ARGUMENTS = {"fit": ("images",), "score": ("images", "root"), "score-new": ("archive", "root"),
+                   "evaluate": ("split_csv",), "deploy": ("images", "archive"), "models": ("root",),
+                   "promote": ("root",)}
 
 
 def _terminated(signum, frame):
@@ -211,6 +256,11 @@ def _prepare(args) -> None:
                              "give them to the store (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
                              "fsspec configuration)")
         setattr(args, name, absolute(value))
+    for name in INPUT_ARGUMENTS.get(args.command, ()):
+        value = getattr(args, name, None)
+        if value and "://" not in value and not os.path.exists(value):  # URLs: check_store below
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {value}: no such file or folder"
+                                    + ("" if name != "root" else ": give the --root a 'patchwatch fit' wrote"))
     if args.command in FLOW_COMMANDS or args.command == "deploy":
         for name in PATH_ARGUMENTS:
             if getattr(args, name, None):
@@ -222,17 +272,25 @@ def _run(args) -> int:
     from flows.runner import dask_cluster, run_on_dask
 
     if args.command == "fit":
-        from flows.fit import fit_flow
+        from flows.fit import fit_flow, nothing_to_fit
+        from flows.runner import run_and_link
         features, detector = _configs(args)
-        with dask_cluster(args.dask_address, args.workers) as address:
-            summary = run_on_dask(fit_flow, address, images=args.images, root=args.root, split=args.split,
-                                  feature_config=features, detector=args.detector, detector_config=detector,
-                                  batch_size=args.batch_size, holdout_fraction=args.holdout_fraction,
-                                  threshold_quantile=args.threshold_quantile, full=args.full, auto=args.auto)
+        parameters = dict(images=args.images, root=args.root, split=args.split, feature_config=features,
+                          detector=args.detector, detector_config=detector, batch_size=args.batch_size,
+                          holdout_fraction=args.holdout_fraction, threshold_quantile=args.threshold_quantile,
+                          full=args.full, auto=args.auto)
+        if not args.dask_address and nothing_to_fit(**parameters):  # no local cluster to start for nothing
+            summary = run_and_link(fit_flow, **parameters)
+        else:
+            with dask_cluster(args.dask_address, args.workers) as address:
+                summary = run_on_dask(fit_flow, address, **parameters)
         print_summary("fit", {k: v for k, v in summary.items() if k != "message"})
         if summary.get("message"):
             print(summary["message"])
         _say_auto_choice(summary.get("auto"))
+        if summary.get("refit"):
+            print(f"model {summary['version']} is current in {args.root}; list versions: "
+                  f"patchwatch models --root {args.root}")
     elif args.command == "score":
         from flows.score import score_flow
         from storage.locations import join
@@ -241,6 +299,7 @@ def _run(args) -> int:
                                   results=args.out or join(args.root, "results"), split=args.split,
                                   batch_size=args.batch_size, version=args.version)
         print_summary("score", summary)
+        _say_results(summary)
     elif args.command == "score-new":
         from flows.nightly import score_new_flow
         with dask_cluster(args.dask_address, args.workers) as address:
@@ -248,6 +307,7 @@ def _run(args) -> int:
                                   results=args.results, night=args.night, batch_size=args.batch_size,
                                   rescore=args.rescore)
         print_summary("score-new", summary)
+        _say_results(summary)
     elif args.command == "models":
         from flows.report import print_versions
         print_versions(args.root)
@@ -274,13 +334,28 @@ def _run(args) -> int:
     elif args.command == "evaluate":
         from flows.evaluate import evaluate_flow
         from flows.runner import run_and_link
+        from storage.locations import join
         features, detector = _configs(args)
         summary = run_and_link(evaluate_flow, split_csv=args.split_csv, out=args.out, feature_config=features,
                                 detector=args.detector, detector_config=detector, batch_size=args.batch_size,
                                 dask_address=args.dask_address, workers=args.workers, auto=args.auto)
         print_summary("evaluate", summary)
         print(json.dumps(summary, indent=2))
+        results = join(args.out, "results")
+        print(f"results in {results}: open {join(results, 'metrics.json')} first, then the heat maps in "
+              f"{join(results, 'overlays')}/ (most anomalous, false alarms, misses); per image: "
+              f"{join(results, 'scores.csv')}")
     return 0
+
+
+def _say_results(summary: dict) -> None:
+    """Where a scoring run's results are, and what to open first."""
+    table = summary.get("score_table")
+    if table:
+        print(f"score table: {table} ({summary.get('flagged', 0)} of {summary.get('images', 0)} images flagged;"
+              f" sort by 'score', each row names its anomaly map)")
+    elif "results" in summary:
+        print(f"nothing new scored; results stay in {summary['results']}")
 
 
 def _say_auto_choice(choice: dict | None) -> None:

@@ -271,6 +271,11 @@ class ModelRegistry:
     def promote(self, version: str) -> dict:
         """Point ``current`` at ``version`` (complete versions only), in one atomic write: a reader
         sees the old pointer or the new one, and either names a complete version."""
+        versions = self.versions()
+        if version not in versions:  # a typo, or the wrong root: say which versions there are
+            raise LookupError(f"no such version {version} at {self.root}; "
+                              + (f"its versions: {', '.join(versions)} (current {self.current()})" if versions
+                                 else "it holds no versions: run 'patchwatch fit' first"))
         model = self.model(version)
         if not model.is_complete():
             raise ValueError(f"version {version} at {self.root} is not complete (no manifest.json): cannot promote it")

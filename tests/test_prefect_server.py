@@ -61,6 +61,7 @@ def server_run(prefect_server, mtd_slice, tmp_path_factory) -> dict:
     timings["score_s"] = time.monotonic() - started
     print(f"fit {timings['fit_s']:.1f}s, score {timings['score_s']:.1f}s against {prefect_server.api_url}")
     return {"api_url": prefect_server.api_url, "root": str(root), "results": str(results), "output": output,
+            "work": work, "images": str(images),
             "n_train": int((tiny.split == "train").sum()),
             "n_test": int((tiny.split == "test").sum()), "timings": timings}
 
@@ -181,3 +182,16 @@ def test_runs_and_task_runs_are_named_for_their_work(recorded, server_run):
     base = server_run["api_url"].removesuffix("/api")
     assert f"fit run: {base}/runs/flow-run/{fit_run.id}" in server_run["output"]["fit"], server_run["output"]["fit"]
     assert f"score run: {base}/runs/flow-run/{score_run.id}" in server_run["output"]["score"]
+
+
+def test_a_fit_with_nothing_new_is_quiet(server_run):
+    """Dask's INFO lines stay off the terminal: the output is the summary, the message and the
+    run's URL."""
+    env = patchwatch_env(server_run["work"] / "client-home", api_url=server_run["api_url"])
+    output = run_patchwatch(["fit", "--images", server_run["images"], "--split", "train", "--root",
+                             server_run["root"], "--workers", "1"], env, timeout=CLI_TIMEOUT).stdout
+    assert "nothing new" in output and "distributed." not in output, output
+    for command, text in server_run["output"].items():
+        assert not [line for line in text.splitlines() if "distributed." in line and "WARNING" not in line], \
+            (command, text)
+
