@@ -21,7 +21,7 @@ from tasks.features import extract_features_task, from_outcome
 from tasks.index import build_index_task
 from tasks.listing import chunk, list_images_task
 from tasks.threshold import calibrate_threshold_task
-from tasks.tiles import extract_tile_features_task
+from tasks.tiles import extract_tile_features_task, remove_staged_copies, stage_large_images
 
 from .choice import choose_configuration
 from .defaults import HOLDOUT_FRACTION, THRESHOLD_QUANTILE
@@ -144,13 +144,20 @@ def _fit(images, root, split, feature_config, detector, detector_config, batch_s
         for group in chunk(tile_grid(*shape, tiling.tile, tiling.overlap), tiles_per_task):
             tile_jobs.append((next_batch, (record, group)))
             next_batch += 1
-    extracted += run_or_recall(
-        tile_jobs,
-        lambda n, job: extract_tile_features_task.submit(root, n, job[0].image_id, job[0].uri, job[1],
-                                                           features),
-        lambda job: TRAIN, "tile features")
+    # a PNG/JPEG with tiles left to featurise is decoded once, into a scratch Zarr copy under the root
+    pending = {job[0].image_id for n, job in tile_jobs if n not in written}
+    staged, unreadable = stage_large_images([(r, shape) for r, shape in large if r.image_id in pending], root)
+    failed = {e["image_id"] for e in unreadable}
+    try:
+        extracted += run_or_recall(
+            [(n, job) for n, job in tile_jobs if job[0].image_id not in failed],
+            lambda n, job: extract_tile_features_task.submit(root, n, job[0].image_id, job[0].uri, job[1],
+                                                               features, staged=staged.get(job[0].image_id)),
+            lambda job: TRAIN, "tile features")
+    finally:
+        remove_staged_copies(staged)
     extract_s = time.perf_counter() - extract_started
-    errors = [e for result in extracted for e in result["errors"]]
+    errors = [e for result in extracted for e in result["errors"]] + unreadable
     for error in errors:
         logger.error("skipped %s: %s", error["uri"], error["reason"])
     added_rows = sum(r["rows"] for r in extracted)

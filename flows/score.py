@@ -12,8 +12,8 @@ from storage.images import ImageRecord
 from storage.model_store import ModelRegistry
 from storage.results_store import ResultStore, drop_parts_from, part_name
 from tasks.listing import chunk, list_images_task
-from tasks.scoring import SCORE_COLUMNS, ModelRef, score_batch_task, score_row
-from tasks.tiles import score_tiles_task, stitch_map_task
+from tasks.scoring import SCORE_COLUMNS, ModelRef, error_table, score_batch_task, score_row
+from tasks.tiles import remove_staged_copies, score_tiles_task, stage_large_images, stitch_map_task
 
 from .report import markdown_rows, markdown_table
 from .runner import gather, run_name
@@ -35,20 +35,33 @@ def score_records(records: list[ImageRecord], model: ModelRef, manifest: dict, o
     scored = gather(futures, "scoring")
     # large images: tiles spread over the workers, then one stitch per image into a Zarr map
     large = [item for result in scored for item in result["large"]]
-    tile_futures = {record.image_id: [score_tiles_task.submit(model, record.uri, group)
-                                      for group in chunk(tile_grid(*shape, tiling.tile, tiling.overlap), tiles_per_task)]
-                    for record, shape in large}
-    stitched = [stitch_map_task.submit(out.root, record.image_id, record.uri, model.version, shape,
-                                       [item for future in tile_futures[record.image_id] for item in future.result()],
-                                       manifest["detector_config"]["sigma"], tiling.overlap)
-                for record, shape in large]
-    for part, ((record, shape), future) in enumerate(zip(large, stitched), start=first_part + len(batches)):
-        row = future.result()
-        out.require()
-        out.write_scores(part_name(part), pd.DataFrame([score_row(record, row["score"], shape, row["map"], model)],
-                                                       columns=SCORE_COLUMNS))
     errors = [e for result in scored for e in result["errors"]]
-    return {"parts": len(batches) + len(large), "errors": errors}
+    # a PNG/JPEG is decoded once, into a scratch Zarr copy under the results root that its tile tasks read
+    staged, unreadable = stage_large_images(large, out.root)
+    failed = {e["image_id"]: e for e in unreadable}
+    try:
+        tile_futures = {record.image_id: [score_tiles_task.submit(model, record.uri, group,
+                                                                  staged=staged.get(record.image_id))
+                                          for group in chunk(tile_grid(*shape, tiling.tile, tiling.overlap),
+                                                             tiles_per_task)]
+                        for record, shape in large if record.image_id not in failed}
+        stitched = {record.image_id: stitch_map_task.submit(
+                        out.root, record.image_id, record.uri, model.version, shape,
+                        [item for future in tile_futures[record.image_id] for item in future.result()],
+                        manifest["detector_config"]["sigma"], tiling.overlap)
+                    for record, shape in large if record.image_id not in failed}
+        for part, (record, shape) in enumerate(large, start=first_part + len(batches)):
+            # both parts, as a batch writes them: neither an earlier run's score nor its error row outlives this one
+            rows = []
+            if record.image_id not in failed:
+                row = stitched[record.image_id].result()
+                rows = [score_row(record, row["score"], shape, row["map"], model)]
+            out.require()
+            out.write_errors(part_name(part), error_table([failed[record.image_id]] if not rows else [], model))
+            out.write_scores(part_name(part), pd.DataFrame(rows, columns=SCORE_COLUMNS))
+    finally:
+        remove_staged_copies(staged)
+    return {"parts": len(batches) + len(large), "errors": errors + unreadable}
 
 
 def publish_scores(logger, out: ResultStore, summary: dict, errors: list[dict], title: str, key_prefix: str = "") -> dict:

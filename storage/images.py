@@ -12,11 +12,21 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from .locations import absolute, filesystem, for_log, has_credentials, is_below, location
+from .locations import absolute, filesystem, for_log, has_credentials, is_below, is_local, location
 
 logger = logging.getLogger("patchwatch.listing")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+TIFF_SUFFIXES = (".tif", ".tiff")
+# PIL's decompression-bomb guard (a warning above 89 M pixels, an error above twice that) is replaced
+# by one limit, checked from the header before any pixel is decoded: a PNG/JPEG/... is decoded whole
+# (pixels x channels bytes, about twice that while PIL converts it), once per run. Larger images must
+# come as tiled TIFFs, which are read region by region with no limit.
+MAX_PIXELS_ENV = "PATCHWATCH_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_PIXELS = 1 << 30  # 32768 x 32768
+Image.MAX_IMAGE_PIXELS = None
+# a large non-TIFF image is staged once as a Zarr array of these chunks; the tile tasks read regions
+STAGE_CHUNK = 256
 SPLIT_COLUMNS = ("image", "mask", "label", "defect_type", "split")
 
 
@@ -244,7 +254,7 @@ def decode_image(data: bytes, uri: str) -> np.ndarray:
     """
     if not data:
         raise ImageReadError(uri, "empty file (0 bytes)")
-    if uri.lower().endswith((".tif", ".tiff")):
+    if uri.lower().endswith(TIFF_SUFFIXES):
         import tifffile
         try:
             array = tifffile.imread(io.BytesIO(data))
@@ -253,6 +263,7 @@ def decode_image(data: bytes, uri: str) -> np.ndarray:
         return _check_array(array, uri)
     try:
         with Image.open(io.BytesIO(data)) as image:
+            check_pixel_count(image.height, image.width, uri)
             image.load()
             return _check_array(_pil_to_array(image), uri)
     except ImageReadError:
@@ -265,6 +276,23 @@ def decode_image(data: bytes, uri: str) -> np.ndarray:
         raise ImageReadError(uri, f"truncated or corrupt image ({_short(error)})") from error
     except Exception as error:  # a decoder bug on a hostile file must cost one line, not the batch
         raise ImageReadError(uri, f"cannot decode image ({type(error).__name__}: {_short(error)})") from error
+
+
+def max_pixels() -> int:
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    try:
+        return int(text) if text else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise ValueError(f"{MAX_PIXELS_ENV}={text!r}: expected a whole number of pixels") from None
+
+
+def check_pixel_count(height: int, width: int, uri: str) -> None:
+    """Refuse (ImageReadError) a non-TIFF image above the decode limit, from its header's size."""
+    limit = max_pixels()
+    if height * width > limit:
+        raise ImageReadError(uri, f"{width} x {height} = {height * width:,} pixels is above the decode limit of "
+                                  f"{limit:,} ({MAX_PIXELS_ENV}); convert it to a tiled TIFF, which is read "
+                                  f"region by region")
 
 
 def _short(error: BaseException, limit: int = 60) -> str:
@@ -345,6 +373,67 @@ def read_image(uri: str) -> np.ndarray:
     return decode_image(data, uri)
 
 
+def read_image_unless_large(uri: str, large) -> tuple[np.ndarray | None, tuple[int, int]]:
+    """(pixels, (height, width)) of the image at ``uri``, or (None, shape) when ``large(height,
+    width)`` says it is to be tiled: a large image is never decoded here (a TIFF is read region by
+    region later, any other format decoded once by :func:`stage_image`). One read of the file."""
+    if uri.lower().endswith(TIFF_SUFFIXES):
+        shape = image_shape(uri)  # from the header: never decode a huge TIFF whole
+        return (None, shape) if large(*shape) else (image := read_image(uri), tuple(image.shape[:2]))
+    fs, path = filesystem(uri)
+    try:
+        data = fs.cat_file(path)
+    except OSError as error:
+        raise file_error(uri, error) from error
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            shape = (header.height, header.width)
+    except Exception:  # not an image PIL knows: decode_image names the reason
+        shape = None
+    if shape is not None and large(*shape):
+        check_pixel_count(*shape, uri)  # refused now, as an error row, rather than in the staging task
+        return None, shape
+    image = decode_image(data, uri)
+    return image, tuple(image.shape[:2])
+
+
+def staged_location(root: str, uri: str) -> str:
+    """Where the decoded pixels of ``uri`` are staged under ``root``: keyed by the file's content
+    stamp, so a re-run's score-tiles cache keys (which include this location) stay valid."""
+    from .locations import join
+    from .results_store import source_stamp
+
+    return join(root, "scratch", "large", f"{source_stamp([uri])[:32]}.zarr")
+
+
+def stage_image(uri: str, location: str) -> tuple[int, int]:
+    """Decode the (non-TIFF) image at ``uri`` once and write its pixels to a chunked Zarr array at
+    ``location``, which :class:`LargeImage` then reads region by region. Returns its shape."""
+    import zarr
+
+    pixels = read_image(uri)
+    array = zarr.create_array(location, shape=pixels.shape, dtype=pixels.dtype, overwrite=True, zarr_format=3,
+                              chunks=(STAGE_CHUNK, STAGE_CHUNK, *pixels.shape[2:]))
+    for top in range(0, pixels.shape[0], STAGE_CHUNK * 8):  # bounded encode buffers
+        array[top:top + STAGE_CHUNK * 8] = pixels[top:top + STAGE_CHUNK * 8]
+    return tuple(pixels.shape[:2])
+
+
+def remove_staged(location: str) -> None:
+    """Remove a staged copy (and its local scratch folders once empty); a missing one is fine."""
+    fs, path = filesystem(location)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+    if is_local(location):  # an object store has no folders to leave behind
+        for folder in (posixpath.dirname(path), posixpath.dirname(posixpath.dirname(path))):
+            try:
+                os.rmdir(folder)  # only when empty: another image may be staged there right now
+            except OSError:
+                break
+
+
 def read_mask(uri: str, shape: tuple[int, int]) -> np.ndarray:
     """Ground-truth mask as bool (pixel > 127 is defect), checked against the image's shape."""
     mask = read_image(uri)
@@ -359,12 +448,20 @@ def read_mask(uri: str, shape: tuple[int, int]) -> np.ndarray:
 
 class LargeImage:
     """An image read region by region: tiled TIFF/BigTIFF lazily through tifffile's Zarr view
-    (a 40,000 x 40,000 scan never sits whole in memory); other formats are decoded once."""
+    (a 40,000 x 40,000 scan never sits whole in memory); another format from its staged copy
+    (``staged``: the Zarr array :func:`stage_image` wrote), or, without one, decoded whole here."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, staged: str | None = None):
         self.uri = uri
         self._handle = self._tiff = None
-        if uri.lower().endswith((".tif", ".tiff")):
+        if staged:
+            import zarr
+
+            try:
+                self._pixels = zarr.open_array(staged, mode="r", zarr_format=3)
+            except FileNotFoundError as error:
+                raise ImageReadError(uri, "its staged copy is gone (the run's scratch folder was removed?)") from error
+        elif uri.lower().endswith(TIFF_SUFFIXES):
             import tifffile
             import zarr
 

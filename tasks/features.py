@@ -8,7 +8,7 @@ from prefect import task
 
 from anomaly.features import FeatureConfig, PatchFeatures
 from anomaly.tiling import TilingConfig
-from storage.images import ImageReadError, ImageRecord, image_shape, read_image, read_mask
+from storage.images import ImageReadError, ImageRecord, read_image_unless_large, read_mask
 from storage.model_store import TRAIN, FeatureBank
 
 from .runtime import feature_extractor
@@ -33,16 +33,11 @@ def load_images(records: list[ImageRecord], tiling: TilingConfig | None = None):
     good, images, errors, large = [], [], [], []
     for record in records:
         try:
-            if tiling and record.uri.lower().endswith((".tif", ".tiff")):
-                shape = image_shape(record.uri)  # from the header: never decode a huge TIFF whole
-                if tiling.needs_tiling(*shape):
-                    _check_mask(record, shape)
-                    large.append((record, shape))
-                    continue
-            image = read_image(record.uri)
-            _check_mask(record, image.shape[:2])
-            if tiling and tiling.needs_tiling(*image.shape[:2]):
-                large.append((record, tuple(image.shape[:2])))
+            # a large image's size comes from its header: it is decoded later, once, for its tiles
+            image, shape = read_image_unless_large(record.uri, tiling.needs_tiling if tiling else lambda h, w: False)
+            _check_mask(record, shape)
+            if image is None:
+                large.append((record, shape))
                 continue
             images.append(image)
             good.append(record)

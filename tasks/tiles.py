@@ -11,7 +11,7 @@ from anomaly.detectors import score_grid
 from anomaly.features import FeatureConfig
 from anomaly.maps import heatmap_overlay
 from anomaly.tiling import GridStitcher, Tile, blocks, render_block
-from storage.images import LargeImage
+from storage.images import TIFF_SUFFIXES, ImageReadError, LargeImage, remove_staged, stage_image, staged_location
 from storage.model_store import FeatureBank
 from storage.results_store import MAP_CHUNK, ResultStore, map_key
 
@@ -23,15 +23,57 @@ from .scoring import CONTENT_CACHE, ModelRef, load_model, retry_unless_root_gone
 PREVIEW_SIDE = 1024
 
 
+def needs_staging(uri: str) -> bool:
+    """A TIFF is read region by region in place; any other format has to be decoded whole."""
+    return not uri.lower().endswith(TIFF_SUFFIXES)
+
+
+# an unreadable image is an error row (returned, not raised: decoding it again would fail the same way)
+@task(name="stage-large-image", retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
+      retry_condition_fn=transient)
+def stage_large_image_task(uri: str, location: str) -> dict:
+    """Decode one large non-TIFF image, once, into a chunked Zarr array at ``location``: its
+    tile tasks read regions of that instead of each decoding the whole file again."""
+    try:
+        stage_image(uri, location)
+    except ImageReadError as error:
+        return {"staged": None, "error": error.reason}
+    return {"staged": location, "error": None}
+
+
+def stage_large_images(large: list, scratch_root: str) -> tuple[dict, list[dict]]:
+    """Stage the non-TIFF ones of ``large`` ((record, shape) pairs) under ``scratch_root``, one
+    task each, in parallel. Returns ({image_id: staged location}, error rows of those that failed)."""
+    futures = {record.image_id: (record, stage_large_image_task.submit(record.uri,
+                                                                       staged_location(scratch_root, record.uri)))
+               for record, _ in large if needs_staging(record.uri)}
+    staged, errors = {}, []
+    for image_id, (record, future) in futures.items():
+        outcome = future.result()
+        if outcome["error"]:
+            errors.append({"image_id": image_id, "uri": record.uri, "reason": outcome["error"]})
+        else:
+            staged[image_id] = outcome["staged"]
+    return staged, errors
+
+
+def remove_staged_copies(staged: dict) -> None:
+    """The staged copies are scratch: removed once the run is done with its images (a re-run
+    decodes again, once), also when it failed."""
+    for location in staged.values():
+        remove_staged(location)
+
+
 # no result cache: a batch the bank holds is recalled from its stored outcome, never re-run
 @task(name="extract-tile-features", task_run_name="extract-tile-features batch {batch:05d}", retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
       retry_condition_fn=transient)
 def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, tiles: list[Tile],
-                               config: FeatureConfig, rows_per_chunk: int = 4096) -> dict:
-    """Patch features of some tiles of one large nominal image -> one bank batch."""
+                               config: FeatureConfig, rows_per_chunk: int = 4096, staged: str | None = None) -> dict:
+    """Patch features of some tiles of one large nominal image -> one bank batch (``staged``: its
+    decoded pixels, see :func:`stage_large_image_task`)."""
     extractor = feature_extractor(config)
     rows, index_rows, start = [], [], 0
-    with LargeImage(uri) as image:
+    with LargeImage(uri, staged) as image:
         for tile in tiles:
             features = extractor.extract([image.read(tile.top, tile.left, tile.bottom, tile.right)])[0]
             index_rows.append(bank_index_row(f"{image_id}#{tile.top},{tile.left}", uri, batch, start, features))
@@ -52,11 +94,12 @@ def _score_tiles_run_name(parameters: dict) -> str:
 @task(name="score-tiles", task_run_name=_score_tiles_run_name, retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
       retry_condition_fn=transient, cache_policy=CONTENT_CACHE,
       persist_result=True)
-def score_tiles_task(model: ModelRef, uri: str, tiles: list[Tile]) -> list[dict]:
-    """Patch-score grids of some tiles of one image (small: 1/stride^2 of the tile's pixels)."""
+def score_tiles_task(model: ModelRef, uri: str, tiles: list[Tile], staged: str | None = None) -> list[dict]:
+    """Patch-score grids of some tiles of one image (small: 1/stride^2 of the tile's pixels);
+    ``staged``: its decoded pixels (see :func:`stage_large_image_task`)."""
     extractor, detector = load_model(model.root, model.fingerprint)
     scored = []
-    with LargeImage(uri) as image:
+    with LargeImage(uri, staged) as image:
         for tile in tiles:
             features = extractor.extract([image.read(tile.top, tile.left, tile.bottom, tile.right)])[0]
             tile_score, grid = score_grid(detector, features)

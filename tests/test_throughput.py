@@ -5,6 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import zarr
+from PIL import Image
+
 
 def _worker_environment() -> dict:
     """Runs on a worker: its os.environ, and the environment its process was started with (what
@@ -26,3 +33,57 @@ def test_local_cluster_workers_start_with_the_allocator_settings():
         assert seen["environ"].get(key) == value
         if seen["at_start"] is not None:  # set before the process started, not by the worker later
             assert seen["at_start"].get(key) == value
+
+
+def _texture(side: int) -> np.ndarray:
+    """A smooth, seamless-looking grey texture (deterministic)."""
+    rng = np.random.default_rng(15)
+    coarse = rng.random((side // 32 + 2, side // 32 + 2))
+    image = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC))
+    return np.clip(image.astype(np.int16) + rng.integers(-12, 13, (side, side)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def in_process_prefect(prefect_server, tmp_path):
+    """Flows called directly (tasks on threads in this process, so a monkeypatch sees every decode)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url,
+                                     PREFECT_LOCAL_STORAGE_PATH: str(tmp_path / "prefect-results")}):
+        yield
+
+
+def test_a_large_png_is_decoded_once_per_run_and_maps_as_its_tiff(tmp_path, monkeypatch, in_process_prefect):
+    import storage.images
+    from flows.fit import fit_flow
+    from flows.score import score_flow
+
+    decoded = []
+    original = storage.images.decode_image
+
+    def counting(data, uri):
+        decoded.append(Path(uri).name)
+        return original(data, uri)
+
+    monkeypatch.setattr(storage.images, "decode_image", counting)
+    pixels = _texture(1536)  # 16 tiles of 512 px, 4 tile tasks of 4
+    nominal, images = tmp_path / "nominal", tmp_path / "images"
+    nominal.mkdir(), images.mkdir()
+    Image.fromarray(pixels).save(nominal / "large.png")
+    Image.fromarray(pixels).save(images / "same.png")
+    tifffile.imwrite(images / "same.tif", pixels, tile=(256, 256))
+    root, results = tmp_path / "model", tmp_path / "results"
+
+    summary = fit_flow(images=str(nominal), root=str(root), tiles_per_task=4)
+    assert summary["refit"] and summary["images"] == 1
+    assert decoded.count("large.png") == 1  # by the staging task; not by the batch, not per tile task
+    decoded.clear()
+    summary = score_flow(images=str(images), root=str(root), results=str(results), tiles_per_task=4)
+    assert summary["images"] == 2 and not summary["errors"]
+    assert decoded.count("same.png") == 1
+    maps = pd.read_parquet(results / "scores.parquet").set_index("image_id")["map"]
+    png, tif = (zarr.open_array(maps[name], mode="r")[...] for name in ("same.png", "same.tif"))
+    assert png.shape == pixels.shape
+    np.testing.assert_array_equal(png, tif)
+    for scratch in (root / "scratch", results / "scratch"):  # the staged copies are gone
+        assert not scratch.exists() or not any(scratch.rglob("*.json"))
