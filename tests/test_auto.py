@@ -40,9 +40,9 @@ def result(name, auroc):
     return ProbeResult(name, auroc, 0.9, 1.0, {})
 
 
-def test_the_choice_keeps_the_earlier_candidate_when_the_probe_cannot_tell_them_apart():
-    chosen, reason = choose([result("general", 0.90), result("special", 0.905)])
-    assert chosen.name == "general" and "within" in reason
+def test_the_choice_keeps_the_cheaper_candidate_when_the_probe_cannot_tell_them_apart():
+    chosen, reason = choose([result("cheap", 0.90), result("costly", 0.905)])
+    assert chosen.name == "cheap" and "within" in reason and "cheaper" in reason
     chosen, reason = choose([result("general", 0.70), result("special", 0.95)])
     assert chosen.name == "special" and "0.950" in reason and "general 0.700" in reason
 
@@ -103,3 +103,11 @@ def test_auto_with_explicit_model_options_is_refused_in_one_line(tmp_path):
                   "--input-scale", "1.0", timeout=120)
     assert run.returncode != 0
     assert run.stderr.strip().count("\n") == 0 and "--input-scale" in run.stderr and "--auto" in run.stderr
+
+
+def test_a_candidate_that_cannot_model_the_images_is_left_out_of_the_choice():
+    failed = ProbeResult("padim", float("nan"), float("nan"), 0.1, {}, "feature grid (8, 8) differs from (8, 16)")
+    chosen, reason = choose([failed, result("general", 0.8)])
+    assert chosen.name == "general" and "padim failed" in reason
+    with pytest.raises(ValueError, match="padim: feature grid"):
+        choose([failed])
