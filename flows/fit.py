@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 
 import pandas as pd
@@ -217,6 +218,50 @@ def _fit(images, root, split, feature_config, detector, detector_config, batch_s
         + ("\n\n## Skipped files\n\n" + markdown_rows(errors) if errors else ""),
         description=f"fit of {root}")
     return {**summary, "errors": errors, **({"auto": choice} if choice else {})}
+
+
+def nothing_to_fit(images: str, root: str, split: str | None = None, feature_config: dict | None = None,
+                   detector: str = "patchcore", detector_config: dict | None = None, tiling_config: dict | None = None,
+                   holdout_fraction: float = HOLDOUT_FRACTION, threshold_quantile: float = THRESHOLD_QUANTILE,
+                   full: bool = False, auto: bool = False, **_) -> bool:
+    """Whether :func:`fit_flow` with these arguments would find nothing new and change nothing,
+    decided by reading the root and listing the source, in the calling process: the CLI then runs
+    the flow without starting a Dask cluster (a no-op fit took 33-41 s, mostly the cluster's start).
+    Only a sure answer is True: any doubt (no current version, a killed fit's plan, other settings,
+    a listing that fails) is False and the fit runs as ever; the flow decides again in any case."""
+    from storage.images import list_images
+
+    if full:
+        return False
+    registry = ModelRegistry(root)
+    try:
+        current = registry.current()
+        if current is None or registry.bank.settings() is None:
+            return False
+        parent = registry.model(current).read_manifest()
+        if auto:  # a root with a bank keeps the configuration it was made with (_auto_configuration)
+            features = FeatureConfig.from_dict(parent["feature_config"])
+            detector = parent.get("detector", "patchcore")
+            settings = detector_settings(detector, parent["detector_config"])
+        else:
+            features = FeatureConfig.from_dict(feature_config) if feature_config else default_features(detector)
+            settings = for_features(detector, detector_settings(detector, detector_config), features)
+        tiling = TilingConfig(**tiling_config) if tiling_config else TilingConfig()
+        recipe = {"detector": detector, "detector_config": settings.to_dict(), "threshold_quantile": threshold_quantile,
+                  "holdout_fraction": holdout_fraction}
+        if any(parent.get(k) != v for k, v in recipe.items()):
+            return False
+        asked = json.loads(json.dumps({"feature_config": features.to_dict(), "tiling_config": tiling.to_dict()}))
+        if registry.bank.settings() != asked:
+            return False
+        plan = registry.new_version().read_table("plan")
+        if plan is not None and len(plan):
+            return False
+        records = list_images(images, split)
+        known = set(registry.bank.index().uri)
+        return bool(records) and all(r.uri in known for r in records)
+    except Exception:  # the flow, run as ever, reports it properly
+        return False
 
 
 def _auto_configuration(registry: ModelRegistry, records: list[ImageRecord], tiling: TilingConfig, logger,

@@ -8,10 +8,8 @@ import os
 import socket
 import sys
 
-from prefect.futures import as_completed
-from prefect_dask import DaskTaskRunner
-from tqdm.auto import tqdm
-
+# Prefect's, Dask's and tqdm's modules are imported where they are used: 'patchwatch models' and
+# 'promote' import this module and must answer in well under 2 s
 from storage.locations import for_log, redact
 
 logger = logging.getLogger("patchwatch")
@@ -88,6 +86,8 @@ def _current_api_url() -> str | None:
 
 def run_on_dask(flow_function, address: str, **parameters):
     """Run ``flow_function`` with its tasks on the Dask cluster at ``address``."""
+    from prefect_dask import DaskTaskRunner
+
     _sanitise_worker_logs(address)
     return run_and_link(flow_function.with_options(task_runner=DaskTaskRunner(address=address)), **parameters)
 
@@ -147,6 +147,9 @@ def run_name(pattern: str, **defaults):
 
 def gather(futures: list, description: str) -> list:
     """Results of ``futures`` in submission order, with a progress bar as they finish."""
+    from prefect.futures import as_completed
+    from tqdm.auto import tqdm
+
     results = {}
     index_of = {id(f): i for i, f in enumerate(futures)}
     with tqdm(total=len(futures), desc=description, unit="batch", disable=not futures) as bar:

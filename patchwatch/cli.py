@@ -7,14 +7,16 @@ import os
 import signal
 import sys
 
-from anomaly.backbone import DEFAULT_BACKBONE
-from anomaly.detectors import CONFIGS, DEFAULT_FEATURES, default_features, detector_config
-from anomaly.features import FeatureConfig
-from anomaly.patchcore import PatchCoreConfig
 from flows.defaults import (DEFAULT_NAME, DEFAULT_REFIT_CRON, DEFAULT_SCORE_CRON, HOLDOUT_FRACTION,
                             THRESHOLD_QUANTILE)
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    # the model's modules import torch (seconds): only the commands with model options load them
+    from anomaly.backbone import DEFAULT_BACKBONE
+    from anomaly.detectors import CONFIGS, DEFAULT_FEATURES
+    from anomaly.features import FeatureConfig
+    from anomaly.patchcore import PatchCoreConfig
+
     defaults = FeatureConfig()
     parser.add_argument("--detector", choices=sorted(CONFIGS), default="patchcore",
                         help="anomaly detector (default %(default)s)")
@@ -63,6 +65,9 @@ MODEL_OPTIONS = ("backbone", "layers", "input_scale", "square_side", "embed_dim"
 
 
 def _configs(args) -> tuple[dict, dict]:
+    from anomaly.detectors import default_features, detector_config
+    from anomaly.patchcore import PatchCoreConfig
+
     def numbers(text, kind):
         return None if text is None else tuple(kind(x) for x in text.split(",") if x.strip())
 
@@ -98,7 +103,8 @@ DESCRIPTION = ("patchwatch: unsupervised visual anomaly detection on image archi
                "defect-free images, score new ones; maps (Zarr) and score tables (Parquet) go to a folder or S3.")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(model_options: bool = True) -> argparse.ArgumentParser:
+    """``model_options=False``: without the model options (and torch), for :data:`LIGHT_COMMANDS`."""
     from patchwatch import __version__
 
     parser = argparse.ArgumentParser(prog="patchwatch", description=DESCRIPTION,
@@ -125,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--split", default=None, help="with a split CSV: use only this split (e.g. train)")
     fit.add_argument("--full", action="store_true",
                      help="select the coreset afresh from the whole bank instead of extending the current one")
-    _add_model_options(fit)
+    if model_options:
+        _add_model_options(fit)
     _add_threshold_options(fit)
     _add_run_options(fit)
 
@@ -164,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--refit-cron", default=DEFAULT_REFIT_CRON, help="re-fit schedule (default '%(default)s')")
     deploy.add_argument("--score-cron", default=DEFAULT_SCORE_CRON, help="scoring schedule (default '%(default)s')")
     deploy.add_argument("--timezone", default="UTC", help="time zone of the schedules (default %(default)s)")
-    _add_model_options(deploy)
+    if model_options:
+        _add_model_options(deploy)
     _add_run_options(deploy)
     serve = commands.add_parser("serve", help="run the registered nightly deployments until stopped")
     serve.add_argument("--name", default=DEFAULT_NAME, help="deployment name given to deploy (default %(default)s)")
@@ -172,13 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="fit on a split CSV's train rows, score its test rows, report metrics")
     evaluate.add_argument("split_csv", help="CSV with columns image,mask,label,defect_type,split")
     evaluate.add_argument("--out", default="runs/evaluate", help="output folder or URL (default %(default)s)")
-    _add_model_options(evaluate)
+    if model_options:
+        _add_model_options(evaluate)
     _add_run_options(evaluate)
     return parser
 
 
+# answered without torch, Prefect or Dask (each takes seconds to import): well under 2 s
+LIGHT_COMMANDS = ("models", "promote")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # top-level options take no value
+    args = build_parser(model_options=command not in LIGHT_COMMANDS).parse_args(argv)
     if not args.verbose:
         # Dask's INFO lines (cluster start and stop, 30-40 per command) say nothing to a user; set
         # before distributed is imported (it configures its loggers then), inherited by workers
@@ -192,11 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     # the ephemeral server must not try to reach the internet (telemetry)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.deployments import NoServerError
-    from flows.score import NothingScoredError
-    from storage.leases import LeaseHeldError, LeaseLostError
-    from storage.model_store import IncompatibleModelError
-
     from flows.runner import install_log_sanitiser, prefect_api
     from storage.locations import DETERMINISTIC_ERRNOS, for_log
 
@@ -209,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         with prefect_api():
             return _run(args)
-    except (FileNotFoundError, IncompatibleModelError, LookupError, NoServerError, ValueError, LeaseHeldError,
-            LeaseLostError, NothingScoredError, PermissionError, ConnectionError) as error:
+    except _expected_errors() as error:  # evaluated only when something was raised
         if args.debug:
             raise
         # a mistake in the command or its inputs: one clear line, no traceback
@@ -223,6 +232,18 @@ def main(argv: list[str] | None = None) -> int:
         where = error.filename or " / ".join(filter(None, (getattr(args, n, None) for n in ("out", "root", "results"))))
         print(f"patchwatch {args.command}: {error.strerror or error}: {for_log(where)}", file=sys.stderr)
         return 1
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """A mistake in the command or its inputs (one line, no traceback). Imported here, when
+    needed: the flows' modules import Prefect and torch."""
+    from flows.deployments import NoServerError
+    from flows.score import NothingScoredError
+    from storage.leases import LeaseHeldError, LeaseLostError
+    from storage.model_store import IncompatibleModelError
+
+    return (FileNotFoundError, IncompatibleModelError, LookupError, NoServerError, ValueError, LeaseHeldError,
+            LeaseLostError, NothingScoredError, PermissionError, ConnectionError)
 
 
 FLOW_COMMANDS = ("fit", "score", "score-new", "evaluate")

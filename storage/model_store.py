@@ -34,7 +34,6 @@ import posixpath
 import re
 import time
 
-import faiss
 import numpy as np
 import pandas as pd
 import zarr
@@ -176,10 +175,14 @@ class ModelStore:
     def read_memory(self) -> np.ndarray:
         return zarr.open_array(join(self.root, "memory"), mode="r", zarr_format=3)[...]
 
-    def write_index(self, index: faiss.Index) -> None:
+    def write_index(self, index: "faiss.Index") -> None:
+        import faiss  # here, not at import: 'patchwatch models' and 'promote' need no faiss
+
         write_bytes_atomically(join(self.root, "memory.faiss"), faiss.serialize_index(index).tobytes())
 
-    def read_index(self) -> faiss.Index:
+    def read_index(self) -> "faiss.Index":
+        import faiss
+
         return faiss.deserialize_index(np.frombuffer(read_bytes(join(self.root, "memory.faiss")), dtype=np.uint8))
 
     def write_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:

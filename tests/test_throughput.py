@@ -87,3 +87,36 @@ def test_a_large_png_is_decoded_once_per_run_and_maps_as_its_tiff(tmp_path, monk
     np.testing.assert_array_equal(png, tif)
     for scratch in (root / "scratch", results / "scratch"):  # the staged copies are gone
         assert not scratch.exists() or not any(scratch.rglob("*.json"))
+
+
+def test_a_fit_with_nothing_new_starts_no_dask_cluster(tmp_path, monkeypatch, in_process_prefect):
+    import distributed
+
+    import flows.runner
+    from flows.fit import fit_flow, nothing_to_fit
+    from patchwatch.cli import main
+    from storage.model_store import ModelRegistry
+
+    images, root = tmp_path / "nominal", tmp_path / "model"
+    images.mkdir()
+    texture = _texture(512)
+    for i in range(3):
+        Image.fromarray(np.roll(texture, 100 * i, axis=1)[:256, :256]).save(images / f"{i}.png")
+    fit_flow(images=str(images), root=str(root))
+    assert nothing_to_fit(str(images), str(root))
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a fit with nothing new started a Dask cluster")
+
+    monkeypatch.setattr(flows.runner, "dask_cluster", no_cluster)
+    monkeypatch.setattr(distributed, "LocalCluster", no_cluster)
+    for name, value in (("PREFECT_LOGGING_LEVEL", "INFO"), ("DASK_LOGGING__DISTRIBUTED", "warning")):
+        monkeypatch.setenv(name, value)  # main() sets these defaults: restored after the test
+    assert main(["fit", "--images", str(images), "--root", str(root)]) == 0
+    assert ModelRegistry(str(root)).versions() == ["v0001"]
+    # anything to do, or any doubt, and the fit runs as ever (on a cluster)
+    Image.fromarray(texture[256:, 256:]).save(images / "new.png")
+    assert not nothing_to_fit(str(images), str(root))
+    (images / "new.png").unlink()
+    assert not nothing_to_fit(str(images), str(root), full=True)
+    assert not nothing_to_fit(str(images), str(root), detector="padim")
