@@ -208,24 +208,10 @@ def install_log_sanitiser() -> None:
     logging.setLogRecordFactory(factory)
 
 
-try:
-    from distributed.diagnostics.plugin import WorkerPlugin
-except ImportError:  # pragma: no cover - distributed is a dependency
-    WorkerPlugin = object
-
-
-class LogSanitiser(WorkerPlugin):
-    """Installs the log sanitiser in every worker of a cluster (local or remote, present and
-    future): task logs are written there."""
-
-    name = "patchwatch-log-sanitiser"
-
-    def setup(self, worker):
-        install_log_sanitiser()
-
-
 def _sanitise_worker_logs(address: str) -> None:
     from distributed import Client
+
+    from .worker_plugins import LogSanitiser
 
     try:
         with Client(address, timeout=60) as client:
