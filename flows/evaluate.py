@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from tqdm.auto import tqdm
 
 from anomaly.maps import heatmap_overlay
-from anomaly.metrics import evaluate_detection
+from anomaly.metrics import PixelCurves, evaluate_detection, pixel_group
 from storage.images import ImageReadError, read_image, read_mask
 from storage.locations import join
 from storage.model_store import ModelRegistry
@@ -58,22 +58,26 @@ def evaluate_flow(split_csv: str, out: str, feature_config: dict | None = None,
     started = time.perf_counter()
     store = ResultStore(results)
     table = store.scores().sort_values("image_id").reset_index(drop=True)
-    labels, masks, maps, kept = [], [], [], []
+    # Each map is read once, binned into fixed-size histograms (PixelCurves) and dropped: memory
+    # stays flat however many pixels the test split holds. Overlays keep only an 8x-downsampled
+    # copy of each map for their colour range and read their few images' maps again.
+    pixels, labels, types, samples, kept = PixelCurves(), [], [], [], []
     for row in tqdm(table.itertuples(index=False), total=len(table), desc="metrics", unit="image"):
         amap = store.read_map(row.image_id)
         has_mask = isinstance(row.mask_uri, str) and row.mask_uri
         try:
-            mask = read_mask(row.mask_uri, amap.shape) if has_mask else np.zeros(amap.shape, bool)
+            mask = read_mask(row.mask_uri, amap.shape) if has_mask else None
         except ImageReadError as error:
             logger.error("left out of the metrics: %s", error)
             continue
-        labels.append(row.label == "defect")
-        masks.append(mask)
-        maps.append(amap)
+        label, kind = row.label == "defect", "" if pd.isna(row.defect_type) else str(row.defect_type)
+        pixels.add(amap, mask, group=pixel_group(label, kind))
+        samples.append(amap[::8, ::8].copy())
+        labels.append(label)
+        types.append(kind)
         kept.append(row)
     table = pd.DataFrame(kept)
-    metrics = evaluate_detection(np.array(labels), table.score.to_numpy(), masks, maps,
-                                 table.defect_type.fillna("").to_numpy())
+    metrics = evaluate_detection(np.array(labels), table.score.to_numpy(), defect_types=types, pixels=pixels)
     # a fit with nothing new made no version and took no extraction time
     metrics["timings"] = {**{k: fit.get(k, 0.0) for k in ("fit_s", "extract_s", "coreset_s", "index_s")},
                           "score_s": scored["score_s"], "metrics_s": time.perf_counter() - started}
@@ -88,7 +92,7 @@ def evaluate_flow(split_csv: str, out: str, feature_config: dict | None = None,
     table.assign(anomalous_at_f1=table.score >= (metrics["f1_threshold"] or np.inf)).to_csv(
         buf := io.StringIO(), index=False)
     store.write_file("scores.csv", buf.getvalue().encode())
-    _write_overlays(store, table, maps, labels)
+    _write_overlays(store, table, samples, labels)
     create_markdown_artifact(key="evaluation", markdown="# Evaluation\n\n" + markdown_table(
         {k: v for k, v in metrics.items() if not isinstance(v, dict)}), description=f"evaluation of {split_csv}")
     return metrics
@@ -107,11 +111,13 @@ def _at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float | Non
             "nominal_flagged_rate": float(flagged[~labels].mean()) if (~labels).any() else float("nan")}
 
 
-def _write_overlays(store: ResultStore, table: pd.DataFrame, maps: list, labels: list) -> None:
-    """Heat-map overlays of the most anomalous images, and (with labels) the worst mistakes."""
+def _write_overlays(store: ResultStore, table: pd.DataFrame, samples: list, labels: list) -> None:
+    """Heat-map overlays of the most anomalous images, and (with labels) the worst mistakes.
+
+    ``samples``: each map downsampled 8x (the colour range); the picked maps are read again."""
     if not len(table):
         return
-    sample = np.concatenate([m[::8, ::8].ravel() for m in maps])
+    sample = np.concatenate([m.ravel() for m in samples])
     low, high = float(np.percentile(sample, 50)), float(np.percentile(sample, 99.9))
     order = np.argsort(-table.score.to_numpy())
     labels = np.array(labels)
@@ -125,4 +131,4 @@ def _write_overlays(store: ResultStore, table: pd.DataFrame, maps: list, labels:
         except ImageReadError:
             continue
         name = f"overlays/{kind}-{rank:02d}-{row.image_id.replace('/', '_')}.png"
-        store.write_file(name, _png(heatmap_overlay(image, maps[i], low, high)))
+        store.write_file(name, _png(heatmap_overlay(image, store.read_map(row.image_id), low, high)))
