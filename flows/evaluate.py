@@ -46,13 +46,13 @@ def _png(array: np.ndarray) -> bytes:
 @flow(name="evaluate", flow_run_name=run_name("evaluate {split_csv}"), log_prints=True)
 def evaluate_flow(split_csv: str, out: str, feature_config: dict | None = None,
                   detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32, dask_address: str | None = None,
-                  workers: int | None = None) -> dict:
+                  workers: int | None = None, auto: bool = False) -> dict:
     logger = get_run_logger()
     root, results = join(out, "model"), join(out, "results")
     with dask_cluster(dask_address, workers) as address:
         fit = run_on_dask(fit_flow, address, images=split_csv, root=root, split="train",
                           feature_config=feature_config, detector=detector, detector_config=detector_config,
-                          batch_size=batch_size)
+                          batch_size=batch_size, auto=auto)
         scored = run_on_dask(score_flow, address, images=split_csv, root=root, results=results, split="test",
                              batch_size=batch_size)
     started = time.perf_counter()
@@ -81,7 +81,9 @@ def evaluate_flow(split_csv: str, out: str, feature_config: dict | None = None,
     # a fit with nothing new made no version and took no extraction time
     metrics["timings"] = {**{k: fit.get(k, 0.0) for k in ("fit_s", "extract_s", "coreset_s", "index_s")},
                           "score_s": scored["score_s"], "metrics_s": time.perf_counter() - started}
-    metrics["detector"] = detector
+    metrics["detector"] = fit.get("detector", detector)  # --auto may have chosen another
+    if fit.get("auto"):
+        metrics["auto"] = {k: fit["auto"][k] for k in ("chosen", "reason", "seconds", "kept_from") if k in fit["auto"]}
     metrics["model_version"] = fit["version"]
     metrics["nominal_threshold"] = _at_threshold(np.array(labels), table.score.to_numpy(), scored["threshold"])
     metrics["counts"] = {"train_images": fit.get("images"), "holdout_images": fit.get("holdout_images"),
