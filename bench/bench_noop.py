@@ -1,0 +1,94 @@
+"""Commands that have little or nothing to do: a fit with nothing new, ``models``, ``promote``.
+
+A model root is fitted once (``patchwatch fit --workers 1`` on ``--images`` MTD train images
+copied into a folder). Then each command runs as a user runs it, a fresh ``patchwatch`` process,
+timed from start to exit, with this tree's code ("new") and with the code of ``--old`` (a
+``git archive`` of that commit, "old", the same virtualenv), alternating old/new for ``--repeats``
+rounds. Runs go to a Prefect server started once for the benchmark (a user's server: no
+temporary server per command), as ``PREFECT_API_URL``.
+Usage: python bench/bench_noop.py [--old COMMIT] [--images 6] [--repeats 3] [--out bench/results]
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import REPO, base_parser, command_line, machine_info, report, select_records, utc_now  # noqa: E402
+
+OLD_DEFAULT = "219a37c"  # before issue 15's no-op fit and lazy imports
+
+
+def run(tree: Path, args: list[str], env: dict) -> float:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "patchwatch.cli", *args], cwd=tree, env=env,
+                          capture_output=True, text=True, timeout=900)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{tree}: patchwatch {' '.join(args)} exited {done.returncode}: {done.stderr[-2000:]}")
+    return seconds
+
+
+def main() -> None:
+    parser = base_parser(__doc__, "noop")
+    parser.add_argument("--old", default=OLD_DEFAULT, help="commit of the old code (default %(default)s)")
+    parser.add_argument("--images", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from tests.servers import running_prefect_server
+
+    started, machine = time.perf_counter(), machine_info()
+    with tempfile.TemporaryDirectory(prefix="bench-noop-") as tmp:
+        tmp = Path(tmp)
+        old = tmp / "old"
+        old.mkdir()
+        archive = subprocess.run(["git", "archive", args.old], cwd=REPO, capture_output=True, check=True).stdout
+        tarfile.open(fileobj=io.BytesIO(archive)).extractall(old)
+        images = tmp / "nominal"
+        images.mkdir()
+        for i, record in enumerate(select_records(args.split, "train", args.images)):
+            shutil.copy(record.uri, images / f"{i}-{Path(record.uri).name}")
+        root = tmp / "model"
+        with running_prefect_server(tmp / "prefect") as server:
+            env = {**os.environ, "PREFECT_API_URL": server.api_url, "PREFECT_HOME": str(tmp / "home"),
+                   "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+            run(REPO, ["fit", "--images", str(images), "--root", str(root), "--workers", "1"], env)
+            commands = {"fit, nothing new": ["fit", "--images", str(images), "--root", str(root), "--workers", "1"],
+                        "models": ["models", "--root", str(root)],
+                        "promote v0001": ["promote", "v0001", "--root", str(root)]}
+            times = {(name, code): [] for name in commands for code in ("old", "new")}
+            for _ in range(args.repeats):
+                for name, command in commands.items():
+                    for code, tree in (("old", old), ("new", REPO)):
+                        times[(name, code)].append(run(tree, command, env))
+                        print(f"{name} {code}: {times[(name, code)][-1]:.1f} s", flush=True)
+    rows = []
+    for name in commands:
+        old_s, new_s = (float(np.median(times[(name, code)])) for code in ("old", "new"))
+        rows.append({"command": name, "old s (median)": old_s, "new s (median)": new_s, "new ÷ old": new_s / old_s,
+                     "old runs s": ", ".join(f"{t:.1f}" for t in times[(name, "old")]),
+                     "new runs s": ", ".join(f"{t:.1f}" for t in times[(name, "new")])})
+    meta = {"command": command_line(), "date": utc_now(), "machine": machine, "measures_memory": False,
+            "wall_s": time.perf_counter() - started,
+            "parameters": {"old": args.old, "images": args.images, "repeats": args.repeats}}
+    notes = [f"old: the code of commit {args.old} (git archive), new: this tree; same virtualenv, same root",
+             "each time: a fresh `python -m patchwatch.cli ...` process from start to exit (imports included)",
+             "runs reported to one Prefect server started for the benchmark (PREFECT_API_URL), as with a user's server",
+             "fit, nothing new: old starts a local Dask cluster (1 worker) first; new lists the source and reads the "
+             "bank in the command's process and runs the flow without a cluster"]
+    report(args.out, args.name, "Commands with nothing (or little) to do: old against new", meta,
+           [{"title": "Wall time per command", "rows": rows, "notes": notes}])
+
+
+if __name__ == "__main__":
+    main()
