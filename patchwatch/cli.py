@@ -286,6 +286,14 @@ def _prepare(args) -> None:
         for name in PATH_ARGUMENTS:
             if getattr(args, name, None):
                 check_store(getattr(args, name))
+    if args.command in ("score", "score-new"):
+        from storage.model_store import ModelRegistry
+
+        registry = ModelRegistry(args.root)
+        version = getattr(args, "version", None)
+        if version or registry.current():
+            # stored settings and array shapes, before a Prefect server or a cluster starts
+            registry.resolve(version)
 
 
 def _run(args) -> int:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .locations import absolute, filesystem, for_log, has_credentials, is_below, is_local, location
 
@@ -257,7 +257,13 @@ def decode_image(data: bytes, uri: str) -> np.ndarray:
     if uri.lower().endswith(TIFF_SUFFIXES):
         import tifffile
         try:
-            array = tifffile.imread(io.BytesIO(data))
+            with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+                _refuse_pages(tiff, uri)
+                array = tiff.asarray()
+                if tiff.pages[0].planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.ndim == 3:
+                    array = np.moveaxis(array, 0, -1)  # (samples, H, W) -> (H, W, samples)
+        except ImageReadError:
+            raise
         except Exception as error:  # tifffile raises many types for corrupt files
             raise ImageReadError(uri, f"not a readable TIFF ({_short(error)})") from error
         return _check_array(array, uri)
@@ -265,7 +271,9 @@ def decode_image(data: bytes, uri: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             check_pixel_count(image.height, image.width, uri)
             image.load()
-            return _check_array(_pil_to_array(image), uri)
+            # a camera's EXIF orientation: the photo is scored (and its mask read) as it is shown
+            oriented = ImageOps.exif_transpose(image) if _orientation(image) > 1 else image
+            return _check_array(_pil_to_array(oriented), uri)
     except ImageReadError:
         raise
     except UnidentifiedImageError as error:
@@ -276,6 +284,35 @@ def decode_image(data: bytes, uri: str) -> np.ndarray:
         raise ImageReadError(uri, f"truncated or corrupt image ({_short(error)})") from error
     except Exception as error:  # a decoder bug on a hostile file must cost one line, not the batch
         raise ImageReadError(uri, f"cannot decode image ({type(error).__name__}: {_short(error)})") from error
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1: as stored; 5-8 swap width and height), 1 when absent or unreadable."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+        return value if isinstance(value, int) and 1 <= value <= 8 else 1
+    except Exception:  # a broken EXIF block must not refuse an otherwise good image
+        return 1
+
+
+def _oriented_shape(image: Image.Image) -> tuple[int, int]:
+    """(height, width) as decoded: EXIF orientations 5-8 turn the image by 90 degrees."""
+    return (image.width, image.height) if _orientation(image) >= 5 else (image.height, image.width)
+
+
+def _refuse_pages(tiff, uri: str) -> None:
+    """A multi-page TIFF (a stack, a scan series) is refused, naming its page count: which page is
+    "the image" is not ours to guess, and reading all as one array made a (pages, H, W) "image".
+    Reduced-resolution pages (a pyramid's levels, thumbnails) are not pages of their own."""
+    pages = len(tiff.pages)
+    if pages > 1:
+        full = sum(1 for page in tiff.pages if not getattr(page, "is_reduced", False))
+        if full > 1:
+            raise ImageReadError(uri, f"multi-page TIFF ({full} pages); patchwatch reads one image per file: "
+                                      f"save each page as its own file")
 
 
 def max_pixels() -> int:
@@ -318,9 +355,8 @@ def _pil_to_array(image: Image.Image) -> np.ndarray:
 def _check_array(array: np.ndarray, uri: str) -> np.ndarray:
     if array.ndim not in (2, 3) or min(array.shape[:2]) < 1:
         raise ImageReadError(uri, f"unsupported image shape {array.shape}")
-    if array.ndim == 3 and array.shape[2] > 4:
-        # multi-page TIFFs decode as (pages, H, W): take the first page
-        array = array[0]
+    if array.ndim == 3 and array.shape[2] > 4:  # e.g. a multispectral TIFF: no band is "the" image
+        raise ImageReadError(uri, f"{array.shape[2]} channels per pixel; patchwatch reads grey, RGB or RGBA")
     if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
         return _float_to_unit(array, uri)
     return array
@@ -387,7 +423,7 @@ def read_image_unless_large(uri: str, large) -> tuple[np.ndarray | None, tuple[i
         raise file_error(uri, error) from error
     try:
         with Image.open(io.BytesIO(data)) as header:
-            shape = (header.height, header.width)
+            shape = _oriented_shape(header)
     except Exception:  # not an image PIL knows: decode_image names the reason
         shape = None
     if shape is not None and large(*shape):
@@ -508,11 +544,14 @@ def image_shape(uri: str) -> tuple[int, int]:
             if uri.lower().endswith((".tif", ".tiff")):
                 import tifffile
                 with tifffile.TiffFile(handle) as tiff:
+                    _refuse_pages(tiff, uri)
                     return tuple(tiff.pages[0].shape[:2])
             with Image.open(handle) as image:
-                return image.height, image.width
+                return _oriented_shape(image)
     except (FileNotFoundError, PermissionError, IsADirectoryError) as error:
         raise file_error(uri, error) from error
+    except ImageReadError:
+        raise
     except UnidentifiedImageError as error:
         raise ImageReadError(uri, "not an image file (unrecognised format)") from error
     except Exception as error:

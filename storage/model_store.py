@@ -172,23 +172,56 @@ class ModelStore:
         if attributes:
             array.attrs.update(attributes)
 
-    def read_memory(self) -> np.ndarray:
-        return zarr.open_array(join(self.root, "memory"), mode="r", zarr_format=3)[...]
+    def read_memory(self, manifest: dict | None = None) -> np.ndarray:
+        """The memory; with ``manifest``, its shape is checked (from the metadata) before the read."""
+        array = zarr.open_array(join(self.root, "memory"), mode="r", zarr_format=3)
+        if manifest is not None:
+            from .model_checks import check_memory
+
+            check_memory(self.root, array, manifest)
+        return array[...]
 
     def write_index(self, index: "faiss.Index") -> None:
         import faiss  # here, not at import: 'patchwatch models' and 'promote' need no faiss
 
         write_bytes_atomically(join(self.root, "memory.faiss"), faiss.serialize_index(index).tobytes())
 
-    def read_index(self) -> "faiss.Index":
+    def read_index(self, manifest: dict | None = None) -> "faiss.Index":
         import faiss
 
+        if manifest is not None:
+            self.check_index(manifest)
         return faiss.deserialize_index(np.frombuffer(read_bytes(join(self.root, "memory.faiss")), dtype=np.uint8))
 
     def write_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         write_bytes_atomically(join(self.root, f"{name}.npz"), buffer.getvalue())
+
+    def check_index(self, manifest: dict) -> None:
+        """The index file's header and size against the manifest, reading its first bytes only."""
+        from .locations import filesystem
+        from .model_checks import FLAT_HEADER, check_index
+
+        fs, path = filesystem(join(self.root, "memory.faiss"))
+        with fs.open(path, "rb") as handle:
+            header = handle.read(FLAT_HEADER.size)
+        check_index(self.root, header, fs.size(path), manifest)
+
+    def check_arrays(self, manifest: dict) -> None:
+        """The detector's stored arrays against the manifest, from their metadata (nothing is read
+        whole): a version whose arrays do not match it is refused before any work."""
+        from .locations import filesystem
+        from .model_checks import check_detector_arrays, check_memory, npz_shapes
+
+        detector = manifest.get("detector", "patchcore")
+        if detector == "patchcore":
+            check_memory(self.root, zarr.open_array(join(self.root, "memory"), mode="r", zarr_format=3), manifest)
+            self.check_index(manifest)
+            return
+        fs, path = filesystem(join(self.root, "detector.npz"))
+        with fs.open(path, "rb") as handle:
+            check_detector_arrays(self.root, npz_shapes(handle), manifest, detector)
 
     def read_arrays(self, name: str) -> dict[str, np.ndarray]:
         # allow_pickle=False: a model file must never be able to run code when loaded
@@ -218,6 +251,9 @@ class ModelStore:
             raise IncompatibleModelError(
                 f"model at {self.root} has format version {version!r}; this patchwatch reads "
                 f"versions up to {FORMAT_VERSION}: upgrade patchwatch or re-fit")
+        from .model_checks import check_manifest
+
+        check_manifest(manifest, self.root)  # stored settings are data: ranges checked before any use
         return manifest
 
     def fingerprint(self) -> str:
@@ -294,5 +330,5 @@ class ModelRegistry:
         if version is None:
             raise FileNotFoundError(f"no fitted model at {self.root} (no current version): run 'patchwatch fit' first")
         model = self.model(version)
-        model.read_manifest()  # a missing or incompatible model fails here, clearly
+        model.check_arrays(model.read_manifest())  # a missing, incompatible or inconsistent model fails here, clearly
         return model

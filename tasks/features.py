@@ -64,19 +64,39 @@ def min_image_side(extractor) -> int:
     return max(2, math.ceil(extractor.min_side / config.input_scale))
 
 
+def _too_small(record: ImageRecord, height: int, width: int, floor: int) -> dict | None:
+    if min(height, width) >= floor:
+        return None
+    return {"image_id": record.image_id, "uri": record.uri,
+            "reason": f"image too small ({width}x{height} px; the model needs {floor}x{floor})"}
+
+
 def drop_too_small(extractor, records: list[ImageRecord], images: list[np.ndarray], errors: list[dict]):
     """(records, images) without those below :func:`min_image_side`; each of those becomes an error row."""
     floor = min_image_side(extractor)
     kept_records, kept_images = [], []
     for record, image in zip(records, images):
-        height, width = image.shape[:2]
-        if min(height, width) < floor:
-            errors.append({"image_id": record.image_id, "uri": record.uri,
-                           "reason": f"image too small ({width}x{height} px; the model needs {floor}x{floor})"})
+        error = _too_small(record, *image.shape[:2], floor)
+        if error:
+            errors.append(error)
             continue
         kept_records.append(record)
         kept_images.append(image)
     return kept_records, kept_images
+
+
+def drop_too_small_large(extractor, large: list, errors: list[dict]) -> list:
+    """The same floor for images left for tiling ((record, shape) pairs): a 100000 x 16 strip is
+    above the tiling threshold, but each of its tiles is 16 px high: an error row, not tiles."""
+    floor = min_image_side(extractor)
+    kept = []
+    for record, shape in large:
+        error = _too_small(record, *shape, floor)
+        if error:
+            errors.append(error)
+        else:
+            kept.append((record, shape))
+    return kept
 
 
 # no result cache: a batch the bank holds is recalled from its stored outcome, never re-run
@@ -88,6 +108,7 @@ def extract_features_task(root: str, batch: int, records: list[ImageRecord], con
     extractor = feature_extractor(config)
     good, images, errors, large = load_images(records, tiling)
     usable, usable_images = drop_too_small(extractor, good, images, errors)
+    large = drop_too_small_large(extractor, large, errors)
     features = extractor.extract(usable_images) if usable_images else []
     rows, index_rows, start = [], [], 0
     for record, patch in zip(usable, features):

@@ -20,7 +20,7 @@ from storage.images import ImageRecord
 from storage.model_store import ModelStore, manifest_fingerprint
 from storage.results_store import ResultStore, ResultsRootGoneError, part_name, source_stamp
 
-from .features import drop_too_small, load_images
+from .features import drop_too_small, drop_too_small_large, load_images
 from .runtime import feature_extractor
 from .retries import retry_delays
 
@@ -48,13 +48,17 @@ class ModelRef:
         return None if self.threshold is None else bool(score > self.threshold)
 
 
-def open_detector(store: ModelStore, name: str, config: dict) -> PatchCore | Padim | Spade:
+def open_detector(store: ModelStore, name: str, config: dict, manifest: dict | None = None) -> PatchCore | Padim | Spade:
+    """The fitted detector. With ``manifest`` (a complete version: the scoring path), its arrays'
+    shapes are checked against it before they are read; without (a fit calibrating the version it
+    is writing, before its manifest exists), they are the fit's own."""
     if name == "patchcore":
-        return PatchCore(store.read_memory(), PatchCoreConfig.from_dict(config), index=store.read_index())
-    if name == "padim":
-        return Padim.from_arrays(store.read_arrays("detector"))
-    if name == "spade":
-        return Spade.from_arrays(store.read_arrays("detector"))
+        return PatchCore(store.read_memory(manifest), PatchCoreConfig.from_dict(config), index=store.read_index(manifest))
+    if name in ("padim", "spade"):
+        if manifest is not None:
+            store.check_arrays(manifest)
+        arrays = store.read_arrays("detector")
+        return Padim.from_arrays(arrays) if name == "padim" else Spade.from_arrays(arrays)
     raise ValueError(f"model at {store.root} uses detector {name!r}, unknown to this patchwatch")
 
 
@@ -64,7 +68,7 @@ def load_model(model_root: str, fingerprint: str):
     store = ModelStore(model_root)
     manifest = store.read_manifest()
     extractor = feature_extractor(FeatureConfig.from_dict(manifest["feature_config"]))
-    return extractor, open_detector(store, manifest.get("detector", "patchcore"), manifest["detector_config"])
+    return extractor, open_detector(store, manifest.get("detector", "patchcore"), manifest["detector_config"], manifest)
 
 
 def score_row(record: ImageRecord, score: float, shape: tuple[int, int], map_url: str, model: ModelRef) -> dict:
@@ -133,6 +137,7 @@ def score_batch_task(model: ModelRef, results: str, part: int, records: list[Ima
     extractor, detector = load_model(model.root, model.fingerprint)
     good, images, errors, large = load_images(records, tiling)
     good, images = drop_too_small(extractor, good, images, errors)
+    large = drop_too_small_large(extractor, large, errors)
     rows = []
     for record, image in zip(good, images):
         try:
