@@ -144,6 +144,9 @@ def npz_shapes(handle) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """(shape, dtype) of every member of an .npz (an open, seekable file), from the zip directory
     and the members' headers only."""
     shapes = {}
+    if not zipfile.is_zipfile(handle):  # np.load refuses it (a raw pickle: allow_pickle=False)
+        return shapes
+    handle.seek(0)
     with zipfile.ZipFile(handle) as archive:
         for name in archive.namelist():
             with archive.open(name) as member:
@@ -157,6 +160,12 @@ def npz_shapes(handle) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 def check_detector_arrays(root: str, shapes: dict, manifest: dict, name: str) -> None:
     """PaDiM's or SPADE's arrays (shapes from :func:`npz_shapes`) against the manifest."""
     dim = embed_dim(manifest)
+    if not shapes:
+        return  # not an .npz at all: left to np.load's refusal
+    for member, (_, dtype) in shapes.items():
+        if dtype.hasobject:
+            raise StoredModelError(f"model at {root}: detector.npz {member} holds Python objects, which are "
+                                   f"never loaded (allow_pickle=False)")
 
     def need(member: str, expected) -> None:
         if member not in shapes:
