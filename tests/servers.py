@@ -335,26 +335,38 @@ def patchwatch_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "patchwatch.cli"]
 
 
-def run_patchwatch(args: list[str], env: dict[str, str], timeout: float = 300,
-                   cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run ``patchwatch ARGS`` in its own process group; kill the group on timeout."""
-    command = patchwatch_command() + [str(a) for a in args]
-    started = time.monotonic()
-    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, start_new_session=True, text=True)
+def start_patchwatch(args: list, env: dict[str, str], cwd: Path = REPO) -> subprocess.Popen:
+    """Start ``patchwatch ARGS`` in its own process group (stdout and stderr together)."""
+    return subprocess.Popen(patchwatch_command() + [str(a) for a in args], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, text=True)
+
+
+def finish_patchwatch(process: subprocess.Popen, timeout: float = 300, what: str = "patchwatch") -> tuple[int, str]:
+    """(exit code, output) of a started command; the test fails if it outlives ``timeout``."""
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        pytest.fail(f"patchwatch {' '.join(map(str, args))} timed out after {timeout}s:\n{output[-6000:]}")
+        pytest.fail(f"{what} timed out after {timeout}s:\n{output[-6000:]}")
     finally:
         # Dask worker processes are in the same group: none may outlive the command
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode, output
+
+
+def run_patchwatch(args: list[str], env: dict[str, str], timeout: float = 300,
+                   cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run ``patchwatch ARGS`` in its own process group; kill the group on timeout."""
+    command = patchwatch_command() + [str(a) for a in args]
+    started = time.monotonic()
+    returncode, output = finish_patchwatch(start_patchwatch(args, env, cwd), timeout,
+                                           f"patchwatch {' '.join(map(str, args))}")
     elapsed = time.monotonic() - started
-    if process.returncode != 0:
-        pytest.fail(f"patchwatch {' '.join(map(str, args))} exited {process.returncode} after {elapsed:.0f}s:\n"
+    if returncode != 0:
+        pytest.fail(f"patchwatch {' '.join(map(str, args))} exited {returncode} after {elapsed:.0f}s:\n"
                     f"{output[-8000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, output, None)
+    return subprocess.CompletedProcess(command, returncode, output, None)

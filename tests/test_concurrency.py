@@ -9,10 +9,7 @@ lease rests on S3's conditional PUT (``If-None-Match: *``), which moto honours.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import socket
 import subprocess
 import threading
@@ -22,7 +19,7 @@ import pytest
 
 from .conftest import copy_mtd_images, mtd_available
 from .local_dask import dask_cluster
-from .servers import patchwatch_command, patchwatch_env
+from .servers import finish_patchwatch, patchwatch_env, start_patchwatch
 
 N_EACH = 4  # images per fit: below the hold-out minimum, so no threshold (not what this tests)
 
@@ -123,24 +120,6 @@ def fits(tmp_path_factory, prefect_server, s3_server):
         yield {"work": work, "env": env, "sources": sources, "images": images, "address": address}
 
 
-def _start(args: list, env: dict) -> subprocess.Popen:
-    return subprocess.Popen(patchwatch_command() + [str(a) for a in args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, text=True)
-
-
-def _finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"patchwatch timed out:\n{output[-4000:]}")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-    return process.returncode, output
-
-
 @pytest.mark.parametrize("where", ["folder", "s3"])
 def test_two_fits_on_one_root_one_is_refused_and_the_other_is_whole(where, fits, request):
     from storage.locations import join, read_json
@@ -150,9 +129,9 @@ def test_two_fits_on_one_root_one_is_refused_and_the_other_is_whole(where, fits,
         root = request.getfixturevalue("s3_environment").url("concurrent", "model")
     else:
         root = str(fits["work"] / "model")
-    processes = {name: _start(["fit", "--images", fits["sources"][name], "--root", root, "--batch-size", "2",
+    processes = {name: start_patchwatch(["fit", "--images", fits["sources"][name], "--root", root, "--batch-size", "2",
                                "--dask-address", fits["address"]], fits["env"]) for name in ("a", "b")}
-    outcomes = {name: _finish(process) for name, process in processes.items()}
+    outcomes = {name: finish_patchwatch(process) for name, process in processes.items()}
 
     finished = [name for name, (code, _) in outcomes.items() if code == 0]
     refused = [name for name, (code, _) in outcomes.items() if code != 0]

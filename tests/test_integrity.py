@@ -14,12 +14,9 @@ Dask worker and the session's Prefect and S3 servers:
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -32,7 +29,7 @@ from PIL import Image
 
 from .conftest import MTD, MTD_SPLIT, mtd_available
 from .local_dask import dask_cluster
-from .servers import patchwatch_command, patchwatch_env
+from .servers import finish_patchwatch, patchwatch_env, start_patchwatch
 
 # MTD test-split rows with pairwise different sizes (a map of the wrong image shows in its shape)
 SIZED = [2, 3, 4, 5, 6, 7, 8, 9]
@@ -70,22 +67,11 @@ def work(tmp_path_factory, prefect_server, s3_server):
 
 
 def start(work: dict, *args) -> subprocess.Popen:
-    return subprocess.Popen(patchwatch_command() + [str(a) for a in args] + ["--dask-address", work["address"]],
-                            env=work["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True, text=True)
+    return start_patchwatch([*args, "--dask-address", work["address"]], work["env"])
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"patchwatch timed out:\n{output[-4000:]}")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-    return process.returncode, output
+    return finish_patchwatch(process, timeout)
 
 
 def cli(work: dict, *args) -> tuple[int, str]:

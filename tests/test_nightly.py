@@ -125,7 +125,7 @@ def test_models_lists_the_versions_and_promote_rolls_back_and_forward(work, fitt
 
     admin(work, "promote", "v0002", "--root", root)
     assert current(root) == "v0002"
-    with pytest.raises(pytest.fail.Exception, match="v0009 at .* is not complete"):
+    with pytest.raises(pytest.fail.Exception, match="no such version v0009 at .*; its versions: v0001, v0002"):
         admin(work, "promote", "v0009", "--root", root)
     assert current(root) == "v0002"
 

@@ -229,7 +229,7 @@ def test_10_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "_run", full_disk)
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # no server is started for this
-    code = cli.main(["score", "--images", str(tmp_path), "--root", str(tmp_path / "model"),
+    code = cli.main(["score", "--images", str(tmp_path), "--root", str(fake_model_root(tmp_path)),
                      "--out", str(tmp_path / "out")])
     error = capsys.readouterr().err.strip()
     assert code == 1 and error.count("\n") == 0, error
@@ -280,6 +280,8 @@ def test_12_relative_paths_reach_the_flows_absolute(tmp_path, monkeypatch):
     monkeypatch.setattr(flows.runner, "run_on_dask", capture)
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    fake_model_root(tmp_path)  # ./model: the command checks that its inputs exist
     assert cli.main(["score", "--images", "images", "--root", "model", "--out", "../results"]) == 0
     assert received["images"] == str(tmp_path / "images")
     assert received["root"] == str(tmp_path / "model")
@@ -432,14 +434,23 @@ def test_14_15_fit_from_a_hostile_csv_reads_only_its_folder(images, metadata_ser
 
 
 def fake_model_root(tmp_path: Path) -> Path:
-    """A model root whose current version has a manifest (enough for score to reach the listing)."""
+    """A model root whose current version is complete and consistent but tiny: a 4-row memory
+    (enough for score to pass the stored-model checks and reach the listing)."""
+    import numpy as np
+
     from anomaly.detectors import detector_config
     from anomaly.features import FeatureConfig
+    from anomaly.patchcore import build_index
     from storage.model_store import ModelStore
 
     root = tmp_path / "model"
-    ModelStore(str(root / "versions" / "v0001")).write_manifest({
-        "detector": "patchcore", "feature_config": FeatureConfig().to_dict(),
+    features = FeatureConfig()
+    memory = np.zeros((4, features.embed_dim), np.float32)
+    store = ModelStore(str(root / "versions" / "v0001"))
+    store.write_memory(memory)
+    store.write_index(build_index(memory))
+    store.write_manifest({
+        "detector": "patchcore", "feature_config": features.to_dict(), "memory_rows": len(memory),
         "detector_config": detector_config("patchcore").to_dict()})
     (root / "current.json").write_text(json.dumps({"version": "v0001"}))
     return root
@@ -541,7 +552,7 @@ def test_15_a_silent_s3_endpoint_fails_within_its_timeouts_naming_it(tmp_path):
     # the run's timeouts through fsspec's own configuration (FSSPEC_S3): connect 2 s, read 3 s
     config = json.dumps({"config_kwargs": {"connect_timeout": 2, "read_timeout": 3}})
     try:
-        code, output, seconds = run_cli(["score", "--images", "s3://plant-images/night", "--root", tmp_path / "m",
+        code, output, seconds = run_cli(["score", "--images", "s3://plant-images/night", "--root", fake_model_root(tmp_path),
                                          "--workers", "1"], s3_env(tmp_path, fake.endpoint, FSSPEC_S3=config),
                                         timeout=150)
     finally:
