@@ -15,14 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def dask_cluster(work: Path, env: dict):
-    """Yield the scheduler address; both processes are ended by their own process-group ids."""
+def dask_cluster(work: Path, env: dict, worker_prefix: tuple[str, ...] = (), nanny: bool = True):
+    """Yield the scheduler address; both processes are ended by their own process-group ids.
+    ``worker_prefix``: a command the worker runs under (e.g. one that drops privileges)."""
     scheduler_file = work / "scheduler.json"
     commands = [
         [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
          "--no-dashboard", "--scheduler-file", str(scheduler_file)],
-        [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
-         "--nthreads", "1", "--no-dashboard"],
+        [*worker_prefix, sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+         str(scheduler_file), "--nthreads", "1", "--no-dashboard", *([] if nanny else ["--no-nanny"])],
     ]
     processes = []
     try:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
 import shutil
@@ -34,7 +33,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -46,6 +44,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from storage.images import ImageReadError, list_images, read_image, read_mask
+from tests.local_dask import dask_cluster
 
 try:  # share the session's loopback Prefect server with the other CLI tests (an ephemeral one per
     # CLI call costs ~10 s more on 2 cores)
@@ -372,38 +371,8 @@ def dask_address(tmp_path_factory, prefect_server, unreadable_prefix):  # noqa: 
     The worker reads the images, so it runs under the same no-file-override prefix as the CLI."""
     work = tmp_path_factory.mktemp("dask")
     env = _env(work / "prefect-home", prefect_server.api_url if prefect_server else None)
-    scheduler_file = work / "scheduler.json"
-    prefix = unreadable_prefix or []
-    commands = [
-        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-         "--no-dashboard", "--scheduler-file", str(scheduler_file)],
-        [*prefix, sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
-         "--nthreads", "1", "--no-nanny", "--no-dashboard"],
-    ]
-    processes = []
-    try:
-        for command in commands:
-            processes.append(subprocess.Popen(command, env=env, cwd=REPO, stdin=subprocess.DEVNULL,
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                              start_new_session=True))
-            deadline = time.monotonic() + 120
-            while not scheduler_file.exists():
-                assert processes[-1].poll() is None, f"{command[2]} exited with {processes[-1].returncode}"
-                assert time.monotonic() < deadline, "Dask scheduler did not start"
-                time.sleep(0.2)
-        address = json.loads(scheduler_file.read_text())["address"]
+    with dask_cluster(work, env, worker_prefix=tuple(unreadable_prefix or ()), nanny=False) as address:
         yield address
-    finally:
-        for process in processes:  # each in its own process group, ended by that group's id
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
 
 
 @pytest.fixture(scope="module")
