@@ -286,4 +286,16 @@ def prefect_api():
                 else:
                     os.environ["PREFECT_API_URL"] = previous
     finally:
+        _send_queued_logs_and_events()
         server.stop()
+
+
+def _send_queued_logs_and_events(timeout: float = 10.0) -> None:
+    """Prefect sends logs and events from background workers; what is still queued when the run
+    ends must reach its server before that stops, or Prefect prints 'Error logging to API' at exit."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):  # a server already gone: nothing more can be sent
+            worker.drain_all(timeout=timeout)

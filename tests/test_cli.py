@@ -60,3 +60,9 @@ def test_overlays_are_written_for_the_worst_scored_images(evaluation):
     assert any(p.name.startswith("most-anomalous") for p in overlays)
     with Image.open(overlays[0]) as image:
         assert image.mode == "RGB"
+
+
+def test_the_run_ends_without_prefect_errors_about_its_own_server(evaluation):
+    # the run's own Prefect server stops with it: logs still queued must have been sent before
+    _, _, run = evaluation
+    assert "Error logging to API" not in run.stderr + run.stdout
