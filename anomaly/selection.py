@@ -209,8 +209,11 @@ class ProbeResult:
     failed: str | None = None   # why the candidate cannot model these images (e.g. PaDiM, mixed sizes)
 
     def row(self) -> dict:
-        return {"candidate": self.name, "image_auroc": round(self.image_auroc, 4),
-                "pixel_auroc": round(self.pixel_auroc, 4), "seconds": round(self.seconds, 1),
+        def rounded(value: float):  # JSON has no NaN: a failed candidate's AUROCs are null
+            return round(value, 4) if np.isfinite(value) else None
+
+        return {"candidate": self.name, "image_auroc": rounded(self.image_auroc),
+                "pixel_auroc": rounded(self.pixel_auroc), "seconds": round(self.seconds, 1),
                 **{f"auroc_{k}": round(v, 4) for k, v in self.per_kind.items()},
                 **({"failed": self.failed} if self.failed else {})}
 

@@ -109,5 +109,6 @@ def test_a_candidate_that_cannot_model_the_images_is_left_out_of_the_choice():
     failed = ProbeResult("padim", float("nan"), float("nan"), 0.1, {}, "feature grid (8, 8) differs from (8, 16)")
     chosen, reason = choose([failed, result("general", 0.8)])
     assert chosen.name == "general" and "padim failed" in reason
+    assert failed.row()["image_auroc"] is None and "differs" in failed.row()["failed"]  # JSON-safe
     with pytest.raises(ValueError, match="padim: feature grid"):
         choose([failed])
