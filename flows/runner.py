@@ -286,13 +286,14 @@ def prefect_api():
                 else:
                     os.environ["PREFECT_API_URL"] = previous
     finally:
-        _send_queued_logs_and_events()
+        send_queued_logs_and_events()
         server.stop()
 
 
-def _send_queued_logs_and_events(timeout: float = 10.0) -> None:
-    """Prefect sends logs and events from background workers; what is still queued when the run
-    ends must reach its server before that stops, or Prefect prints 'Error logging to API' at exit."""
+def send_queued_logs_and_events(timeout: float = 10.0) -> None:
+    """Prefect sends logs and events from background workers; what is still queued when a run
+    ends must reach its server before that stops: else Prefect prints 'Error logging to API' at
+    exit, and its exit-time drain retries a gone server for as long as items remain."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 

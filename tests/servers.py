@@ -293,6 +293,11 @@ def running_prefect_server(workdir: Path):
     try:
         yield PrefectServer(api_url=f"http://127.0.0.1:{port}/api", home=home, process=server)
     finally:
+        # flows the tests ran in this process may still have logs queued for this server: a
+        # pytest run once hung at exit retrying them ("Still processing items") after it stopped
+        from flows.runner import send_queued_logs_and_events
+
+        send_queued_logs_and_events()
         server.stop()
 
 
