@@ -65,3 +65,16 @@ def writes_die_half_way(monkeypatch):
         raise OSError(28, "No space left on device")
 
     return lambda: monkeypatch.setattr(local.LocalFileOpener, "write", dies_half_way)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Logs and events that flows run in this process queued for a Prefect server are sent while
+    the servers are still up (before session fixtures stop them): Prefect's own exit-time drain
+    would retry a stopped server for as long as items remain."""
+    import sys
+
+    if "prefect" in sys.modules:
+        from flows.runner import send_queued_logs_and_events
+
+        send_queued_logs_and_events()
