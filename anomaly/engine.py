@@ -15,7 +15,7 @@ from .maps import anomaly_map
 from .padim import Padim
 from .patchcore import PatchCore
 from .spade import Spade
-from .tiling import GridStitcher, Tile, TilingConfig, render_block, tile_grid
+from .tiling import Tile, TilingConfig, render_block, stitch_grids, tile_grid, tile_sigma
 
 
 def image_views(image: np.ndarray, tiling: TilingConfig | None) -> list[tuple[Tile | None, np.ndarray]]:
@@ -59,17 +59,12 @@ def score_features(detector, views: list[tuple[Tile | None, PatchFeatures]], ima
         score, grid = score_grid(detector, views[0][1])
         features = views[0][1]
         return Scored(score, anomaly_map(grid, features.image_shape, sigma, features.input_shape).astype(np.float32))
+    scored = [score_grid(detector, features) for _, features in views]
+    grids = [grid for _, grid in scored]
+    stitcher = stitch_grids(image_shape, [tile for tile, _ in views], grids, tiling.overlap)
+    best_score = scored[int(np.argmax([grid.max() for grid in grids]))][0]  # the tile holding the max patch
     first = views[0][1]
-    stride = first.image_shape[0] / first.grid[0]
-    stitcher = GridStitcher(image_shape[0], image_shape[1], int(round(stride)),
-                            ramp_patches=max(1, int(tiling.overlap / stride / 2)))
-    best_max, best_score = -np.inf, 0.0
-    for tile, features in views:
-        score, grid = score_grid(detector, features)
-        stitcher.add(tile, grid)
-        if grid.max() > best_max:
-            best_max, best_score = float(grid.max()), score
-    sigma_px = sigma * first.image_shape[0] / first.input_shape[0]
+    sigma_px = tile_sigma(sigma, first.image_shape, first.input_shape)
     whole = Tile(0, 0, image_shape[0], image_shape[1])
     return Scored(best_score, render_block(stitcher.grid(), stitcher.stride, image_shape, whole, sigma_px))
 

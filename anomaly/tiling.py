@@ -96,6 +96,22 @@ class GridStitcher:
         return (self.total / np.maximum(self.weight, 1e-12)).astype(np.float32)
 
 
+def stitch_grids(shape: tuple[int, int], tiles: list[Tile], grids: list[np.ndarray], overlap: int) -> GridStitcher:
+    """The tiles' patch-score grids blended into one grid over the whole image; the stride (image
+    pixels per grid cell) is the first tile's, and edges ramp over half the overlap."""
+    stride = tiles[0].shape[0] / grids[0].shape[0]
+    stitcher = GridStitcher(shape[0], shape[1], int(round(stride)), ramp_patches=max(1, int(overlap / stride / 2)))
+    for tile, grid in zip(tiles, grids):
+        stitcher.add(tile, grid)
+    return stitcher
+
+
+def tile_sigma(sigma: float, tile_shape: tuple[int, int], input_shape: tuple[int, int]) -> float:
+    """The map's smoothing in image pixels: ``sigma`` is in network-input pixels, and each tile
+    reached the network resized to ``input_shape``."""
+    return sigma * tile_shape[0] / input_shape[0]
+
+
 def render_block(grid: np.ndarray, stride: int, image_shape: tuple[int, int], block: Tile,
                  sigma: float) -> np.ndarray:
     """One block of the full-resolution map: the grid bilinearly upsampled and smoothed.

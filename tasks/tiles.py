@@ -10,7 +10,7 @@ from prefect import task
 from anomaly.detectors import score_grid
 from anomaly.features import FeatureConfig
 from anomaly.maps import heatmap_overlay
-from anomaly.tiling import GridStitcher, Tile, blocks, render_block
+from anomaly.tiling import Tile, blocks, render_block, stitch_grids, tile_sigma
 from storage.images import TIFF_SUFFIXES, ImageReadError, LargeImage, remove_staged, stage_image, staged_location
 from storage.model_store import FeatureBank
 from storage.results_store import MAP_CHUNK, ResultStore, map_key
@@ -18,7 +18,7 @@ from storage.results_store import MAP_CHUNK, ResultStore, map_key
 from .features import bank_index_row
 from .runtime import feature_extractor
 from .retries import retry_delays, transient
-from .scoring import CONTENT_CACHE, ModelRef, load_model, retry_unless_root_gone
+from .scoring import CONTENT_CACHE, ModelRef, load_model
 
 PREVIEW_SIDE = 1024
 
@@ -114,13 +114,10 @@ def stitch_map_task(results: str, image_id: str, uri: str, version: str, shape: 
                     tile_scores: list[dict], sigma: float, overlap: int) -> dict:
     """Blend the tiles' grids and render the full-resolution map into Zarr, block by block."""
     first = tile_scores[0]
-    stride = first["tile"].shape[0] / first["grid"].shape[0]
-    stitcher = GridStitcher(shape[0], shape[1], int(round(stride)), ramp_patches=max(1, int(overlap / stride / 2)))
-    for item in tile_scores:
-        stitcher.add(item["tile"], item["grid"])
+    stitcher = stitch_grids(shape, [item["tile"] for item in tile_scores], [item["grid"] for item in tile_scores],
+                            overlap)
     grid = stitcher.grid()
-    # sigma is in network-input pixels; the tile was resized to input_shape
-    sigma_px = sigma * first["tile"].shape[0] / first["input_shape"][0]
+    sigma_px = tile_sigma(sigma, first["tile"].shape, first["input_shape"])
     out = ResultStore(results)
     out.require()
     array = out.create_map(image_id, uri, version, shape, MAP_CHUNK)
