@@ -240,9 +240,7 @@ def nothing_to_fit(images: str, root: str, split: str | None = None, feature_con
             return False
         parent = registry.model(current).read_manifest()
         if auto:  # a root with a bank keeps the configuration it was made with (_auto_configuration)
-            features = FeatureConfig.from_dict(parent["feature_config"])
-            detector = parent.get("detector", "patchcore")
-            settings = detector_settings(detector, parent["detector_config"])
+            features, detector, settings = configuration_of(parent)
         else:
             features = FeatureConfig.from_dict(feature_config) if feature_config else default_features(detector)
             settings = for_features(detector, detector_settings(detector, detector_config), features)
@@ -264,6 +262,13 @@ def nothing_to_fit(images: str, root: str, split: str | None = None, feature_con
         return False
 
 
+def configuration_of(manifest: dict):
+    """(features, detector, detector settings) a version was fitted with."""
+    detector = manifest.get("detector", "patchcore")
+    return (FeatureConfig.from_dict(manifest["feature_config"]), detector,
+            detector_settings(detector, manifest["detector_config"]))
+
+
 def _auto_configuration(registry: ModelRegistry, records: list[ImageRecord], tiling: TilingConfig, logger,
                         root: str):
     """(features, detector, settings, record) for ``--auto``: chosen by the probe on a root's first
@@ -274,9 +279,7 @@ def _auto_configuration(registry: ModelRegistry, records: list[ImageRecord], til
         candidate, record = choose_configuration(records, tiling, logger, root)
         return candidate.features, candidate.detector, candidate.settings, record
     manifest = registry.model(current).read_manifest()
-    features = FeatureConfig.from_dict(manifest["feature_config"])
-    detector = manifest.get("detector", "patchcore")
-    settings = detector_settings(detector, manifest["detector_config"])
+    features, detector, settings = configuration_of(manifest)
     kept = manifest.get("auto", {}).get("chosen", "the configuration")
     logger.info("--auto: keeping %s of %s (this root's bank was featurised with it)", kept, current)
     return features, detector, settings, {**manifest.get("auto", {}), "kept_from": current, "seconds": 0.0}
