@@ -388,9 +388,9 @@ def _run(args) -> int:
         print_summary("evaluate", summary)
         print(json.dumps(summary, indent=2))
         results = join(args.out, "results")
-        print(f"results in {results}: open {join(results, 'metrics.json')} first, then the heat maps in "
-              f"{join(results, 'overlays')}/ (most anomalous, false alarms, misses); per image: "
-              f"{join(results, 'scores.csv')}")
+        print(f"results in {results}: open {summary.get('report') or join(results, 'report.html')} first (metrics, "
+              f"ROC/PRO curves, per defect type, the worst images with overlays); figures: "
+              f"{join(results, 'metrics.json')}; per image: {join(results, 'scores.csv')}")
     return 0
 
 
@@ -400,6 +400,8 @@ def _say_results(summary: dict) -> None:
     if table:
         print(f"score table: {table} ({summary.get('flagged', 0)} of {summary.get('images', 0)} images flagged;"
               f" sort by 'score', each row names its anomaly map)")
+        if summary.get("report"):
+            print(f"open {summary['report']} first: the most anomalous images with their overlays")
     elif "results" in summary:
         print(f"nothing new scored; results stay in {summary['results']}")
 
