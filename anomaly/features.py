@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import DEFAULT_BACKBONE, create_backbone, normalisation
+from .runtime import backbone_stages
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,17 @@ def to_float_rgb(image: np.ndarray) -> np.ndarray:
 class PatchFeatureExtractor:
     """Backbone + local neighbourhood aggregation + adaptive pooling to a fixed dimension."""
 
-    def __init__(self, config: FeatureConfig = FeatureConfig(), device: str | torch.device = "cpu"):
+    def __init__(self, config: FeatureConfig = FeatureConfig(), device: str | torch.device = "cpu",
+                 runtime: str | None = None, threads: int = 1, shapes: str = "fixed"):
+        """``runtime``: what runs the backbone's forward pass (anomaly.runtime; None: the default
+        for ``device``), with ``threads`` intra-op threads and the ``shapes`` policy. Not part of
+        ``config``: features from every runtime are the same within anomaly.runtime.MAP_TOLERANCE."""
         self.config = config
         self.device = torch.device(device)
         self.model = create_backbone(config.backbone, features_only=True, out_indices=config.layers)
         self.model.to(self.device)
+        self.stages = backbone_stages(self.model, config.backbone, config.layers, runtime, self.device, threads, shapes)
+        self.runtime = self.stages.name
         mean, std = normalisation(config.backbone)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
@@ -128,7 +135,7 @@ class PatchFeatureExtractor:
         its p x p neighbourhood (stride 1): locally aware features."""
         pad = self.config.patch_size // 2
         return [F.avg_pool2d(m, self.config.patch_size, stride=1, padding=pad, count_include_pad=False)
-                for m in self.model(inputs)]
+                for m in self.stages(inputs)]
 
     @torch.inference_mode()
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,20 @@ import functools
 import torch
 
 from anomaly.features import FeatureConfig, PatchFeatureExtractor
+from anomaly.runtime import configured_runtime
 
 # each Dask worker process runs one task at a time with one thread: intra-op threads would
 # only fight the other workers for the same cores
 torch.set_num_threads(1)
 
 
-@functools.lru_cache(maxsize=4)
 def feature_extractor(config: FeatureConfig) -> PatchFeatureExtractor:
-    return PatchFeatureExtractor(config)
+    """The extractor for ``config``, its backbone run by this process's configured runtime
+    (PATCHWATCH_RUNTIME, set by the command's --runtime before the workers start)."""
+    runtime, threads = configured_runtime()
+    return _feature_extractor(config, runtime, threads)
+
+
+@functools.lru_cache(maxsize=4)
+def _feature_extractor(config: FeatureConfig, runtime: str, threads: int) -> PatchFeatureExtractor:
+    return PatchFeatureExtractor(config, runtime=runtime, threads=threads)

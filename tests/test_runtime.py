@@ -1,0 +1,161 @@
+"""Backbone runtimes (anomaly.runtime): exported runtimes give torch's maps, features and scores
+within the stated tolerance; the export cache is reused and safe under concurrent exports."""
+import importlib.util
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly.detectors import default_features, detector_config
+from anomaly.engine import fit_detector, score_image
+from anomaly.features import PatchFeatureExtractor
+from anomaly.runtime import (MAP_TOLERANCE, RUNTIME_ENV, OnnxRuntimeStages, TorchStages, backbone_stages,
+                             exported_onnx, resolve_runtime)
+from anomaly.backbone import create_backbone
+
+torch.set_num_threads(1)  # 2 threads are ~40x slower on the 2-core test machine
+
+EXPORTED = [r for r in ("onnxruntime", "openvino") if importlib.util.find_spec(r)]
+# a patch vector is an average of stage-map values (adaptive pooling), so its error is at most the
+# maps'; an image score is a distance between such vectors: relative bound, scores are ~1-10
+FEATURE_TOLERANCE = MAP_TOLERANCE
+SCORE_RELATIVE_TOLERANCE = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("PATCHWATCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "runtime-cache"))
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return create_backbone("tf_efficientnet_lite0", features_only=True, out_indices=(3, 4))
+
+
+def textured_images(count: int, seed: int = 0) -> list[np.ndarray]:
+    """Smooth random textures of a few sizes (odd stage-grid sizes included: 'same' padding
+    depends on each side's parity)."""
+    rng = np.random.default_rng(seed)
+    sizes = [(288, 128), (320, 192), (272, 336)]
+    images = []
+    for i in range(count):
+        h, w = sizes[i % len(sizes)]
+        coarse = rng.random((h // 8, w // 8, 3))
+        image = np.kron(coarse, np.ones((8, 8, 1))) * 200 + rng.random((h, w, 3)) * 55
+        images.append(image.astype(np.uint8))
+    return images
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+@pytest.mark.parametrize("shapes", ["fixed", "dynamic"])
+def test_stage_maps_equal_torch_within_tolerance(lite0, runtime, shapes):
+    stages = backbone_stages(lite0, "tf_efficientnet_lite0", (3, 4), runtime, shapes=shapes)
+    reference = TorchStages(lite0)
+    generator = torch.Generator().manual_seed(0)
+    # each shape three times: dynamic session, then (policy "fixed") a fixed-shape one
+    for shape in [(1, 3, 128, 96), (1, 3, 272, 336)] * 3:
+        inputs = torch.randn(*shape, generator=generator)
+        got, expected = stages(inputs), reference(inputs)
+        assert [tuple(g.shape) for g in got] == [tuple(e.shape) for e in expected]
+        for g, e in zip(got, expected):
+            assert float((g - e).abs().max()) <= MAP_TOLERANCE
+    if shapes == "fixed":
+        assert set(stages.fixed) == {(1, 3, 128, 96), (1, 3, 272, 336)}
+    else:
+        assert not stages.fixed
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_patch_features_equal_torch_within_tolerance(runtime):
+    config = default_features("patchcore")  # with its context scale: two backbone passes per image
+    torch_features = PatchFeatureExtractor(config, runtime="torch").extract(textured_images(3))
+    exported = PatchFeatureExtractor(config, runtime=runtime)
+    assert exported.runtime == runtime
+    for expected, got in zip(torch_features, exported.extract(textured_images(3))):
+        assert got.grid == expected.grid and got.input_shape == expected.input_shape
+        assert float(np.abs(got.vectors - expected.vectors).max()) <= FEATURE_TOLERANCE
+
+
+def test_fit_with_torch_scores_the_same_with_onnxruntime():
+    """A model fitted with torch scores with ONNX Runtime (and the other way round) to the same
+    image scores and maps: the runtime is not part of the model."""
+    config = default_features("patchcore")
+    settings = detector_config("patchcore")
+    train, test = textured_images(6, seed=1), textured_images(3, seed=2)
+    test[0][100:140, 40:90] = 255  # a bright defect
+    by_runtime = {name: PatchFeatureExtractor(config, runtime=name) for name in ("torch", "onnxruntime")}
+    for fit_with, score_with in (("torch", "onnxruntime"), ("onnxruntime", "torch")):
+        detector = fit_detector("patchcore", settings, by_runtime[fit_with].extract(train))
+        for image in test:
+            expected = score_image(by_runtime[fit_with], detector, image, None)
+            got = score_image(by_runtime[score_with], detector, image, None)
+            assert got.score == pytest.approx(expected.score, rel=SCORE_RELATIVE_TOLERANCE)
+            assert float(np.abs(got.map - expected.map).max()) <= SCORE_RELATIVE_TOLERANCE * float(expected.map.max())
+
+
+def test_export_is_cached_and_reused(lite0, tmp_path, monkeypatch):
+    first = exported_onnx(lite0, "tf_efficientnet_lite0", (3, 4), tmp_path)
+    stamp = first.stat().st_mtime_ns
+
+    def no_second_export(*args, **kwargs):
+        raise AssertionError("exported again although the cached file matches")
+
+    monkeypatch.setattr(torch.onnx, "export", no_second_export)
+    assert exported_onnx(lite0, "tf_efficientnet_lite0", (3, 4), tmp_path) == first
+    assert first.stat().st_mtime_ns == stamp
+    # other layers or other weights: another file
+    other = create_backbone("tf_efficientnet_lite0", features_only=True, out_indices=(3, 4))
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(AssertionError, match="exported again"):
+        exported_onnx(other, "tf_efficientnet_lite0", (3, 4), tmp_path)
+
+
+def _export_in_process(directory: str) -> str:
+    torch.set_num_threads(1)
+    model = create_backbone("tf_efficientnet_lite0", features_only=True, out_indices=(3, 4))
+    return str(exported_onnx(model, "tf_efficientnet_lite0", (3, 4), Path(directory)))
+
+
+def test_concurrent_exports_leave_one_complete_file(tmp_path):
+    """Two workers exporting at once: each writes a temporary file and renames it, so the cached
+    file is always a complete model and no temporary file is left behind."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(2) as pool:
+        paths = pool.map(_export_in_process, [str(tmp_path)] * 2)
+    assert paths[0] == paths[1]
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [Path(paths[0]).name]
+    stages = OnnxRuntimeStages(Path(paths[0]), threads=1, shapes="dynamic")
+    assert [tuple(m.shape) for m in stages(torch.zeros(1, 3, 64, 64))] == [(1, 112, 4, 4), (1, 320, 2, 2)]
+
+
+def test_runtime_choice():
+    assert resolve_runtime(None) == resolve_runtime("auto") == "onnxruntime"
+    assert resolve_runtime("auto", "cuda") == "torch"
+    assert resolve_runtime("torch") == "torch"
+    with pytest.raises(ValueError, match="unknown backbone runtime"):
+        resolve_runtime("tensorrt")
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        resolve_runtime("onnxruntime", "cuda")
+
+
+def test_runtime_option_reaches_the_workers_extractor(monkeypatch):
+    """``--runtime`` sets PATCHWATCH_RUNTIME before any worker starts; the workers' extractor
+    (tasks.runtime.feature_extractor) reads it: torch still works, as does the default."""
+    from patchwatch.cli import _prepare, build_parser
+    from tasks.runtime import feature_extractor
+
+    monkeypatch.setenv(RUNTIME_ENV, "auto")  # restored after the test
+    config = default_features("spade")
+    assert feature_extractor(config).runtime == "onnxruntime"
+    args = build_parser().parse_args(["score", "--images", ".", "--root", ".", "--runtime", "torch"])
+    monkeypatch.setattr("storage.locations.check_store", lambda location: None)
+    monkeypatch.setattr("storage.model_store.ModelRegistry.current", lambda self: None)
+    _prepare(args)
+    assert os.environ[RUNTIME_ENV] == "torch"
+    assert feature_extractor(config).runtime == "torch"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["score", "--images", ".", "--root", ".", "--runtime", "tensorrt"])
