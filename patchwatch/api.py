@@ -91,12 +91,15 @@ class Model:
         return Result(score, scored.map, self.ref.flags(score), self.threshold, self.version)
 
 
-def load(root, version: str | None = None, threads: int | None = None) -> Model:
+def load(root, version: str | None = None, threads: int | None = None, runtime: str | None = None) -> Model:
     """The model version ``version`` (default: the current one) of the model root ``root`` (a
     folder or URL written by ``patchwatch fit``), ready to score in this process.
 
     ``threads``: torch intra-op threads while scoring (default ``PATCHWATCH_TORCH_THREADS`` or 1;
-    see :data:`THREADS_ENV`); your own torch setting is restored after each call."""
+    see :data:`THREADS_ENV`), also the backbone runtime's; your own torch setting is restored
+    after each call. ``runtime``: what runs the backbone ("auto", "torch", "onnxruntime",
+    "openvino"; default ``PATCHWATCH_RUNTIME``, else auto: ONNX Runtime on a CPU), whichever
+    runtime the model was fitted with (see anomaly.runtime)."""
     from storage.locations import absolute
     from storage.model_store import ModelRegistry
 
@@ -113,6 +116,12 @@ def load(root, version: str | None = None, threads: int | None = None) -> Model:
     with _torch_threads(threads):  # importing the task modules sets torch to one thread (their policy)
         from tasks.scoring import ModelRef, load_model
         extractor, detector = load_model(store.root, ModelRef.of(store, manifest).fingerprint)
+        if runtime is not None or threads != 1:  # the workers' extractor runs the configured runtime on 1 thread
+            from anomaly.features import PatchFeatureExtractor
+            from anomaly.runtime import configured_runtime
+
+            extractor = PatchFeatureExtractor(extractor.config, runtime=runtime or configured_runtime()[0],
+                                              threads=threads)
     return Model(root, store, manifest, extractor, detector, threads)
 
 
