@@ -8,24 +8,26 @@ import time
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from sklearn.metrics import roc_curve
 from tqdm.auto import tqdm
 
-from anomaly.maps import heatmap_overlay
+from anomaly.pictures import MapScale, pro_png, roc_png
 from anomaly.metrics import PixelCurves, evaluate_detection, pixel_group
-from storage.images import ImageReadError, read_image, read_mask
+from storage.images import ImageReadError, read_mask
 from storage.locations import join
 from storage.model_store import ModelRegistry
 from storage.results_store import ResultStore
 
 from .fit import fit_flow
+from .html_report import evaluation_report
+from .pictures import render_overlays
 from .report import markdown_table
 from .runner import dask_cluster, run_name, run_on_dask
-from .score import score_flow
+from .score import REPORT, score_flow
 
-OVERLAYS = 6
+OVERLAYS = 4  # of each kind: most anomalous, highest-scored good, lowest-scored defective
 
 
 def _clean(value):
@@ -35,12 +37,6 @@ def _clean(value):
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @flow(name="evaluate", flow_run_name=run_name("evaluate {split_csv}"), log_prints=True)
@@ -53,15 +49,15 @@ def evaluate_flow(split_csv: str, out: str, feature_config: dict | None = None,
         fit = run_on_dask(fit_flow, address, images=split_csv, root=root, split="train",
                           feature_config=feature_config, detector=detector, detector_config=detector_config,
                           batch_size=batch_size, auto=auto)
+        # no previews: evaluate draws its own overlays, with labels and masks, into the same folder
         scored = run_on_dask(score_flow, address, images=split_csv, root=root, results=results, split="test",
-                             batch_size=batch_size)
+                             batch_size=batch_size, previews=0)
     started = time.perf_counter()
     store = ResultStore(results)
     table = store.scores().sort_values("image_id").reset_index(drop=True)
     # Each map is read once, binned into fixed-size histograms (PixelCurves) and dropped: memory
-    # stays flat however many pixels the test split holds. Overlays keep only an 8x-downsampled
-    # copy of each map for their colour range and read their few images' maps again.
-    pixels, labels, types, samples, kept = PixelCurves(), [], [], [], []
+    # stays flat however many pixels the test split holds; the overlays read their few maps again.
+    pixels, labels, types, kept = PixelCurves(), [], [], []
     for row in tqdm(table.itertuples(index=False), total=len(table), desc="metrics", unit="image"):
         amap = store.read_map(row.image_id)
         has_mask = isinstance(row.mask_uri, str) and row.mask_uri
@@ -72,7 +68,6 @@ def evaluate_flow(split_csv: str, out: str, feature_config: dict | None = None,
             continue
         label, kind = row.label == "defect", "" if pd.isna(row.defect_type) else str(row.defect_type)
         pixels.add(amap, mask, group=pixel_group(label, kind))
-        samples.append(amap[::8, ::8].copy())
         labels.append(label)
         types.append(kind)
         kept.append(row)
@@ -94,10 +89,15 @@ def evaluate_flow(split_csv: str, out: str, feature_config: dict | None = None,
     table.assign(anomalous_at_f1=table.score >= (metrics["f1_threshold"] or np.inf)).to_csv(
         buf := io.StringIO(), index=False)
     store.write_file("scores.csv", buf.getvalue().encode())
-    _write_overlays(store, table, samples, labels)
+    report = _write_report(store, table, np.array(labels), metrics, pixels, scored["threshold"], split_csv, logger)
     create_markdown_artifact(key="evaluation", markdown="# Evaluation\n\n" + markdown_table(
         {k: v for k, v in metrics.items() if not isinstance(v, dict)}), description=f"evaluation of {split_csv}")
-    return metrics
+    return {**metrics, "report": report}
+
+
+def _number(value) -> float:
+    """A metric as a float (null, i.e. undefined, as NaN)."""
+    return math.nan if value is None else float(value)
 
 
 def _at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict:
@@ -113,24 +113,30 @@ def _at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float | Non
             "nominal_flagged_rate": float(flagged[~labels].mean()) if (~labels).any() else float("nan")}
 
 
-def _write_overlays(store: ResultStore, table: pd.DataFrame, samples: list, labels: list) -> None:
-    """Heat-map overlays of the most anomalous images, and (with labels) the worst mistakes.
-
-    ``samples``: each map downsampled 8x (the colour range); the picked maps are read again."""
-    if not len(table):
-        return
-    sample = np.concatenate([m.ravel() for m in samples])
-    low, high = float(np.percentile(sample, 50)), float(np.percentile(sample, 99.9))
-    order = np.argsort(-table.score.to_numpy())
-    labels = np.array(labels)
-    picks = [("most-anomalous", i) for i in order[:OVERLAYS]]
-    picks += [("false-alarm", i) for i in order if not labels[i]][:OVERLAYS // 2]
-    picks += [("missed", i) for i in order[::-1] if labels[i]][:OVERLAYS // 2]
-    for rank, (kind, i) in enumerate(picks):
-        row = table.iloc[i]
-        try:
-            image = read_image(row.uri)
-        except ImageReadError:
-            continue
-        name = f"overlays/{kind}-{rank:02d}-{row.image_id.replace('/', '_')}.png"
-        store.write_file(name, _png(heatmap_overlay(image, store.read_map(row.image_id), low, high)))
+def _write_report(store: ResultStore, table: pd.DataFrame, labels: np.ndarray, metrics: dict, pixels: PixelCurves,
+                  threshold: float | None, split_csv: str, logger) -> str:
+    """RESULTS/report.html: the metrics, ROC and PRO curves, per-defect figures, and overlays of
+    the most anomalous images, the highest-scored good ones and the lowest-scored defective ones
+    (OVERLAYS of each). Returns its URL."""
+    scores = table.score.to_numpy() if len(table) else np.zeros(0)
+    # the colour scale is the model's threshold's; without one (too few nominal images), the best-F1 threshold's
+    scale = MapScale.around(threshold if threshold is not None else metrics.get("f1_threshold"), scores)
+    order = np.argsort(-scores, kind="stable")
+    rows = list(table.itertuples(index=False))  # not iloc: a Series row has a .map method, not the map column
+    picks = [("most-anomalous", rows[i]) for i in order[:OVERLAYS]]
+    picks += [("false-alarm", rows[i]) for i in order if not labels[i]][:OVERLAYS]
+    picks += [("missed", rows[i]) for i in order[::-1] if labels[i]][:OVERLAYS]
+    overlays = render_overlays(store, picks, scale, logger)
+    by_kind = {kind: [o for o in overlays if o.kind == kind] for kind in ("most-anomalous", "false-alarm", "missed")}
+    if labels.any() and (~labels).any():
+        false_positive_rate, true_positive_rate, _ = roc_curve(labels, scores)
+    else:  # one class only: no curve
+        false_positive_rate = true_positive_rate = np.zeros(0)
+    fpr, pro = pixels.pro_curve()
+    page = evaluation_report(metrics, roc_png(false_positive_rate, true_positive_rate, _number(metrics.get("image_auroc"))),
+                             pro_png(fpr, pro, _number(metrics.get("aupro"))), by_kind, scale.describe(),
+                             f"Evaluation of {split_csv}")
+    url = store.write_file(REPORT, page.encode())
+    create_link_artifact(key="report", link=store.link(url), link_text=REPORT,
+                         description=f"evaluation of {split_csv}: metrics, curves, worst images")
+    return url

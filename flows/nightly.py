@@ -6,18 +6,21 @@ import contextlib
 import hashlib
 import time
 
+import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from anomaly.pictures import trend_png
 from storage.model_store import ModelRegistry
-from storage.results_store import NightlyResults
+from storage.results_store import NightlyResults, ResultStore
 from tasks.listing import list_images_task
 from tasks.scoring import ModelRef
 
 from .fit import fit_flow
 from .report import markdown_table
 from .runner import dask_cluster, run_name, run_on_dask
-from .score import NothingScoredError, publish_scores, score_records
+from .pictures import PREVIEWS
+from .score import NothingScoredError, publish_scores, score_records, write_scoring_report
 
 TREND_NIGHTS = 30
 
@@ -29,7 +32,7 @@ def today() -> str:
 @flow(name="score-new", flow_run_name=run_name("score-new {night} {results}", night=lambda: today()),
       log_prints=True)
 def score_new_flow(archive: str, root: str, results: str, night: str | None = None, batch_size: int = 16,
-                   tiles_per_task: int = 16, rescore: bool = False) -> dict:
+                   tiles_per_task: int = 16, rescore: bool = False, previews: int = PREVIEWS) -> dict:
     """Score the images of ``archive`` that no model version has scored (or found unusable) on
     any night yet, into ``RESULTS/nights/NIGHT``; update the night's summary row in
     ``RESULTS/history``. Run twice in one night, the second run scores nothing.
@@ -37,6 +40,9 @@ def score_new_flow(archive: str, root: str, results: str, night: str | None = No
     ``rescore``: also score again, with the current version, every image that only older
     versions scored (after a re-fit, to have the whole archive under the new model). Each row
     names its version and has its own map; the night's counts are per image (its newest row).
+
+    The night's root gets overlays of its ``previews`` most anomalous images and report.html
+    (summary, flagged-per-night trend, those overlays); RESULTS/trend.png the trend chart.
     """
     logger = get_run_logger()
     started = time.perf_counter()
@@ -58,6 +64,7 @@ def score_new_flow(archive: str, root: str, results: str, night: str | None = No
         summary.update(scored_now=0, skipped_now=0, score_s=time.perf_counter() - started)
         create_markdown_artifact(key="score-summary", markdown="# Nightly scoring: nothing new\n\n"
                                  + markdown_table(summary), description=f"scoring of {archive}")
+        _publish_trend(nightly)
     else:
         logger.info("scoring %d of %d images of %s with %s into %s", len(todo), len(records), archive,
                     model.version, out.root)
@@ -66,7 +73,8 @@ def score_new_flow(archive: str, root: str, results: str, night: str | None = No
                        score_s=time.perf_counter() - started)
         # publish_scores merged every run of the night: its counts and quantiles are the night's,
         # one per image (from its newest version's row)
-        summary = publish_scores(logger, out, summary, scored["errors"], f"Nightly scoring {night}")
+        title = f"Nightly scoring {night}"
+        summary, overlays = publish_scores(logger, out, summary, scored["errors"], title, previews=previews)
         out.require()
         nightly.write_history(night, {
             "night": night, "model_version": model.version, "threshold": model.threshold,
@@ -74,29 +82,36 @@ def score_new_flow(archive: str, root: str, results: str, night: str | None = No
             "errors": summary["errors_total"],
             **{key: summary.get(key, float("nan")) for key in ("score_p50", "score_p90", "score_p99", "score_max")},
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        trend_chart = _publish_trend(nightly)
+        if summary["images"]:
+            write_scoring_report(out, summary, overlays, f"{title}: {out.root}", trend_chart)
         if not summary["scored_now"]:
-            _publish_trend(nightly)
             raise NothingScoredError(f"none of the {len(todo)} images to score in {archive} could be scored "
                                      f"({len(scored['errors'])} error rows in {out.root})")
-    _publish_trend(nightly)
     return summary
 
 
-def _publish_trend(nightly: NightlyResults) -> None:
-    """Flagged images per night (the last TREND_NIGHTS), as a table and as text bars."""
+def _publish_trend(nightly: NightlyResults) -> bytes | None:
+    """Flagged images per night (the last TREND_NIGHTS): a table artifact, RESULTS/trend.png, and
+    a Markdown artifact with the rounded figures and a link to the chart. Returns the chart."""
     history = nightly.history()
     if not len(history):
-        return
+        return None
     history = history.sort_values("night").tail(TREND_NIGHTS)
     create_table_artifact(key="flagged-trend", description="images flagged per night",
-                          table=history[["night", "model_version", "images", "flagged", "errors",
-                                         "score_p99"]].to_dict("records"))
-    peak = max(1, int(history.flagged.max()))
-    lines = ["| night | version | flagged | of | |", "|---|---|---|---|---|"]
-    lines += [f"| {row.night} | {row.model_version} | {row.flagged} | {row.images} | "
-              f"{'█' * round(20 * row.flagged / peak)} |" for row in history.itertuples()]
+                          table=[{"night": row.night, "model_version": row.model_version, "images": int(row.images),
+                                  "flagged": int(row.flagged), "errors": int(row.errors),
+                                  "score_p99": None if pd.isna(row.score_p99) else round(float(row.score_p99), 4)}
+                                 for row in history.itertuples()])
+    chart = trend_png(list(history.night), [int(n) for n in history.flagged], [int(n) for n in history.images])
+    url = nightly.write_trend(chart)
+    lines = [f"Chart: [trend.png]({ResultStore(nightly.root).link(url)})", "",
+             "| night | version | flagged | of | flagged share |", "|---|---|---|---|---|"]
+    lines += [f"| {row.night} | {row.model_version} | {int(row.flagged)} | {int(row.images)} | "
+              f"{(100 * row.flagged / row.images if row.images else 0):.1f} % |" for row in history.itertuples()]
     create_markdown_artifact(key="flagged-trend-chart", markdown="# Flagged per night\n\n" + "\n".join(lines),
                              description="images flagged per night")
+    return chart
 
 
 @flow(name="nightly-refit", flow_run_name=run_name("nightly-refit {root}"), log_prints=True)

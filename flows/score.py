@@ -5,18 +5,26 @@ import time
 
 import pandas as pd
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from anomaly.pictures import MapScale
 
 from anomaly.tiling import TilingConfig, tile_grid
 from storage.images import ImageRecord
+from storage.locations import join
 from storage.model_store import ModelRegistry
 from storage.results_store import ResultStore, drop_parts_from, part_name
 from tasks.listing import chunk, list_images_task
 from tasks.scoring import SCORE_COLUMNS, ModelRef, error_table, score_batch_task, score_row
 from tasks.tiles import remove_staged_copies, score_tiles_task, stage_large_images, stitch_map_task
 
+from .html_report import scoring_report
+from .pictures import PREVIEWS, Overlay, most_anomalous, overlay_table_markdown, render_overlays
 from .report import markdown_rows, markdown_table
 from .runner import gather, run_name
+
+
+REPORT = "report.html"
 
 
 class NothingScoredError(RuntimeError):
@@ -64,9 +72,11 @@ def score_records(records: list[ImageRecord], model: ModelRef, manifest: dict, o
     return {"parts": len(batches) + len(large), "errors": errors + unreadable}
 
 
-def publish_scores(logger, out: ResultStore, summary: dict, errors: list[dict], title: str, key_prefix: str = "") -> dict:
-    """Merge the parts into one table, log the skipped files, write the summary and the
-    artifacts (the most anomalous images, the summary)."""
+def publish_scores(logger, out: ResultStore, summary: dict, errors: list[dict], title: str, key_prefix: str = "",
+                   previews: int = PREVIEWS) -> tuple[dict, list[Overlay]]:
+    """Merge the parts into one table, log the skipped files, write the summary, overlays of the
+    ``previews`` most anomalous images (RESULTS/overlays) and the artifacts (those images with
+    links to their overlays, the summary). Returns (summary, overlays)."""
     for error in errors:
         logger.error("skipped %s: %s", error["uri"], error["reason"])
     out.require()
@@ -82,25 +92,50 @@ def publish_scores(logger, out: ResultStore, summary: dict, errors: list[dict], 
         out.write_table("errors", error_rows)
     latest = table.drop_duplicates("uri", keep="last") if len(table) else table
     summary.update(images=int(len(latest)), rows=int(len(table)), errors_total=int(len(error_rows)))
+    overlays = []
     if len(latest):
         summary.update({"flagged": int(latest.is_anomalous.eq(True).sum()),
                         **{f"score_p{q}": float(latest.score.quantile(q / 100)) for q in (50, 90, 99)},
                         "score_max": float(latest.score.max())})
-        top = latest.nlargest(10, "score")[["image_id", "score", "is_anomalous", "model_version", "map"]]
-        create_table_artifact(key=f"{key_prefix}most-anomalous",
-                              table=top.astype(object).where(top.notna(), None).to_dict("records"),
-                              description=f"the most anomalous images in {out.root}")
+        scale = MapScale.around(summary.get("threshold"), latest.score)
+        overlays = render_overlays(out, most_anomalous(latest, previews), scale, logger) if previews else []
+        summary["report"] = join(out.root, REPORT)
+        pictures = {o.image_id: out.link(o.url) for o in overlays}
+        top = latest.nlargest(10, "score")
+        create_table_artifact(key=f"{key_prefix}most-anomalous", description=f"the most anomalous images in {out.root}",
+                              table=[{"image_id": row.image_id, "score": round(float(row.score), 4),
+                                      "flagged": None if pd.isna(row.is_anomalous) else bool(row.is_anomalous),
+                                      "overlay": pictures.get(row.image_id, ""), "model_version": row.model_version,
+                                      "map": row.map} for row in top.itertuples()])
+        if overlays:
+            create_markdown_artifact(key=f"{key_prefix}most-anomalous-pictures",
+                                     markdown=f"# Most anomalous images\n\nOpen [report.html]"
+                                              f"({out.link(summary['report'])}) first.\n\n"
+                                              + overlay_table_markdown(out, overlays),
+                                     description=f"overlays of the most anomalous images in {out.root}")
     out.write_summary({**summary, "errors": errors})
     create_markdown_artifact(key=f"{key_prefix}score-summary", markdown=f"# {title}\n\n" + markdown_table(summary)
                              + ("\n\n## Skipped files\n\n" + markdown_rows(errors) if errors else ""),
                              description=f"scoring into {out.root}")
-    return {**summary, "errors": errors}
+    return {**summary, "errors": errors}, overlays
+
+
+def write_scoring_report(out: ResultStore, summary: dict, overlays: list[Overlay], title: str,
+                         trend_png: bytes | None = None) -> str:
+    """RESULTS/report.html of a scoring run, and a link artifact to it. Returns its URL."""
+    scale = MapScale.around(summary.get("threshold"), [o.score for o in overlays])
+    page = scoring_report(summary, overlays, scale.describe(), title, trend_png, summary.get("errors"))
+    url = out.write_file(REPORT, page.encode())
+    create_link_artifact(key="report", link=out.link(url), link_text=REPORT,
+                         description=f"{title}: summary and the most anomalous images")
+    return url
 
 
 @flow(name="score", flow_run_name=run_name("score {results}"), log_prints=True)
 def score_flow(images: str, root: str, results: str, split: str | None = None, batch_size: int = 16,
-               tiles_per_task: int = 16, version: str | None = None) -> dict:
-    """Score every image of ``images`` with ``version`` (default: the current one) into ``results``."""
+               tiles_per_task: int = 16, version: str | None = None, previews: int = PREVIEWS) -> dict:
+    """Score every image of ``images`` with ``version`` (default: the current one) into ``results``;
+    overlays of the ``previews`` most anomalous ones and report.html beside them."""
     logger = get_run_logger()
     started = time.perf_counter()
     store = ModelRegistry(root).resolve(version)  # fails early, and clearly, on a missing or incompatible model
@@ -114,7 +149,10 @@ def score_flow(images: str, root: str, results: str, split: str | None = None, b
     summary = {"results": results, "model_version": model.version, "model": model.fingerprint,
                "threshold": model.threshold, "skipped": len(done["errors"]),
                "score_s": time.perf_counter() - started}
-    summary = publish_scores(logger, out, summary, done["errors"], f"Scoring with {model.version}")
+    title = f"Scoring with {model.version}"
+    summary, overlays = publish_scores(logger, out, summary, done["errors"], title, previews=previews)
+    if summary["images"] and previews:  # evaluate (previews=0) writes a report of its own
+        write_scoring_report(out, summary, overlays, f"{title}: {results}")
     if records and not summary["images"]:
         raise NothingScoredError(f"none of the {len(records)} images of {images} could be scored "
                                  f"({len(done['errors'])} error rows in {results})")

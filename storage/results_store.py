@@ -7,6 +7,11 @@
     RESULTS/scores/part-*.parquet the score table, one part per work batch
     RESULTS/errors/part-*.parquet files that could not be scored, with the reason
     RESULTS/summary.json          counts, timings and metrics of the run
+    RESULTS/report.html           the page to open first: summary, the worst images' overlays
+                                 (and for evaluate ROC/PRO curves and per-defect figures);
+                                 self-contained (images embedded), so it also works downloaded
+    RESULTS/overlays/KIND-NN-NAME-HASH.png   overlays of the images the report shows (KIND:
+                                 most-anomalous, false-alarm, missed; NN: rank)
 
 Maps are one array per image because images differ in size; large maps are chunked so that a
 viewer reads only the tiles it shows. A map's key is readable (the image's name and up to two
@@ -18,6 +23,7 @@ Nightly scoring keeps one such result root per night, and a history of nightly s
 
     RESULTS/nights/YYYY-MM-DD/    a result root (maps, score parts, scores.parquet, summary)
     RESULTS/history/YYYY-MM-DD.parquet   that night's summary row (counts, quantiles, flagged)
+    RESULTS/trend.png             flagged images per night (the last nights), updated each night
 """
 from __future__ import annotations
 
@@ -66,6 +72,14 @@ def _key_part(part: str) -> str:
     cleaned = re.sub(r"[^\w.\-]", "_", part).encode()[:MAP_NAME_BYTES].decode(errors="ignore") or "_"
     # zarr reserves names starting with "__"; names of dots only are not names
     return "_" + cleaned if cleaned.startswith("__") or not cleaned.strip(".") else cleaned
+
+
+def picture_name(prefix: str, image_id: str, uri: str) -> str:
+    """``PREFIX-NAME-HASH.png``: NAME is the image's file name without its extension (never
+    ``a.jpg.png``), HASH a hash of its full URI, so two ``a.png`` in different folders never
+    share a picture."""
+    stem = posixpath.splitext(image_id.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1])[0]
+    return f"{prefix}-{_key_part(stem)}-{hashlib.sha256(uri.encode()).hexdigest()[:8]}.png"
 
 
 def source_stamp(uris: list[str]) -> str:
@@ -193,6 +207,22 @@ class ResultStore:
         return url
 
 
+    def write_pictures(self, folder: str, pictures: dict[str, bytes]) -> dict[str, str]:
+        """Write ``pictures`` ({file name: PNG bytes}) into ``folder`` and remove the PNGs an
+        earlier run left there (a re-run must not show last run's images beside its own).
+        Returns {file name: URL}."""
+        urls = {name: self.write_file(f"{folder}/{name}", data) for name, data in pictures.items()}
+        for path in list_dir(join(self.root, folder)):
+            if path.endswith(".png") and posixpath.basename(path) not in pictures:
+                fs, _ = filesystem(self.root)
+                fs.rm(path)
+        return urls
+
+    def link(self, url: str) -> str:
+        """``url`` as a browser opens it: a local path as a file:// URL, a store URL as it is."""
+        return ("file://" + filesystem(url)[1]) if is_local(url) else url
+
+
 def drop_parts_from(store: ResultStore, first: int) -> None:
     """Forget score/error parts numbered ``first`` and up (left by an earlier, larger run)."""
     for table in ("scores", "errors"):
@@ -222,6 +252,9 @@ class NightlyResults:
 
     def write_history(self, date: str, row: dict) -> None:
         write_parquet(join(self.root, "history", f"{date}.parquet"), pd.DataFrame([row]))
+
+    def write_trend(self, png: bytes) -> str:
+        return ResultStore(self.root).write_file("trend.png", png)
 
     def history(self) -> pd.DataFrame:
         return read_parquet_parts(self.root, sorted(p for p in list_dir(join(self.root, "history"))
