@@ -4,7 +4,6 @@ headless Chromium with every image loaded."""
 from __future__ import annotations
 
 import io
-import os
 import re
 from pathlib import Path
 
@@ -114,7 +113,7 @@ def test_writing_pictures_replaces_what_an_earlier_run_left(tmp_path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, prefect_server):
     """A synthetic split (stripe images; test defects are bright blobs with masks; two test images
-    named a.png in different folders), evaluated, then its test folder scored."""
+    named a.png in different folders), evaluated, then its test folder scored, and scored as one night."""
     folder = tmp_path_factory.mktemp("pictures")
     rng = np.random.default_rng(1)
     rows = []
@@ -145,7 +144,10 @@ def runs(tmp_path_factory, prefect_server):
                                env, timeout=400)
     scored = run_patchwatch(["score", "--images", folder / "test", "--root", folder / "eval" / "model",
                              "--out", folder / "scored", "--workers", "1"], env, timeout=300)
-    return {"folder": folder, "evaluate": evaluated.stdout, "score": scored.stdout}
+    nightly = run_patchwatch(["score-new", "--archive", folder / "test", "--root", folder / "eval" / "model",
+                              "--results", folder / "nightly", "--night", "2024-05-01", "--workers", "1"], env,
+                             timeout=300)
+    return {"folder": folder, "evaluate": evaluated.stdout, "score": scored.stdout, "nightly": nightly.stdout}
 
 
 def test_score_writes_readable_previews_of_the_most_anomalous_images(runs):
@@ -179,9 +181,20 @@ def test_evaluate_writes_a_report_and_names_it_first(runs):
     assert f"open {results / 'report.html'} first" in runs["evaluate"]
 
 
-@pytest.mark.parametrize("report", ["eval/results/report.html", "scored/report.html"])
+def test_a_night_gets_its_report_with_the_trend_chart(runs):
+    night = runs["folder"] / "nightly" / "nights" / "2024-05-01"
+    assert len(list((night / "overlays").glob("*.png"))) == 5
+    with Image.open(runs["folder"] / "nightly" / "trend.png") as chart:
+        chart.load()
+    page = (night / "report.html").read_text()
+    assert "<h2>Trend</h2>" in page and "<h2>Most anomalous</h2>" in page
+    assert f"open {night / 'report.html'} first" in runs["nightly"]
+
+
+@pytest.mark.parametrize("report", ["eval/results/report.html", "scored/report.html",
+                                    "nightly/nights/2024-05-01/report.html"])
 def test_the_report_renders_in_headless_chromium_with_every_image_loaded(runs, report):
     states = image_states(runs["folder"] / report)
-    # evaluate: 2 curves + overlays of 3 kinds; score: one overlay per image
-    assert len(states) >= (2 + 5 if report.startswith("eval") else 5)
+    # evaluate: 2 curves + overlays of 3 kinds; score: one overlay per image; a night: those and its trend
+    assert len(states) >= {"eval": 2 + 5, "scored": 5, "nightly": 6}[report.split("/")[0]]
     assert all(state["complete"] and state["naturalWidth"] > 0 for state in states), states
