@@ -1,10 +1,11 @@
 """Inference runtimes for the backbone's forward pass: torch eager, ONNX Runtime, OpenVINO.
 
 Only the stage feature maps come from the runtime; preprocessing and the patch arithmetic stay in
-torch (anomaly.features), shared by every runtime. On CPUs ONNX Runtime runs the
-EfficientNet-Lite0 stages 2.5-4.5x faster than torch eager with one thread, its maps equal
-torch's to about 1e-4 (bench/results/runtime.md, bench/bench_runtime.py); torch stays the
-reference and the runtime on GPUs.
+torch (anomaly.features), shared by every runtime. On CPUs, one thread, ONNX Runtime ran the
+EfficientNet-Lite0 stages 2.2-3.3x (one dynamic-shape session) and 3.2-8.1x (a session per
+shape) faster than torch eager, its maps within 6.4e-5 of torch's, and MTD feature extraction end
+to end 2.2x faster (bench/results/runtime.md, bench/bench_runtime.py). OpenVINO fp32 was as fast
+per call but compiles a shape 4-5x slower. torch stays the reference and the runtime on GPUs.
 
 The runtime is a setting of the process that runs the backbone, never of the model: a model
 fitted with one runtime scores with any other (within :data:`MAP_TOLERANCE`).
@@ -30,13 +31,17 @@ RUNTIME_ENV = "PATCHWATCH_RUNTIME"             # read where the backbone runs (t
 THREADS_ENV = "PATCHWATCH_RUNTIME_THREADS"
 CACHE_ENV = "PATCHWATCH_CACHE_DIR"
 # stage maps of an exported runtime against torch eager: largest absolute difference measured
-# 7e-5 on maps of magnitude ~20 (tests/test_runtime.py); this bound leaves room for other CPUs
+# 6.4e-5 on maps of magnitude ~20 (bench/results/runtime.md); this bound leaves room for other CPUs
 MAP_TOLERANCE = 5e-4
-# "fixed": a session compiled for each input shape (measured 1.2-1.6x faster than one
-# dynamic-shape session), for the first FIXED_SHAPES shapes seen twice; other shapes go through
-# the dynamic session. "dynamic": the dynamic session only. Padding to shape buckets is not an
+# "fixed": a session compiled for each input shape (1.4x faster per call than one dynamic-shape
+# session at 144 x 64 to 512 x 512, 3.7x at 72 x 32, none at 128 x 304; bench/results/runtime.md)
+# once the shape has come COMPILE_AFTER times, for at most FIXED_SHAPES shapes; other shapes go
+# through the dynamic session. A compile (34-72 ms for ONNX Runtime, 176-310 ms for OpenVINO) pays
+# for itself after about 2 (512 x 512) to 45 (144 x 64) calls of its shape: a shape seen a few
+# times is not worth one. "dynamic": the dynamic session only. Padding to shape buckets is not an
 # option: zero padding changes the border features, so the maps would no longer equal torch's.
 SHAPE_POLICIES = ("fixed", "dynamic")
+COMPILE_AFTER = 10
 # each fixed-shape ONNX Runtime session holds its own re-laid-out weights (~19 MiB for Lite0)
 FIXED_SHAPES = 16
 ONNX_OPSET = 17
@@ -134,15 +139,17 @@ class TorchStages:
 
 class _ShapeSessions:
     """One dynamic-shape session plus fixed-shape ones for the first ``fixed_shapes`` input shapes
-    seen twice (a shape seen once, e.g. a single odd-sized image, is not worth a compile)."""
+    seen ``compile_after`` times (policy "fixed"; see :data:`SHAPE_POLICIES`)."""
 
     name = ""
 
-    def __init__(self, onnx_path: Path, threads: int, shapes: str, fixed_shapes: int = FIXED_SHAPES):
+    def __init__(self, onnx_path: Path, threads: int, shapes: str, fixed_shapes: int = FIXED_SHAPES,
+                 compile_after: int = COMPILE_AFTER):
         if shapes not in SHAPE_POLICIES:
             raise ValueError(f"unknown shape policy {shapes!r}; choose one of {', '.join(SHAPE_POLICIES)}")
         self.onnx_path, self.threads, self.shapes = Path(onnx_path), threads, shapes
         self.fixed_shapes = fixed_shapes if shapes == "fixed" else 0
+        self.compile_after = compile_after
         self.dynamic = self._compile(None)
         self.fixed: dict[tuple[int, ...], object] = {}
         self.seen: collections.Counter = collections.Counter()
@@ -159,7 +166,7 @@ class _ShapeSessions:
             if shape in self.fixed:
                 return self.fixed[shape]
             self.seen[shape] += 1
-            if self.seen[shape] >= 2 and len(self.fixed) < self.fixed_shapes:
+            if self.seen[shape] >= self.compile_after and len(self.fixed) < self.fixed_shapes:
                 self.fixed[shape] = self._compile(shape)
                 return self.fixed[shape]
             return self.dynamic

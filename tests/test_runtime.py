@@ -53,6 +53,7 @@ def textured_images(count: int, seed: int = 0) -> list[np.ndarray]:
 @pytest.mark.parametrize("shapes", ["fixed", "dynamic"])
 def test_stage_maps_equal_torch_within_tolerance(lite0, runtime, shapes):
     stages = backbone_stages(lite0, "tf_efficientnet_lite0", (3, 4), runtime, shapes=shapes)
+    stages.compile_after = 2  # the default waits for 10 sightings
     reference = TorchStages(lite0)
     generator = torch.Generator().manual_seed(0)
     # each shape three times: dynamic session, then (policy "fixed") a fixed-shape one
