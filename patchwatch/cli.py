@@ -57,7 +57,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def _add_runtime_option(parser: argparse.ArgumentParser) -> None:
     # choices spelled out here: anomaly.runtime imports torch, which the light commands avoid
     parser.add_argument("--runtime", choices=("auto", "torch", "onnxruntime", "openvino"), default=None,
-                        help="what runs the backbone: auto (ONNX Runtime on CPUs, 2.5-4x faster than torch "
+                        help="what runs the backbone: auto (ONNX Runtime on CPUs: the backbone 2.2x+ faster than torch "
                              "there, torch on GPUs), torch, onnxruntime, openvino (pip install openvino). "
                              "Scores agree within 1e-4 whichever fitted or scores the model "
                              "(default: $PATCHWATCH_RUNTIME, else auto)")
