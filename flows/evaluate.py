@@ -20,6 +20,7 @@ from storage.locations import join
 from storage.model_store import ModelRegistry
 from storage.results_store import ResultStore
 
+from .defaults import HOLDOUT_FRACTION, THRESHOLD_QUANTILE
 from .fit import fit_flow
 from .html_report import evaluation_report
 from .pictures import render_overlays
@@ -42,13 +43,16 @@ def _clean(value):
 @flow(name="evaluate", flow_run_name=run_name("evaluate {split_csv}"), log_prints=True)
 def evaluate_flow(split_csv: str, out: str, feature_config: dict | None = None,
                   detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32, dask_address: str | None = None,
-                  workers: int | None = None, auto: bool = False) -> dict:
+                  workers: int | None = None, auto: bool = False, holdout_fraction: float = HOLDOUT_FRACTION,
+                  threshold_quantile: float = THRESHOLD_QUANTILE, settings: dict | None = None,
+                  config_file: dict | None = None) -> dict:
     logger = get_run_logger()
     root, results = join(out, "model"), join(out, "results")
     with dask_cluster(dask_address, workers) as address:
         fit = run_on_dask(fit_flow, address, images=split_csv, root=root, split="train",
                           feature_config=feature_config, detector=detector, detector_config=detector_config,
-                          batch_size=batch_size, auto=auto)
+                          batch_size=batch_size, auto=auto, holdout_fraction=holdout_fraction,
+                          threshold_quantile=threshold_quantile, settings=settings, config_file=config_file)
         # no previews: evaluate draws its own overlays, with labels and masks, into the same folder
         scored = run_on_dask(score_flow, address, images=split_csv, root=root, results=results, split="test",
                              batch_size=batch_size, previews=0)

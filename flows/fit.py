@@ -70,7 +70,8 @@ def fit_flow(images: str, root: str, split: str | None = None, feature_config: d
              detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32,
              tiling_config: dict | None = None, coreset_chunk_rows: int = 1 << 20, tiles_per_task: int = 16,
              holdout_fraction: float = HOLDOUT_FRACTION, threshold_quantile: float = THRESHOLD_QUANTILE,
-             full: bool = False, auto: bool = False) -> dict:
+             full: bool = False, auto: bool = False, settings: dict | None = None,
+             config_file: dict | None = None) -> dict:
     """Fit or re-fit the model under ``root`` on the nominal images of ``images``.
 
     Only images the bank does not hold yet are featurised. A PatchCore re-fit with unchanged
@@ -82,14 +83,20 @@ def fit_flow(images: str, root: str, split: str | None = None, feature_config: d
 
     One fit per root at a time: two would plan the same bank batches into the same version
     folder. A second fit is refused (LeaseHeldError, one line naming the holder).
+
+    ``settings`` (the options the command resolved) and ``config_file`` (its --config file's
+    path, SHA-256 and values) are recorded in the new version's manifest as they are.
     """
+    provenance = {key: value for key, value in (("settings", settings), ("config_file", config_file)) if value}
     with ModelRegistry(root).fit_lease() as lease:
         return _fit(images, root, split, feature_config, detector, detector_config, batch_size, tiling_config,
-                    coreset_chunk_rows, tiles_per_task, holdout_fraction, threshold_quantile, full, lease, auto)
+                    coreset_chunk_rows, tiles_per_task, holdout_fraction, threshold_quantile, full, lease, auto,
+                    provenance)
 
 
 def _fit(images, root, split, feature_config, detector, detector_config, batch_size, tiling_config,
-         coreset_chunk_rows, tiles_per_task, holdout_fraction, threshold_quantile, full, lease, auto) -> dict:
+         coreset_chunk_rows, tiles_per_task, holdout_fraction, threshold_quantile, full, lease, auto,
+         provenance) -> dict:
     logger = get_run_logger()
     features = FeatureConfig.from_dict(feature_config) if feature_config else default_features(detector)
     settings = for_features(detector, detector_settings(detector, detector_config), features)
@@ -200,6 +207,7 @@ def _fit(images, root, split, feature_config, detector, detector_config, batch_s
             manifest[key] = fitted[key]
     if choice:
         manifest["auto"] = choice
+    manifest.update(provenance)
     lease.check()  # a fit whose lease expired and was taken over must not commit a version
     model.write_manifest(manifest)  # written last: the version is complete
     registry.promote(model.version)  # and only then current, in one atomic write

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import time
 
 import pandas as pd
@@ -16,6 +17,7 @@ from storage.results_store import NightlyResults, ResultStore
 from tasks.listing import list_images_task
 from tasks.scoring import ModelRef
 
+from .defaults import HOLDOUT_FRACTION, THRESHOLD_QUANTILE
 from .fit import fit_flow
 from .report import markdown_table
 from .runner import dask_cluster, run_name, run_on_dask
@@ -117,21 +119,53 @@ def _publish_trend(nightly: NightlyResults) -> bytes | None:
 @flow(name="nightly-refit", flow_run_name=run_name("nightly-refit {root}"), log_prints=True)
 def nightly_refit_flow(images: str, root: str, split: str | None = None, feature_config: dict | None = None,
                        detector: str = "patchcore", detector_config: dict | None = None, batch_size: int = 32,
-                       dask_address: str | None = None, workers: int | None = None, auto: bool = False) -> dict:
-    """The scheduled re-fit: absorb the nominal images that arrived since the last fit."""
-    with one_nightly_run_per_root(root), dask_cluster(dask_address, workers) as address:
+                       dask_address: str | None = None, workers: int | None = None, auto: bool = False,
+                       holdout_fraction: float = HOLDOUT_FRACTION, threshold_quantile: float = THRESHOLD_QUANTILE,
+                       full: bool = False, runtime: str | None = None, allow_sources: str | None = None,
+                       settings: dict | None = None, config_file: dict | None = None) -> dict:
+    """The scheduled re-fit: absorb the nominal images that arrived since the last fit, with the
+    settings ``patchwatch deploy`` was given (``settings``, ``config_file``: recorded in the
+    manifest as ``patchwatch fit`` records them)."""
+    with one_nightly_run_per_root(root), workers_environment(runtime, allow_sources), \
+            dask_cluster(dask_address, workers) as address:
         return run_on_dask(fit_flow, address, images=images, root=root, split=split, feature_config=feature_config,
-                           detector=detector, detector_config=detector_config, batch_size=batch_size, auto=auto)
+                           detector=detector, detector_config=detector_config, batch_size=batch_size, auto=auto,
+                           holdout_fraction=holdout_fraction, threshold_quantile=threshold_quantile, full=full,
+                           settings=settings, config_file=config_file)
 
 
 @flow(name="nightly-score", flow_run_name=run_name("nightly-score {results}"), log_prints=True)
 def nightly_score_flow(archive: str, root: str, results: str, batch_size: int = 16,
-                       dask_address: str | None = None, workers: int | None = None, rescore: bool = False) -> dict:
+                       dask_address: str | None = None, workers: int | None = None, rescore: bool = False,
+                       runtime: str | None = None, allow_sources: str | None = None) -> dict:
     """The scheduled scoring: what no model has scored yet (``rescore``: what the current model
     has not), into tonight's partition."""
-    with one_nightly_run_per_root(root), dask_cluster(dask_address, workers) as address:
+    with one_nightly_run_per_root(root), workers_environment(runtime, allow_sources), \
+            dask_cluster(dask_address, workers) as address:
         return run_on_dask(score_new_flow, address, archive=archive, root=root, results=results,
                            batch_size=batch_size, rescore=rescore)
+
+
+@contextlib.contextmanager
+def workers_environment(runtime: str | None, allow_sources: str | None):
+    """What the command's --runtime and --allow-sources set for its run (they are read where the
+    backbone runs and where the images are listed): set in this flow run's process for the run,
+    so that the local Dask workers it starts inherit them; the previous values restored after."""
+    from anomaly.runtime import RUNTIME_ENV
+    from storage.images import ALLOW_SOURCES_ENV
+
+    wanted = {name: value for name, value in ((RUNTIME_ENV, runtime), (ALLOW_SOURCES_ENV, allow_sources))
+              if value is not None}
+    previous = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def concurrency_limit_name(root: str) -> str:

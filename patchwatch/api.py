@@ -147,7 +147,7 @@ def fit(images, root, **options) -> dict:
     from flows.fit import fit_flow, nothing_to_fit
     from flows.runner import dask_cluster, install_log_sanitiser, prefect_api, run_and_link, run_on_dask
 
-    from .cli import _configs, _prepare, build_parser
+    from .cli import _prepare, build_parser, fit_parameters
 
     image_folder = options.pop("image_folder", None)
     if isinstance(images, (list, tuple)):
@@ -155,11 +155,7 @@ def fit(images, root, **options) -> dict:
     args = _fit_arguments(build_parser(), str(images), str(root), options)
     install_log_sanitiser()
     _prepare(args)  # the command's checks: absolute paths, no credentials in URLs, stores probed
-    features, detector = _configs(args)
-    parameters = dict(images=args.images, root=args.root, split=args.split, feature_config=features,
-                      detector=args.detector, detector_config=detector, batch_size=args.batch_size,
-                      holdout_fraction=args.holdout_fraction, threshold_quantile=args.threshold_quantile,
-                      full=args.full, auto=args.auto)
+    parameters = dict(images=args.images, root=args.root, split=args.split, full=args.full, **fit_parameters(args))
     with prefect_api():
         if not args.dask_address and nothing_to_fit(**parameters):  # no cluster to start for nothing
             return run_and_link(fit_flow, **parameters)
@@ -168,9 +164,15 @@ def fit(images, root, **options) -> dict:
 
 
 def _fit_arguments(parser, images: str, root: str, options: dict):
-    """The ``patchwatch fit`` arguments for these options: the command's defaults, then the options."""
-    args = parser.parse_args(["fit", "--images", images, "--root", root])
-    fixed = {"command", "images", "root", "verbose", "debug"}
+    """The ``patchwatch fit`` arguments for these options: the command's defaults, a ``config``
+    file's settings over them, then the options."""
+    from .config_file import apply_config
+
+    argv = ["fit", "--images", images, "--root", root]
+    if options.get("config") is not None:
+        argv += ["--config", os.fspath(options.pop("config"))]
+    args = apply_config(parser, parser.command_parsers["fit"], argv, parser.parse_args(argv))
+    fixed = {"command", "images", "root", "verbose", "debug", "config_file"}
     unknown = sorted(k for k in options if k in fixed or not hasattr(args, k))
     if unknown:
         known = sorted(k for k in vars(args) if k not in fixed)

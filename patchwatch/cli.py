@@ -63,6 +63,13 @@ def _add_runtime_option(parser: argparse.ArgumentParser) -> None:
                              "(default: $PATCHWATCH_RUNTIME, else auto)")
 
 
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="FILE.toml",
+                        help="fit settings from a TOML file, keys named as the options (detector = \"padim\", "
+                             "input_scale = 0.5, holdout_fraction = 0.1, batch_size = 16, runtime = \"torch\", ...); "
+                             "options given here override it. Recorded in the version's manifest")
+
+
 def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout-fraction", type=float, default=HOLDOUT_FRACTION,
                         help="share of nominal images held out of the memory to set the threshold (default %(default)s)")
@@ -94,6 +101,18 @@ def _configs(args) -> tuple[dict, dict]:
     if args.detector == "patchcore" and args.coreset_ratio is not None:
         detector = PatchCoreConfig(**{**detector.to_dict(), "coreset_ratio": args.coreset_ratio})
     return features.to_dict(), detector.to_dict()
+
+
+def fit_parameters(args) -> dict:
+    """The fit flow's parameters for a command's arguments (fit, deploy's re-fit, evaluate's fit),
+    with what they resolved to and the --config file's record, for the version's manifest."""
+    from .config_file import resolved_settings
+
+    features, detector = _configs(args)
+    return dict(feature_config=features, detector=args.detector, detector_config=detector,
+                batch_size=args.batch_size, holdout_fraction=args.holdout_fraction,
+                threshold_quantile=args.threshold_quantile, auto=args.auto, settings=resolved_settings(args),
+                config_file=getattr(args, "config_file", None))
 
 
 EXAMPLES = {
@@ -145,6 +164,7 @@ def build_parser(model_options: bool = True) -> argparse.ArgumentParser:
     _add_threshold_options(fit)
     _add_run_options(fit)
     _add_runtime_option(fit)
+    _add_config_option(fit)
 
     score = commands.add_parser("score", help="score images with a fitted model")
     score.add_argument("--images", required=True, help="folder, split CSV, or URL of either")
@@ -183,9 +203,15 @@ def build_parser(model_options: bool = True) -> argparse.ArgumentParser:
     deploy.add_argument("--refit-cron", default=DEFAULT_REFIT_CRON, help="re-fit schedule (default '%(default)s')")
     deploy.add_argument("--score-cron", default=DEFAULT_SCORE_CRON, help="scoring schedule (default '%(default)s')")
     deploy.add_argument("--timezone", default="UTC", help="time zone of the schedules (default %(default)s)")
+    deploy.add_argument("--split", default=None, help="with a split CSV as --images: re-fit on this split only")
+    deploy.add_argument("--full", action="store_true",
+                        help="each re-fit selects the coreset afresh from the whole bank")
     if model_options:
         _add_model_options(deploy)
-    _add_run_options(deploy)
+    _add_threshold_options(deploy)
+    _add_run_options(deploy)  # --batch-size: both the re-fit and the scoring
+    _add_runtime_option(deploy)
+    _add_config_option(deploy)
     serve = commands.add_parser("serve", help="run the registered nightly deployments until stopped")
     serve.add_argument("--name", default=DEFAULT_NAME, help="deployment name given to deploy (default %(default)s)")
     _add_runtime_option(serve)
@@ -195,9 +221,21 @@ def build_parser(model_options: bool = True) -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="runs/evaluate", help="output folder or URL (default %(default)s)")
     if model_options:
         _add_model_options(evaluate)
+    _add_threshold_options(evaluate)
     _add_run_options(evaluate)
     _add_runtime_option(evaluate)
+    _add_config_option(evaluate)
+    parser.command_parsers = {"fit": fit, "deploy": deploy, "evaluate": evaluate}  # for --config
     return parser
+
+
+def parse_arguments(argv: list[str], model_options: bool = True) -> argparse.Namespace:
+    """The command's arguments, a --config file's settings under those given in ``argv``."""
+    from .config_file import apply_config
+
+    parser = build_parser(model_options)
+    args = parser.parse_args(argv)
+    return apply_config(parser, parser.command_parsers.get(args.command), argv, args)
 
 
 # answered without torch, Prefect or Dask (each takes seconds to import): well under 2 s
@@ -207,7 +245,13 @@ LIGHT_COMMANDS = ("models", "promote")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)  # top-level options take no value
-    args = build_parser(model_options=command not in LIGHT_COMMANDS).parse_args(argv)
+    from .config_file import ConfigFileError
+
+    try:
+        args = parse_arguments(argv, model_options=command not in LIGHT_COMMANDS)
+    except ConfigFileError as error:  # before anything runs: one line, like argparse's own refusals
+        print(f"patchwatch {command}: {error}", file=sys.stderr)
+        return 2
     if not args.verbose:
         # Dask's INFO lines (cluster start and stop, 30-40 per command) say nothing to a user; set
         # before distributed is imported (it configures its loggers then), inherited by workers
@@ -320,11 +364,8 @@ def _run(args) -> int:
     if args.command == "fit":
         from flows.fit import fit_flow, nothing_to_fit
         from flows.runner import run_and_link
-        features, detector = _configs(args)
-        parameters = dict(images=args.images, root=args.root, split=args.split, feature_config=features,
-                          detector=args.detector, detector_config=detector, batch_size=args.batch_size,
-                          holdout_fraction=args.holdout_fraction, threshold_quantile=args.threshold_quantile,
-                          full=args.full, auto=args.auto)
+        parameters = dict(images=args.images, root=args.root, split=args.split, full=args.full,
+                          **fit_parameters(args))
         if not args.dask_address and nothing_to_fit(**parameters):  # no local cluster to start for nothing
             summary = run_and_link(fit_flow, **parameters)
         else:
@@ -364,11 +405,12 @@ def _run(args) -> int:
     elif args.command == "deploy":
         from flows.deployments import deploy
         from storage.locations import join
-        features, detector = _configs(args)
-        run = {"dask_address": args.dask_address, "workers": args.workers}
-        parameters = {"refit": {"images": args.images, "root": args.root, "feature_config": features,
-                                "detector": args.detector, "detector_config": detector,
-                                "batch_size": args.batch_size, "auto": args.auto, **run},
+        # what the flows' own processes need: their cluster, and the settings the command sets as
+        # environment variables for its workers (the runtime, the allowed sources)
+        run = {"dask_address": args.dask_address, "workers": args.workers, "batch_size": args.batch_size,
+               "runtime": args.runtime, "allow_sources": args.allow_sources}
+        parameters = {"refit": {"images": args.images, "root": args.root, "split": args.split, "full": args.full,
+                                **fit_parameters(args), **run},
                       "score": {"archive": args.archive or args.images, "root": args.root,
                                 "results": args.results or join(args.root, "results"), **run}}
         for line in deploy(args.name, parameters, {"refit": args.refit_cron, "score": args.score_cron}, args.timezone):
@@ -381,10 +423,8 @@ def _run(args) -> int:
         from flows.evaluate import evaluate_flow
         from flows.runner import run_and_link
         from storage.locations import join
-        features, detector = _configs(args)
-        summary = run_and_link(evaluate_flow, split_csv=args.split_csv, out=args.out, feature_config=features,
-                                detector=args.detector, detector_config=detector, batch_size=args.batch_size,
-                                dask_address=args.dask_address, workers=args.workers, auto=args.auto)
+        summary = run_and_link(evaluate_flow, split_csv=args.split_csv, out=args.out, dask_address=args.dask_address,
+                               workers=args.workers, **fit_parameters(args))
         print_summary("evaluate", summary)
         print(json.dumps(summary, indent=2))
         results = join(args.out, "results")
