@@ -136,7 +136,8 @@ def fit(images, root, **options) -> dict:
     URL), and a later fit given more arrays finds the earlier ones already in the bank.
     ``options``: the command's options, underscored (``split``, ``detector``, ``full``, ``auto``,
     ``layers=(2, 3)``, ``coreset_ratio``, ``holdout_fraction``, ``batch_size``, ``workers``,
-    ``dask_address``, ``allow_sources``, ``image_folder`` for the arrays' folder, ...).
+    ``dask_address``, ``allow_sources``, ``image_folder`` for the arrays' folder, ...); ``config``:
+    a TOML file of settings, as ``--config`` (the other options override it; the manifest records it).
     """
     # what the command sets before Prefect and Dask are imported (patchwatch.cli.main): Dask's INFO
     # lines off, Prefect's INFO to its server only, no telemetry from the temporary server

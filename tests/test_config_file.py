@@ -12,6 +12,7 @@ import subprocess
 import uuid
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from prefect.client.orchestration import get_client
@@ -19,7 +20,7 @@ from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from patchwatch.cli import fit_parameters, parse_arguments
-from tests.synthetic import stripes
+from tests.synthetic import SIDE, blob_mask, stripes
 
 from .servers import patchwatch_command, patchwatch_env, run_patchwatch
 from .test_deploy import _wait_for
@@ -71,6 +72,42 @@ def test_evaluate_takes_the_same_file_and_the_threshold_options(tmp_path):
     given = fit_parameters(parse_arguments(["evaluate", "split.csv", "--holdout-fraction", "0.3",
                                             "--threshold-quantile", "0.8"]))
     assert (given["holdout_fraction"], given["threshold_quantile"]) == (0.3, 0.8)
+
+
+def test_the_python_api_takes_the_file_too(tmp_path):
+    from patchwatch.api import _fit_arguments
+    from patchwatch.cli import build_parser
+
+    config = write_config(tmp_path)
+    args = _fit_arguments(build_parser(), "in", "model", {"config": config, "batch_size": 3})
+    assert (args.threshold_quantile, args.layers, args.batch_size) == (0.9, "2,3", 3)  # the call's option wins
+    assert args.config_file["path"] == str(config)
+
+
+def test_evaluate_with_the_file_fits_its_model_with_the_file_s_settings(tmp_path):
+    rng = np.random.default_rng(5)
+    rows = []
+    for number in range(NOMINAL_IMAGES + 4):
+        image, mask = stripes(rng), np.zeros((SIDE, SIDE), np.uint8)
+        defective = number >= NOMINAL_IMAGES + 2
+        if defective:
+            image[blob_mask()] = 255
+            mask[blob_mask()] = 255
+            Image.fromarray(mask).save(tmp_path / f"{number:03d}-mask.png")
+        Image.fromarray(image).save(tmp_path / f"{number:03d}.png")
+        rows.append({"image": f"{number:03d}.png", "mask": f"{number:03d}-mask.png" if defective else "",
+                     "label": "defect" if defective else "good", "defect_type": "blob" if defective else "",
+                     "split": "train" if number < NOMINAL_IMAGES else "test"})
+    pd.DataFrame(rows).to_csv(tmp_path / "split.csv", index=False)
+    config = write_config(tmp_path)
+    out = tmp_path / "evaluation"
+    run_patchwatch(["evaluate", tmp_path / "split.csv", "--out", out, "--config", config, "--holdout-fraction", "0.3"],
+                   patchwatch_env(tmp_path / "home"), timeout=RUN_TIMEOUT)
+    fitted = json.loads((out / "model" / "versions" / "v0001" / "manifest.json").read_text())
+    assert fitted["threshold_quantile"] == 0.9 and fitted["holdout_fraction"] == 0.3  # file, then command line
+    assert list(fitted["feature_config"]["layers"]) == [2, 3] and fitted["detector_config"]["coreset_ratio"] == 0.05
+    assert fitted["config_file"]["sha256"] == hashlib.sha256(config.read_bytes()).hexdigest()
+    assert fitted["settings"]["holdout_fraction"] == 0.3
 
 
 @pytest.mark.parametrize("text, key, reason", [
