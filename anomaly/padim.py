@@ -19,8 +19,10 @@ FIXED_GRID_HINT = "PaDiM needs a fixed input size: set square_side"
 @dataclass(frozen=True)
 class PadimConfig:
     # random subset of the feature channels (the paper's "Rd"): the covariance is C x C per
-    # position, and the paper finds a random subset as good as PCA at a fraction of the cost
-    channels: int = 100
+    # position, and the paper finds a random subset as good as PCA at a fraction of the cost.
+    # The default keeps all 256 of the default patch vector: MTD image AUROC 0.962 against 0.951
+    # with 100 (anomaly.detectors, DEFAULT_FEATURES), at 400 positions x 256^2 floats of model
+    channels: int = 256
     seed: int = 0
     sigma: float = 4.0
     # regulariser of each covariance (cov + epsilon * I): keeps it invertible when there are
