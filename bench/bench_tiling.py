@@ -58,6 +58,7 @@ def score_large(root: str, uri: str, results: str) -> dict:
     from storage.images import image_shape
     from storage.model_store import ModelRegistry
     from tasks.scoring import ModelRef
+    from storage.results_store import ResultStore
     from tasks.tiles import score_tiles_task, stitch_map_task
 
     store = ModelRegistry(root).resolve()  # the version the fit made current
@@ -66,13 +67,14 @@ def score_large(root: str, uri: str, results: str) -> dict:
     tiling = TilingConfig(**manifest["tiling_config"])
     shape = image_shape(uri)
     tiles = tile_grid(*shape, tiling.tile, tiling.overlap)
+    ResultStore(results).prepare()  # as the score flow does before its tasks write
     baseline = mark_baseline()
     started = time.perf_counter()
     scored = []
     for i in range(0, len(tiles), 16):  # the flow's tiles_per_task
         scored += score_tiles_task.fn(model, uri, tiles[i:i + 16])
     scored_s = time.perf_counter() - started
-    stitch_map_task.fn(results, "large", shape, scored, manifest["detector_config"]["sigma"], tiling.overlap)
+    stitch_map_task.fn(results, "large", uri, store.version, shape, scored, manifest["detector_config"]["sigma"], tiling.overlap)
     total_s = time.perf_counter() - started
     return {"tiles": len(tiles), "score tiles s": scored_s, "stitch + write s": total_s - scored_s,
             "total s": total_s, "baseline MiB": baseline, "peak MiB": peak_rss_mib(),
@@ -86,7 +88,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
     started, machine, rows = time.perf_counter(), machine_info(), []
-    with tempfile.TemporaryDirectory(prefix="bench-tiling-") as tmp:
+    from flows.runner import prefect_api
+
+    # one Prefect server of this run's own, always stopped: without it each process that runs a
+    # flow or task starts an ephemeral server that outlives the benchmark
+    with prefect_api(), tempfile.TemporaryDirectory(prefix="bench-tiling-") as tmp:
         root = str(Path(tmp) / "model")
         fit_model(args.split, root)
         for side in (int(s) for s in args.sides.split(",")):
