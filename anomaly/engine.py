@@ -11,11 +11,11 @@ import numpy as np
 
 from .detectors import score_grid
 from .features import PatchFeatureExtractor, PatchFeatures
-from .maps import anomaly_map
+from .maps import StitchedMap, anomaly_map
 from .padim import Padim
 from .patchcore import PatchCore
 from .spade import Spade
-from .tiling import Tile, TilingConfig, render_block, stitch_grids, tile_grid, tile_sigma
+from .tiling import Tile, TilingConfig, stitch_grids, tile_grid, tile_sigma
 
 
 def image_views(image: np.ndarray, tiling: TilingConfig | None) -> list[tuple[Tile | None, np.ndarray]]:
@@ -65,8 +65,7 @@ def score_features(detector, views: list[tuple[Tile | None, PatchFeatures]], ima
     best_score = scored[int(np.argmax([grid.max() for grid in grids]))][0]  # the tile holding the max patch
     first = views[0][1]
     sigma_px = tile_sigma(sigma, first.image_shape, first.input_shape)
-    whole = Tile(0, 0, image_shape[0], image_shape[1])
-    return Scored(best_score, render_block(stitcher.grid(), stitcher.stride, image_shape, whole, sigma_px))
+    return Scored(best_score, StitchedMap(stitcher.grid(), stitcher.stride, image_shape, sigma_px).whole())
 
 
 def score_image(extractor: PatchFeatureExtractor, detector, image: np.ndarray,

@@ -9,8 +9,8 @@ from prefect import task
 
 from anomaly.detectors import score_grid
 from anomaly.features import FeatureConfig
-from anomaly.maps import heatmap_overlay
-from anomaly.tiling import Tile, blocks, render_block, stitch_grids, tile_sigma
+from anomaly.maps import StitchedMap, heatmap_overlay
+from anomaly.tiling import Tile, blocks, stitch_grids, tile_sigma
 from storage.images import TIFF_SUFFIXES, ImageReadError, LargeImage, remove_staged, stage_image, staged_location
 from storage.model_store import FeatureBank
 from storage.results_store import MAP_CHUNK, ResultStore, map_key
@@ -121,8 +121,9 @@ def stitch_map_task(results: str, image_id: str, uri: str, version: str, shape: 
     out = ResultStore(results)
     out.require()
     array = out.create_map(image_id, uri, version, shape, MAP_CHUNK)
+    rendered = StitchedMap(grid, stitcher.stride, shape, sigma_px)
     for block in blocks(shape[0], shape[1], MAP_CHUNK):
-        array[block.top:block.bottom, block.left:block.right] = render_block(grid, stitcher.stride, shape, block, sigma_px)
+        array[block.top:block.bottom, block.left:block.right] = rendered.block(block.top, block.left, block.bottom, block.right)
     best = max(tile_scores, key=lambda item: item["max"])  # the image's max patch, eq. 7 weighted
     preview = _preview(grid, float(np.percentile(grid, 50)), float(grid.max()))
     preview_url = out.write_file(f"previews/{map_key(image_id, uri, version)}.png", preview)
