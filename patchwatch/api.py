@@ -183,7 +183,7 @@ def _fit_arguments(parser, images: str, root: str, options: dict):
             value = ",".join(str(v) for v in value)  # the command's comma-separated form
         setattr(args, name, value)
     from anomaly.detectors import CONFIGS
-    if args.detector not in CONFIGS:
+    if args.detector is not None and args.detector not in CONFIGS:
         raise ValueError(f"detector {args.detector!r}: choose one of {', '.join(sorted(CONFIGS))}")
     return args
 

@@ -18,8 +18,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     from anomaly.patchcore import PatchCoreConfig
 
     defaults = FeatureConfig()
-    parser.add_argument("--detector", choices=sorted(CONFIGS), default="patchcore",
-                        help="anomaly detector (default %(default)s)")
+    parser.add_argument("--detector", choices=sorted(CONFIGS), default=None,
+                        help="anomaly detector (default: the one --auto chooses; patchcore with --no-auto)")
     parser.add_argument("--input-scale", type=float, default=None,
                         help=f"every image is resized by this factor, aspect kept (default {defaults.input_scale})")
     parser.add_argument("--context-scales", default=None,
@@ -38,10 +38,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help=f"timm feature stages to use, comma-separated (default {','.join(map(str, defaults.layers))})")
     parser.add_argument("--coreset-ratio", type=float, default=None,
                         help=f"PatchCore: fraction of the patch bank kept as memory (default {PatchCoreConfig().coreset_ratio})")
-    parser.add_argument("--auto", action="store_true",
+    parser.add_argument("--auto", action=argparse.BooleanOptionalAction, default=None,
                         help="choose the detector and feature settings from the nominal images themselves: "
                              "candidate configurations are compared on held-out images with synthetic defects "
-                             "pasted in (a root's first fit; later fits keep the choice)")
+                             "pasted in (a root's first fit; later fits keep the choice). The default when no "
+                             "model option is given (unless $PATCHWATCH_AUTO=0); --no-auto: PatchCore's fixed "
+                             "defaults")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +82,21 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
 MODEL_OPTIONS = ("backbone", "layers", "input_scale", "square_side", "embed_dim", "context_scales", "coreset_ratio")
 
 
+def auto_chosen(args) -> bool:
+    """Whether this fit chooses its configuration with --auto: when asked, and by default when no
+    model option is given (a user with new data gets the configuration that suits it, not the one
+    tuned on MTD); never with explicit model options, which --auto refuses."""
+    given = [f"--{name.replace('_', '-')}" for name in MODEL_OPTIONS if getattr(args, name, None) is not None]
+    if getattr(args, "detector", None) is not None:
+        given.insert(0, "--detector")
+    asked = getattr(args, "auto", None)
+    if asked is True and given:
+        raise ValueError(f"--auto chooses the detector and feature settings itself: drop {', '.join(given)} or --auto")
+    if asked is None:
+        return not given and os.environ.get("PATCHWATCH_AUTO", "1") != "0"
+    return bool(asked)
+
+
 def _configs(args) -> tuple[dict, dict]:
     from anomaly.detectors import default_features, detector_config
     from anomaly.patchcore import PatchCoreConfig
@@ -87,18 +104,15 @@ def _configs(args) -> tuple[dict, dict]:
     def numbers(text, kind):
         return None if text is None else tuple(kind(x) for x in text.split(",") if x.strip())
 
-    if getattr(args, "auto", False):
-        given = [f"--{name.replace('_', '-')}" for name in MODEL_OPTIONS if getattr(args, name) is not None]
-        if given or args.detector != "patchcore":
-            raise ValueError(f"--auto chooses the detector and feature settings itself: drop {', '.join(given) or '--detector'}"
-                             " or --auto")
+    if auto_chosen(args):
         return None, None
 
-    features = default_features(args.detector, backbone=args.backbone, layers=numbers(args.layers, int),
+    detector_name = args.detector or "patchcore"
+    features = default_features(detector_name, backbone=args.backbone, layers=numbers(args.layers, int),
                                 input_scale=args.input_scale, square_side=args.square_side,
                                 embed_dim=args.embed_dim, context_scales=numbers(args.context_scales, float))
-    detector = detector_config(args.detector)
-    if args.detector == "patchcore" and args.coreset_ratio is not None:
+    detector = detector_config(detector_name)
+    if detector_name == "patchcore" and args.coreset_ratio is not None:
         detector = PatchCoreConfig(**{**detector.to_dict(), "coreset_ratio": args.coreset_ratio})
     return features.to_dict(), detector.to_dict()
 
@@ -109,9 +123,9 @@ def fit_parameters(args) -> dict:
     from .config_file import resolved_settings
 
     features, detector = _configs(args)
-    return dict(feature_config=features, detector=args.detector, detector_config=detector,
+    return dict(feature_config=features, detector=args.detector or "patchcore", detector_config=detector,
                 batch_size=args.batch_size, holdout_fraction=args.holdout_fraction,
-                threshold_quantile=args.threshold_quantile, auto=args.auto, settings=resolved_settings(args),
+                threshold_quantile=args.threshold_quantile, auto=auto_chosen(args), settings=resolved_settings(args),
                 config_file=getattr(args, "config_file", None))
 
 

@@ -66,7 +66,7 @@ def _checked(path: str, key: str, value, action: argparse.Action):
     def refuse(expected: str):
         return ConfigFileError(f"{path}: key {key!r}: expected {expected}, got {value!r} ({_toml_type(value)})")
 
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise refuse("true or false")
         return value

@@ -16,6 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # the tests' split CSVs live in temporary folders and name MTD's images where they are (read in
 # place): allow that location, as a user would with --allow-sources (tests/test_trust.py unsets it)
 os.environ.setdefault("PATCHWATCH_ALLOW_SOURCES", str(MTD))
+# a plain fit compares candidate configurations first (--auto, the default); the tests that are
+# about something else fit PatchCore's fixed defaults, as PATCHWATCH_AUTO=0 makes them (the
+# default itself: tests/test_auto.py, which unsets it)
+os.environ.setdefault("PATCHWATCH_AUTO", "0")
 
 
 def mtd_available() -> bool:

@@ -1,5 +1,6 @@
 """``fit --auto``: synthetic defects, the probe's ranking, the choice, and the fit that records it."""
 import json
+import os
 import subprocess
 import sys
 
@@ -62,9 +63,33 @@ def test_the_probe_measures_what_a_configuration_sees():
     assert missed.pixel_auroc < seen.pixel_auroc - 0.25
 
 
-def run_cli(*args, timeout=600):
+def run_cli(*args, timeout=600, env=None):
     return subprocess.run([sys.executable, "-m", "patchwatch.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
+
+
+def users_environment() -> dict:
+    """The environment without the tests' PATCHWATCH_AUTO=0 (tests/conftest.py): what a user has."""
+    return {k: v for k, v in os.environ.items() if k != "PATCHWATCH_AUTO"}
+
+
+def options(*argv):
+    from patchwatch.cli import build_parser
+    return build_parser().parse_args(["fit", "--images", "i", "--root", "r", *argv])
+
+
+def test_a_fit_without_model_options_chooses_with_auto_unless_told_otherwise(monkeypatch):
+    from patchwatch.cli import auto_chosen
+
+    monkeypatch.delenv("PATCHWATCH_AUTO", raising=False)
+    assert auto_chosen(options()) and auto_chosen(options("--auto"))
+    # any model option is the user's own choice; --no-auto asks for PatchCore's fixed defaults
+    assert not auto_chosen(options("--detector", "padim")) and not auto_chosen(options("--input-scale", "1.0"))
+    assert not auto_chosen(options("--no-auto"))
+    monkeypatch.setenv("PATCHWATCH_AUTO", "0")
+    assert not auto_chosen(options()) and auto_chosen(options("--auto"))
+    with pytest.raises(ValueError, match="drop --detector"):
+        auto_chosen(options("--auto", "--detector", "patchcore"))
 
 
 def write_stripes(folder, count, start=0, seed=0):
@@ -77,7 +102,8 @@ def write_stripes(folder, count, start=0, seed=0):
 def test_fit_auto_records_the_comparison_and_a_refit_keeps_the_choice(tmp_path):
     images, root = tmp_path / "nominal", tmp_path / "root"
     write_stripes(images, 24)
-    first = run_cli("fit", "--images", str(images), "--root", str(root), "--auto", "--workers", "1")
+    # no option at all: --auto is the default
+    first = run_cli("fit", "--images", str(images), "--root", str(root), "--workers", "1", env=users_environment())
     assert first.returncode == 0, first.stderr[-3000:]
     manifest = json.loads((root / "versions" / "v0001" / "manifest.json").read_text())
     auto = manifest["auto"]
