@@ -23,7 +23,7 @@ def _smoothed(hats: np.ndarray, sigma: float, mode: str) -> np.ndarray:
 
     A hat is non-zero on a few strides only, so each column is filtered in a window of its support
     plus the kernel radius and a zero margin (there 'reflect' and 'nearest' read zeros, as the whole
-    column would): the same numbers as filtering whole columns, ~30x less work for an 8k image.
+    column would): the same numbers as filtering whole columns, ~30x fewer samples for an 8k image.
     """
     if sigma <= 0:
         return hats.astype(np.float32)
@@ -44,8 +44,8 @@ def _smoothed(hats: np.ndarray, sigma: float, mode: str) -> np.ndarray:
 
 def _product(rows: np.ndarray, grid: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """rows @ grid @ cols.T in float32, through torch: its thread count is the process's setting
-    (one on the workers), while numpy's OpenBLAS starts a thread per core, which on a busy 2-core
-    machine made a 512 x 18 x 512 product ~100x slower (22 ms against 0.2 ms)."""
+    (one on the workers), while numpy's OpenBLAS, unless told otherwise, starts a thread per core,
+    which on a busy 2-core machine made a 512 x 18 x 512 product ~100x slower (22 ms against 0.2-0.3)."""
     product = torch.from_numpy(rows) @ torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))
     return (product @ torch.from_numpy(cols).T).numpy()
 
@@ -74,7 +74,8 @@ def anomaly_map(patch_scores: np.ndarray, image_shape: tuple[int, int], sigma: f
     return _product(rows, grid, cols)
 
 
-@functools.lru_cache(maxsize=16)
+# an 8k axis is 8 MiB (8192 x 256 float32): a few kept, enough for the rows and columns of one size
+@functools.lru_cache(maxsize=4)
 def _stitched_axis(pixels: int, cells: int, stride: int, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One axis of a stitched grid's map, as :func:`anomaly.tiling.render_block` renders it
     (pixel centres mapped to cells, clamped at the ends; Gaussian with 'nearest' ends): the
