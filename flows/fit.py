@@ -24,7 +24,6 @@ from tasks.listing import chunk, list_images_task
 from tasks.threshold import calibrate_threshold_task
 from tasks.tiles import extract_tile_features_task, remove_staged_copies, stage_large_images
 
-from .choice import choose_configuration
 from .defaults import HOLDOUT_FRACTION, THRESHOLD_QUANTILE
 from .report import markdown_rows, markdown_table
 from .runner import gather, run_name
@@ -284,6 +283,7 @@ def _auto_configuration(registry: ModelRegistry, records: list[ImageRecord], til
     (choosing again would mean featurising every image again: start a new root for that)."""
     current = registry.current()
     if registry.bank.settings() is None or current is None:
+        from .choice import choose_configuration  # sklearn and the probe: only a first fit needs them
         candidate, record = choose_configuration(records, tiling, logger, root)
         return candidate.features, candidate.detector, candidate.settings, record
     manifest = registry.model(current).read_manifest()

@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminated)
     try:
         _prepare(args)
-        if args.command not in FLOW_COMMANDS:
+        if args.command not in FLOW_COMMANDS or _nothing_new_to_fit(args):
             return _run(args)
         with prefect_api():
             return _run(args)
@@ -371,6 +371,19 @@ def _prepare(args) -> None:
             registry.resolve(version)
 
 
+def _nothing_new_to_fit(args) -> bool:
+    """A fit that would find nothing new and change nothing: it ends without a flow run, a Prefect
+    server or a cluster (with them a no-op fit took 9.5 s: bench/results/noop.md). The nightly
+    re-fit deployment still records each of its runs in Prefect."""
+    if args.command != "fit" or args.dask_address:
+        return False
+    from flows.fit import nothing_to_fit
+    if not nothing_to_fit(images=args.images, root=args.root, split=args.split, full=args.full, **fit_parameters(args)):
+        return False
+    args.command = "fit-nothing-new"
+    return True
+
+
 def _run(args) -> int:
     from flows.report import print_summary
     from flows.runner import dask_cluster, run_on_dask
@@ -380,7 +393,7 @@ def _run(args) -> int:
         from flows.runner import run_and_link
         parameters = dict(images=args.images, root=args.root, split=args.split, full=args.full,
                           **fit_parameters(args))
-        if not args.dask_address and nothing_to_fit(**parameters):  # no local cluster to start for nothing
+        if not args.dask_address and nothing_to_fit(**parameters):  # decided again: the flow may have begun
             summary = run_and_link(fit_flow, **parameters)
         else:
             with dask_cluster(args.dask_address, args.workers) as address:
@@ -392,6 +405,11 @@ def _run(args) -> int:
         if summary.get("refit"):
             print(f"model {summary['version']} is current in {args.root}; list versions: "
                   f"patchwatch models --root {args.root}")
+    elif args.command == "fit-nothing-new":
+        from storage.model_store import ModelRegistry
+        version = ModelRegistry(args.root).current()
+        print_summary("fit", {"root": args.root, "version": version, "refit": False, "new_images": 0})
+        print(f"nothing new in {args.images}: version {version} stays current")
     elif args.command == "score":
         from flows.score import score_flow
         from storage.locations import join
