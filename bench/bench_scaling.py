@@ -384,17 +384,38 @@ def tile_step(work: str, split_csv: str, tiles_timed: int) -> dict:
             "baseline MiB": baseline, "peak MiB": peak, "step MiB": peak - baseline,
             "map write s": write_s, "map MiB (float32 raw)": height * width * 4 / common.MIB,
             "map MiB written": map_bytes / common.MIB, "map compression": height * width * 4 / map_bytes,
-            "image MiB (8-bit RGB raw)": height * width * 3 / common.MIB}
+            "image MiB (8-bit RGB raw)": height * width * 3 / common.MIB,
+            "anomaly/ sources": _source_state()}
+
+
+def _source_state() -> str:
+    """sha1 of the anomaly/ sources this process ran, and whether git saw them modified (others
+    change them while benches run: the row says which code it measured)."""
+    import subprocess
+
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted((common.REPO / "anomaly").glob("*.py"))))
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "anomaly"], cwd=common.REPO,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.REPO,
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        dirty, head = "", "?"
+    return f"{digest.hexdigest()[:12]} (HEAD {head}{', uncommitted changes' if dirty else ''})"
 
 
 # ---- driver ------------------------------------------------------------------------------------------
+MEASURED: dict[str, list[str]] = {}  # section -> when its rows were measured (UTC), cached or not
+
+
 def cached(work: Path, key: dict, fresh: bool, compute):
     path = work / f"rows-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.json"
-    if path.exists() and not fresh:
-        return json.loads(path.read_text())
-    value = compute()
-    path.write_text(json.dumps(value, default=common._json_default))
-    return value
+    if not path.exists() or fresh:
+        value = compute()
+        path.write_text(json.dumps(value, default=common._json_default))
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(path.stat().st_mtime))
+    MEASURED.setdefault(key["section"], []).append(stamp)
+    return json.loads(path.read_text())
 
 
 def main() -> None:
@@ -494,7 +515,9 @@ def main() -> None:
             "map: ResultStore.write_map to a local folder (Zarr v3, float32, 512 x 512 chunks, zarr's default codec)"]})
     meta = {"command": common.command_line(), "date": common.utc_now(), "machine": common.machine_info(),
             "wall_s": time.perf_counter() - started,
-            "parameters": {"split": args.split, "features": info, "jitter": args.jitter}}
+            "parameters": {"split": args.split, "features": info, "jitter": args.jitter,
+                           "rows measured (UTC, from the row cache in --work when before this run)":
+                               {k: f"{min(v)} .. {max(v)}" for k, v in MEASURED.items()}}}
     common.report(args.out, args.name, "Scaling: approximate kNN, coreset at larger banks, a 20 MP image", meta,
                   sections)
 
