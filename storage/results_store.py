@@ -1,7 +1,13 @@
 """Scoring results under one root URL.
 
-    RESULTS/maps/VERSION/<name>-<hash>  Zarr v3 array per image and model version, (height,
-                                 width) float32 at the image's original size, 512 x 512 chunks
+    RESULTS/maps.zarr             Zarr v3 group of the anomaly maps; one subgroup per model
+                                 version (its attributes: model_version, image_threshold,
+                                 pixel_threshold, units)
+    RESULTS/maps.zarr/VERSION/STEM-HASH   one array per image: (height, width) float32 at the
+                                 image's original size, 512 x 512 chunks, dimensions y_H, x_W;
+                                 attributes source_uri, image_id, model_version, shape and the
+                                 version's thresholds and units. STEM: the file name without its
+                                 extension; HASH: of the full URI
     RESULTS/results.json          written when a run opens the root: a run checks it before
                                  writing parts, so a root deleted mid-run is never re-created
     RESULTS/scores/part-*.parquet the score table, one part per work batch
@@ -14,10 +20,14 @@
                                  most-anomalous, false-alarm, missed; NN: rank)
 
 Maps are one array per image because images differ in size; large maps are chunked so that a
-viewer reads only the tiles it shows. A map's key is readable (the image's name and up to two
-folders, sanitised and truncated) and unique (a hash of the image's full URI), so that images
-that share a name never share a map and no name is too long for the file system; maps of
-different model versions never overwrite each other.
+viewer reads only the tiles it shows. A version's subgroup opens as one xarray Dataset
+(``xr.open_zarr(RESULTS/maps.zarr, group=VERSION, consolidated=False)``): each map's dimensions
+are named after its size (``y_768``, ``x_1024``), so maps of one size share them and maps of
+different sizes never conflict. A map's name is readable (the image's stem, sanitised and
+truncated) and unique (a hash of the image's full URI), so that images that share a name never
+share a map and no name is too long for the file system; maps of different model versions never
+overwrite each other. Roots written before maps.zarr keep their maps under
+``RESULTS/maps/VERSION/<folders>/<name>-<hash>`` (see :func:`map_key`): they are read as before.
 
 Nightly scoring keeps one such result root per night, and a history of nightly summaries:
 
@@ -28,10 +38,12 @@ Nightly scoring keeps one such result root per night, and a history of nightly s
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 import re
 import time
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -44,6 +56,31 @@ MAP_CHUNK = 512
 MAP_NAME_BYTES = 48  # per readable component of a map key: far below any file system's 255
 MAP_FOLDERS = 2      # folders of the image's path kept in its map key, nearest the file first
 MARKER = "results.json"
+MAPS_GROUP = "maps.zarr"
+LEGACY_MAPS = "maps"  # roots written before maps.zarr: bare arrays at maps/<map_key>
+
+
+MAPS_ABOUT = ("anomaly maps, one subgroup per model version, one array per image; each array's attributes "
+              "say its source image, model version, thresholds and units")
+
+
+@dataclass(frozen=True)
+class MapDescription:
+    """What a model version's map values mean: recorded on its group and on each of its maps."""
+
+    image_threshold: float | None = None   # image scores above it are flagged
+    pixel_threshold: float | None = None   # map values above it are anomalous pixels (None: no hold-out maps)
+    units: str | None = None
+    threshold_quantile: float | None = None  # both thresholds are this quantile of held-out nominal images
+
+    def attributes(self) -> dict:
+        return {"image_threshold": self.image_threshold, "pixel_threshold": self.pixel_threshold,
+                "threshold_quantile": self.threshold_quantile, "units": self.units}
+
+
+def _group_json(attributes: dict) -> bytes:
+    """A Zarr v3 group's metadata document."""
+    return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes}, indent=2).encode()
 
 
 class ResultsRootGoneError(FileNotFoundError):
@@ -55,8 +92,21 @@ def part_name(number: int) -> str:
     return f"part-{number:05d}"
 
 
+def map_name(image_id: str, uri: str) -> str:
+    """An image's map array name in its version's group: ``STEM-HASH``. STEM is the file name
+    without its extension (no ``a.jpg`` folder look-alikes), sanitised and cut to MAP_NAME_BYTES;
+    HASH, of the full URI, keeps two ``a.png`` in different folders apart."""
+    return f"{_key_part(_stem(image_id))}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+
+
+def _stem(image_id: str) -> str:
+    """The file name of ``image_id`` without its folders and extension."""
+    return posixpath.splitext(image_id.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1])[0]
+
+
 def map_key(image_id: str, uri: str, version: str) -> str:
-    """The Zarr node path of an image's map by one model version: ``VERSION/folder/name-HASH``.
+    """The key of an image's map in the layout before maps.zarr, ``VERSION/folder/name-HASH``
+    (previews of tiled maps are still named by it).
 
     Readable: the image id's last folders and name, unsafe characters replaced, each part cut to
     MAP_NAME_BYTES. Unique per source: HASH is a hash of the full URI, so ``a/y.jpg`` and
@@ -78,8 +128,7 @@ def picture_name(prefix: str, image_id: str, uri: str) -> str:
     """``PREFIX-NAME-HASH.png``: NAME is the image's file name without its extension (never
     ``a.jpg.png``), HASH a hash of its full URI, so two ``a.png`` in different folders never
     share a picture."""
-    stem = posixpath.splitext(image_id.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1])[0]
-    return f"{prefix}-{_key_part(stem)}-{hashlib.sha256(uri.encode()).hexdigest()[:8]}.png"
+    return f"{prefix}-{_key_part(_stem(image_id))}-{hashlib.sha256(uri.encode()).hexdigest()[:8]}.png"
 
 
 def source_stamp(uris: list[str]) -> str:
@@ -103,6 +152,8 @@ class ResultStore:
     def __init__(self, root: str):
         self.root = str(root).rstrip("/")
         self._maps_by_id: dict[str, str] | None = None
+        self._descriptions: dict[str, MapDescription] = {}
+        self._ready_groups: set[str] = set()
 
     # ------------------------------------------------------------------ the root itself
     def prepare(self) -> None:
@@ -129,28 +180,58 @@ class ResultStore:
                                        "deleted?): not re-created; nothing more is written")
 
     # ------------------------------------------------------------------ maps
+    def maps_url(self) -> str:
+        """The root's Zarr group of maps (open with zarr, or xarray with ``group=VERSION``)."""
+        return join(self.root, MAPS_GROUP)
+
     def map_url(self, image_id: str, uri: str, version: str) -> str:
-        return join(self.root, "maps", map_key(image_id, uri, version))
+        return join(self.maps_url(), _key_part(version), map_name(image_id, uri))
+
+    def describe_maps(self, version: str, description: MapDescription) -> None:
+        """What ``version``'s maps mean (thresholds, units): recorded on its group now and on each
+        of its maps this store writes from now on."""
+        self._descriptions[version] = description
+        self._ready_groups.discard(version)
 
     def write_map(self, image_id: str, uri: str, version: str, anomaly_map: np.ndarray) -> str:
-        url = self.map_url(image_id, uri, version)
-        array = zarr.create_array(url, shape=anomaly_map.shape, dtype="float32",
-                                  chunks=tuple(min(MAP_CHUNK, s) for s in anomaly_map.shape),
-                                  overwrite=True, zarr_format=3)
+        array = self.create_map(image_id, uri, version, anomaly_map.shape)
         array[...] = anomaly_map.astype(np.float32, copy=False)
-        return url
+        return self.map_url(image_id, uri, version)
 
     def create_map(self, image_id: str, uri: str, version: str, shape: tuple[int, int],
                    chunk: int = MAP_CHUNK) -> zarr.Array:
-        """An empty map to be filled region by region (tiled scoring of large images)."""
-        return zarr.create_array(self.map_url(image_id, uri, version), shape=shape, dtype="float32",
-                                 chunks=(min(chunk, shape[0]), min(chunk, shape[1])), fill_value=0.0,
+        """An empty map (NaN until written: a region never written is not mistaken for a nominal
+        0) to be filled whole or region by region (tiled scoring of large images)."""
+        self._require_groups(version)
+        height, width = int(shape[0]), int(shape[1])
+        attributes = {"image_id": image_id, "source_uri": uri, "model_version": version, "shape": [height, width],
+                      **self._descriptions.get(version, MapDescription()).attributes()}
+        # named by size: maps of one size share dimensions, maps of different sizes never clash
+        # when xarray opens a version's group as one Dataset
+        return zarr.create_array(self.map_url(image_id, uri, version), shape=(height, width), dtype="float32",
+                                 chunks=(min(chunk, height), min(chunk, width)), fill_value=np.nan,
+                                 dimension_names=[f"y_{height}", f"x_{width}"], attributes=attributes,
                                  overwrite=True, zarr_format=3)
 
+    def _require_groups(self, version: str) -> None:
+        """maps.zarr and its VERSION subgroup exist, the latter with the version's description.
+        Written whole and atomically (many workers write maps at once: none may read a half
+        group), and only when missing or different."""
+        if version in self._ready_groups:
+            return
+        root_meta = join(self.maps_url(), "zarr.json")
+        if not exists(root_meta):
+            write_bytes_atomically(root_meta, _group_json({"about": MAPS_ABOUT}))
+        meta = join(self.maps_url(), _key_part(version), "zarr.json")
+        wanted = {"model_version": version, **self._descriptions.get(version, MapDescription()).attributes()}
+        if not exists(meta) or (version in self._descriptions and read_json(meta).get("attributes") != wanted):
+            write_bytes_atomically(meta, _group_json(wanted))
+        self._ready_groups.add(version)
+
     def read_map(self, location: str) -> np.ndarray:
-        """The map at ``location``: a score row's ``map``, or an image id that has exactly one
-        row in the score table."""
-        if not location.startswith(join(self.root, "maps") + "/"):
+        """The map at ``location``: a score row's ``map`` (maps.zarr, or the older maps/ layout),
+        or an image id that has exactly one row in the score table."""
+        if not location.startswith((self.maps_url() + "/", join(self.root, LEGACY_MAPS) + "/")):
             if self._maps_by_id is None:
                 table = self.scores()
                 counts = table.image_id.value_counts() if len(table) else pd.Series(dtype=int)

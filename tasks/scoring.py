@@ -18,7 +18,7 @@ from anomaly.spade import Spade
 from anomaly.tiling import TilingConfig
 from storage.images import ImageRecord
 from storage.model_store import ModelStore, manifest_fingerprint
-from storage.results_store import ResultStore, ResultsRootGoneError, part_name, source_stamp
+from storage.results_store import MapDescription, ResultStore, ResultsRootGoneError, part_name, source_stamp
 
 from .features import drop_too_small, drop_too_small_large, load_images
 from .runtime import feature_extractor
@@ -37,15 +37,51 @@ class ModelRef:
     version: str
     fingerprint: str
     threshold: float | None   # from held-out nominal images; None when there were none
+    pixel_threshold: float | None = None  # on the maps' scale, from the same held-out images' maps
+    map_units: str | None = None
+    threshold_quantile: float | None = None
 
     @classmethod
     def of(cls, store: ModelStore, manifest: dict | None = None) -> "ModelRef":
         """The reference to the version in ``store`` (``manifest``: its manifest, if read already)."""
         manifest = manifest or store.read_manifest()
-        return cls(store.root, store.version, manifest_fingerprint(manifest), manifest.get("threshold"))
+        quantile = manifest.get("threshold_quantile")
+        pixel = manifest.get("pixel_threshold")
+        if pixel is None and quantile is not None:  # versions whose manifest does not carry it
+            pixel = pixel_threshold(store.read_table("holdout"), quantile)
+        return cls(store.root, store.version, manifest_fingerprint(manifest), manifest.get("threshold"), pixel,
+                   map_units(manifest.get("detector", "patchcore"), manifest.get("detector_config", {})), quantile)
+
+    def map_description(self) -> MapDescription:
+        return MapDescription(self.threshold, self.pixel_threshold, self.map_units, self.threshold_quantile)
 
     def flags(self, score: float) -> bool | None:
         return None if self.threshold is None else bool(score > self.threshold)
+
+
+def pixel_threshold(holdout: pd.DataFrame | None, quantile: float) -> float | None:
+    """The maps' threshold: the ``quantile`` of the held-out nominal images' map maxima, as the
+    image threshold is that quantile of their image scores, so a held-out image's map crosses
+    it as often as its score crosses the image threshold. None without hold-out maps (versions
+    calibrated before map maxima were recorded)."""
+    if holdout is None or "map_max" not in holdout or not holdout.map_max.notna().any():
+        return None
+    return float(np.quantile(holdout.map_max.dropna(), quantile))
+
+
+def map_units(detector: str, config: dict) -> str:
+    """What one map value is, for the maps' ``units`` attribute."""
+    if detector == "padim":
+        return ("Mahalanobis distance of the patch's features to its position's nominal Gaussian, upsampled and "
+                "smoothed; the image score is the map's maximum: the same scale")
+    if detector == "spade":
+        return ("mean Euclidean feature distance of the patch to its nearest nominal patches, upsampled and "
+                "smoothed; the image score is on another scale: compare a map with pixel_threshold")
+    dims = config.get("map_dims") or 0
+    which = f"the first {dims} feature dimensions (primary scale)" if dims else "all feature dimensions"
+    return (f"Euclidean distance over {which} of the patch to its nearest memory patch, upsampled and smoothed; "
+            "the image score (eq. 7 re-weighted maximum over whole vectors) is on another scale: compare a map "
+            "with pixel_threshold, a score with image_threshold")
 
 
 def open_detector(store: ModelStore, name: str, config: dict, manifest: dict | None = None) -> PatchCore | Padim | Spade:
@@ -134,6 +170,7 @@ def score_batch_task(model: ModelRef, results: str, part: int, records: list[Ima
                      tiling: TilingConfig | None = None) -> dict:
     out = ResultStore(results)
     out.require()
+    out.describe_maps(model.version, model.map_description())
     extractor, detector = load_model(model.root, model.fingerprint)
     good, images, errors, large = load_images(records, tiling)
     good, images = drop_too_small(extractor, good, images, errors)

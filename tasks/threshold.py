@@ -10,14 +10,15 @@ from prefect import task
 from anomaly.features import PatchFeatures
 from storage.model_store import HOLDOUT, FeatureBank, ModelStore
 from .retries import retry_delays, transient
-from .scoring import open_detector
+from .scoring import open_detector, pixel_threshold
 
 
 @task(name="calibrate-threshold", task_run_name="calibrate-threshold", retries=2, retry_delay_seconds=retry_delays(5, 30), retry_condition_fn=transient)
 def calibrate_threshold_task(root: str, model_root: str, detector: str, detector_config: dict,
                              quantile: float) -> dict:
-    """Image scores of the bank's held-out images (their features are in the bank already) ->
-    the version's holdout.parquet; the threshold is their ``quantile`` (None without any)."""
+    """Image scores and map maxima of the bank's held-out images (their features are in the bank
+    already) -> the version's holdout.parquet; the threshold is the scores' ``quantile``, the
+    pixel threshold the map maxima's (None without any held-out image)."""
     started = time.perf_counter()
     bank, model = FeatureBank(root), ModelStore(model_root)
     index = bank.index(HOLDOUT)
@@ -27,9 +28,10 @@ def calibrate_threshold_task(root: str, model_root: str, detector: str, detector
         for row in index[index.batch == batch].itertuples(index=False):
             features = PatchFeatures(vectors[row.row_start:row.row_stop], (int(row.grid_h), int(row.grid_w)),
                                      (int(row.height), int(row.width)), (int(row.input_h), int(row.input_w)))
-            score, _ = scorer.score(features)
-            rows.append({"image_id": row.image_id, "uri": row.uri, "score": float(score)})
-    table = pd.DataFrame(rows, columns=["image_id", "uri", "score"])
+            score, amap = scorer.score(features)
+            rows.append({"image_id": row.image_id, "uri": row.uri, "score": float(score), "map_max": float(amap.max())})
+    table = pd.DataFrame(rows, columns=["image_id", "uri", "score", "map_max"])
     model.write_table("holdout", table)
     threshold = float(np.quantile(table.score, quantile)) if len(table) else None
-    return {"threshold": threshold, "holdout_images": int(len(table)), "seconds": time.perf_counter() - started}
+    return {"threshold": threshold, "pixel_threshold": pixel_threshold(table, quantile),
+            "holdout_images": int(len(table)), "seconds": time.perf_counter() - started}

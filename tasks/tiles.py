@@ -104,7 +104,9 @@ def score_tiles_task(model: ModelRef, uri: str, tiles: list[Tile], staged: str |
             features = extractor.extract([image.read(tile.top, tile.left, tile.bottom, tile.right)])[0]
             tile_score, grid = score_grid(detector, features)
             scored.append({"tile": tile, "grid": grid.astype(np.float32), "max": float(grid.max()),
-                           "weighted": tile_score, "input_shape": features.input_shape})
+                           "weighted": tile_score, "input_shape": features.input_shape,
+                           # the stitched map records the version's thresholds: stitch-map sees no model
+                           "map_description": model.map_description()})
     return scored
 
 
@@ -120,6 +122,8 @@ def stitch_map_task(results: str, image_id: str, uri: str, version: str, shape: 
     sigma_px = tile_sigma(sigma, first["tile"].shape, first["input_shape"])
     out = ResultStore(results)
     out.require()
+    if first.get("map_description") is not None:  # absent from tile results cached before it was added
+        out.describe_maps(version, first["map_description"])
     array = out.create_map(image_id, uri, version, shape, MAP_CHUNK)
     rendered = StitchedMap(grid, stitcher.stride, shape, sigma_px)
     for block in blocks(shape[0], shape[1], MAP_CHUNK):
