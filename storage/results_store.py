@@ -1,9 +1,9 @@
 """Scoring results under one root URL.
 
-    RESULTS/maps.zarr             Zarr v3 group of the anomaly maps; one subgroup per model
+    RESULTS/maps                  Zarr v3 group of the anomaly maps; one subgroup per model
                                  version (its attributes: model_version, image_threshold,
-                                 pixel_threshold, units)
-    RESULTS/maps.zarr/VERSION/STEM-HASH   one array per image: (height, width) float32 at the
+                                 pixel_threshold, threshold_quantile, units)
+    RESULTS/maps/VERSION/STEM-HASH   one array per image: (height, width) float32 at the
                                  image's original size, 512 x 512 chunks, dimensions y_H, x_W;
                                  attributes source_uri, image_id, model_version, shape and the
                                  version's thresholds and units. STEM: the file name without its
@@ -21,13 +21,14 @@
 
 Maps are one array per image because images differ in size; large maps are chunked so that a
 viewer reads only the tiles it shows. A version's subgroup opens as one xarray Dataset
-(``xr.open_zarr(RESULTS/maps.zarr, group=VERSION, consolidated=False)``): each map's dimensions
+(``xr.open_zarr(RESULTS/maps, group=VERSION, consolidated=False)``): each map's dimensions
 are named after its size (``y_768``, ``x_1024``), so maps of one size share them and maps of
 different sizes never conflict. A map's name is readable (the image's stem, sanitised and
 truncated) and unique (a hash of the image's full URI), so that images that share a name never
 share a map and no name is too long for the file system; maps of different model versions never
-overwrite each other. Roots written before maps.zarr keep their maps under
-``RESULTS/maps/VERSION/<folders>/<name>-<hash>`` (see :func:`map_key`): they are read as before.
+overwrite each other. Roots written before maps was a group hold bare arrays at
+``RESULTS/maps/VERSION/<folders>/<name.ext>-<hash>`` (see :func:`map_key`): the score table
+names them, and they are read as before.
 
 Nightly scoring keeps one such result root per night, and a history of nightly summaries:
 
@@ -56,8 +57,7 @@ MAP_CHUNK = 512
 MAP_NAME_BYTES = 48  # per readable component of a map key: far below any file system's 255
 MAP_FOLDERS = 2      # folders of the image's path kept in its map key, nearest the file first
 MARKER = "results.json"
-MAPS_GROUP = "maps.zarr"
-LEGACY_MAPS = "maps"  # roots written before maps.zarr: bare arrays at maps/<map_key>
+MAPS_GROUP = "maps"  # earlier roots: bare arrays at maps/<map_key>, no group metadata
 
 
 MAPS_ABOUT = ("anomaly maps, one subgroup per model version, one array per image; each array's attributes "
@@ -105,7 +105,7 @@ def _stem(image_id: str) -> str:
 
 
 def map_key(image_id: str, uri: str, version: str) -> str:
-    """The key of an image's map in the layout before maps.zarr, ``VERSION/folder/name-HASH``
+    """The key of an image's map in the layout before maps was a group, ``VERSION/folder/name-HASH``
     (previews of tiled maps are still named by it).
 
     Readable: the image id's last folders and name, unsafe characters replaced, each part cut to
@@ -214,7 +214,7 @@ class ResultStore:
                                  overwrite=True, zarr_format=3)
 
     def _require_groups(self, version: str) -> None:
-        """maps.zarr and its VERSION subgroup exist, the latter with the version's description.
+        """The maps group and its VERSION subgroup exist, the latter with the version's description.
         Written whole and atomically (many workers write maps at once: none may read a half
         group), and only when missing or different."""
         if version in self._ready_groups:
@@ -229,9 +229,9 @@ class ResultStore:
         self._ready_groups.add(version)
 
     def read_map(self, location: str) -> np.ndarray:
-        """The map at ``location``: a score row's ``map`` (maps.zarr, or the older maps/ layout),
-        or an image id that has exactly one row in the score table."""
-        if not location.startswith((self.maps_url() + "/", join(self.root, LEGACY_MAPS) + "/")):
+        """The map at ``location``: a score row's ``map`` (either layout), or an image id that
+        has exactly one row in the score table."""
+        if not location.startswith(self.maps_url() + "/"):
             if self._maps_by_id is None:
                 table = self.scores()
                 counts = table.image_id.value_counts() if len(table) else pd.Series(dtype=int)

@@ -109,7 +109,7 @@ def test_map_names_are_readable_distinct_and_bounded(scored):
 
 
 def test_maps_of_a_root_written_before_the_maps_group_still_read(tmp_path):
-    """Older roots: bare arrays at maps/VERSION/<map_key>, named by the score table's rows."""
+    """Older roots: bare arrays at maps/VERSION/<folders>/<name.ext>-HASH, named by the score table."""
     out = ResultStore(str(tmp_path / "old"))
     out.prepare()
     location = f"{out.root}/maps/{map_key('x/y.png', '/src/x/y.png', 'v0001')}"
