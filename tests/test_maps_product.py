@@ -126,3 +126,23 @@ def test_a_region_of_a_map_never_written_reads_as_missing_not_as_nominal(tmp_pat
     array[:300, :] = 1.0  # the other half's blocks never arrive
     written = out.read_map(out.map_url("big.tif", "/src/big.tif", "v0001"))
     assert (written[:300] == 1.0).all() and np.isnan(written[300:]).all()
+
+
+def test_a_stitched_tiled_map_carries_its_versions_thresholds_and_opens_with_xarray(tmp_path):
+    """stitch-map sees no model: the thresholds reach it with the tiles' scores."""
+    from anomaly.tiling import tile_grid
+    from storage.results_store import MapDescription
+    from tasks.tiles import stitch_map_task
+
+    out = ResultStore(str(tmp_path / "results"))
+    out.prepare()
+    described = MapDescription(image_threshold=2.5, pixel_threshold=1.5, units="test units", threshold_quantile=0.95)
+    tiles = tile_grid(1000, 1300, tile=512, overlap=128)
+    tile_scores = [{"tile": t, "grid": np.full((32, 32), 3.0, np.float32), "max": 3.0, "weighted": 3.0,
+                    "input_shape": (512, 512), "map_description": described} for t in tiles]
+    stitched = stitch_map_task.fn(out.root, "scans/big.tif", "/src/scans/big.tif", "v0002", (1000, 1300),
+                                  tile_scores, sigma=4.0, overlap=128)
+    amap = xr.open_zarr(out.maps_url(), group="v0002", consolidated=False)[stitched["map"].rsplit("/", 1)[-1]]
+    assert amap.dims == ("y_1000", "x_1300") and amap.attrs["source_uri"] == "/src/scans/big.tif"
+    assert amap.attrs["pixel_threshold"] == 1.5 and amap.attrs["image_threshold"] == 2.5
+    np.testing.assert_allclose(amap.values, 3.0, rtol=1e-5)  # every block written: no NaN left
