@@ -188,8 +188,8 @@ class ResultStore:
         return join(self.maps_url(), _key_part(version), map_name(image_id, uri))
 
     def describe_maps(self, version: str, description: MapDescription) -> None:
-        """What ``version``'s maps mean (thresholds, units): recorded on its group now and on each
-        of its maps this store writes from now on."""
+        """What ``version``'s maps mean (thresholds, units): recorded on its group and on each of
+        its maps this store writes from now on. Without it a store takes the group's, if any."""
         self._descriptions[version] = description
         self._ready_groups.discard(version)
 
@@ -223,8 +223,13 @@ class ResultStore:
         if not exists(root_meta):
             write_bytes_atomically(root_meta, _group_json({"about": MAPS_ABOUT}))
         meta = join(self.maps_url(), _key_part(version), "zarr.json")
+        found = read_json(meta).get("attributes", {}) if exists(meta) else None
+        if version not in self._descriptions and found is not None:
+            # described by another writer of this version (a score batch): its maps say the same
+            self._descriptions[version] = MapDescription(**{name: found.get(name) for name in
+                                                            MapDescription.__dataclass_fields__})
         wanted = {"model_version": version, **self._descriptions.get(version, MapDescription()).attributes()}
-        if not exists(meta) or (version in self._descriptions and read_json(meta).get("attributes") != wanted):
+        if found != wanted:
             write_bytes_atomically(meta, _group_json(wanted))
         self._ready_groups.add(version)
 

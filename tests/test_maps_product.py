@@ -146,3 +146,19 @@ def test_a_stitched_tiled_map_carries_its_versions_thresholds_and_opens_with_xar
     assert amap.dims == ("y_1000", "x_1300") and amap.attrs["source_uri"] == "/src/scans/big.tif"
     assert amap.attrs["pixel_threshold"] == 1.5 and amap.attrs["image_threshold"] == 2.5
     np.testing.assert_allclose(amap.values, 3.0, rtol=1e-5)  # every block written: no NaN left
+
+
+def test_a_map_written_without_the_models_thresholds_takes_its_versions_from_the_group(tmp_path):
+    """e.g. a tiled image's map stitched from tile scores cached before they carried them."""
+    from storage.results_store import MapDescription
+
+    root = str(tmp_path / "results")
+    first = ResultStore(root)
+    first.prepare()
+    first.describe_maps("v0001", MapDescription(image_threshold=2.0, pixel_threshold=1.0, units="u"))
+    first.write_map("a.png", "/s/a.png", "v0001", np.ones((4, 4), np.float32))
+    later = ResultStore(root)  # another worker, told nothing
+    later.write_map("b.png", "/s/b.png", "v0001", np.ones((4, 4), np.float32))
+    maps = xr.open_zarr(later.maps_url(), group="v0001", consolidated=False)
+    assert maps.attrs["pixel_threshold"] == 1.0
+    assert [maps[name].attrs["pixel_threshold"] for name in maps.data_vars] == [1.0, 1.0]
