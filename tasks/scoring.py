@@ -73,7 +73,7 @@ def map_units(detector: str, config: dict) -> str:
     """What one map value is, for the maps' ``units`` attribute."""
     if detector == "padim":
         return ("Mahalanobis distance of the patch's features to its position's nominal Gaussian, upsampled and "
-                "smoothed; the image score is the map's maximum: the same scale")
+                "smoothed; the image score is the map's maximum (of a whole image): the same scale")
     if detector == "spade":
         return ("mean Euclidean feature distance of the patch to its nearest nominal patches, upsampled and "
                 "smoothed; the image score is on another scale: compare a map with pixel_threshold")
