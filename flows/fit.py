@@ -197,6 +197,8 @@ def _fit(images, root, split, feature_config, detector, detector_config, batch_s
                 "source_listing": {"images": len(records), "sha256": listing_digest(records)},
                 "n_images": int(train_index.uri.nunique()), "new_images": int(len(plan)),
                 "holdout_images": calibration["holdout_images"], "threshold": calibration["threshold"],
+                # the same quantile of the held-out images' map maxima: the maps' own threshold
+                "pixel_threshold": calibration.get("pixel_threshold"),
                 "bank_batches": fitted["bank_batches"],
                 "bank_rows": int(sum(registry.bank.rows_per_batch(fitted["bank_batches"]).values())),
                 "incremental": fitted["incremental"],

@@ -62,6 +62,9 @@ def test_the_fit_records_a_pixel_threshold_from_the_held_out_maps(scored):
     holdout = ModelRegistry(str(scored["out"].root).replace("results", "root")).resolve().read_table("holdout")
     assert holdout.map_max.notna().all()
     assert model.pixel_threshold == pytest.approx(float(np.quantile(holdout.map_max, model.threshold_quantile)))
+    # the version's manifest records it beside the image threshold
+    manifest = ModelRegistry(str(scored["out"].root).replace("results", "root")).resolve().read_manifest()
+    assert manifest["pixel_threshold"] == pytest.approx(model.pixel_threshold)
 
 
 def test_a_versions_maps_open_with_xarray_and_carry_source_version_thresholds_and_units(scored):
