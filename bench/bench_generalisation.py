@@ -179,6 +179,23 @@ def run_auto(data: DataSet, candidates: list, tiling) -> dict:
             "probe": [r.row() for r in results]}
 
 
+def with_choice(auto: dict, data: DataSet) -> dict:
+    """The cached probe measurements with --auto's choice rule applied (anomaly.probe_choice): the
+    rule is applied here, so changing it needs no new probe."""
+    from anomaly.probe_choice import choose_candidate
+    from anomaly.selection import PROBE_IMAGES, ProbeResult
+
+    def number(value):
+        return float("nan") if value is None else float(value)
+
+    results = [ProbeResult(r["candidate"], number(r["image_auroc"]), number(r["pixel_auroc"]), r["seconds"],
+                           {k.removeprefix("auroc_"): v for k, v in r.items() if k.startswith("auroc_")}, r.get("failed"))
+               for r in auto["probe"]]
+    probes = min(PROBE_IMAGES, max(2, len(data.train) // 4))  # as make_probe_set takes them
+    chosen, reason = choose_candidate(results, probes)
+    return {**auto, "chosen": chosen.name, "reason": reason}
+
+
 def cached(work: Path, key_parts: list, compute) -> dict:
     key = hashlib.sha1(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = work / "results" / f"{key}.json"
@@ -289,6 +306,7 @@ def main() -> None:
             autos[data.name] = cached(work, [CACHE_VERSION, "auto", data.key, [c.describe() for c in candidates],
                                              tiling.to_dict(), auto_digest],
                                       lambda: run_auto(data, candidates, tiling))
+            autos[data.name] = with_choice(autos[data.name], data)
             chosen = autos[data.name]["chosen"]
             print(f"  {data.name} / --auto picks {chosen} ({autos[data.name]['seconds']:.0f} s)", flush=True)
     meta = {"command": common.command_line(), "date": common.utc_now(), "machine": common.machine_info(),

@@ -6,7 +6,8 @@ import time
 import numpy as np
 from prefect.artifacts import create_markdown_artifact
 
-from anomaly.selection import PROBE_IMAGES, PROBE_TRAIN_IMAGES, choose, default_candidates
+from anomaly.probe_choice import choose_candidate
+from anomaly.selection import PROBE_IMAGES, PROBE_TRAIN_IMAGES, default_candidates
 from anomaly.tiling import TilingConfig
 from storage.images import ImageRecord
 from tasks.selection import probe_candidate_task
@@ -37,7 +38,7 @@ def choose_configuration(records: list[ImageRecord], tiling: TilingConfig, logge
     outcomes = gather([probe_candidate_task.submit(c, uris, PROBE_SEED, tiling) for c in candidates],
                       "configuration probe")
     results = [o["result"] for o in outcomes]
-    chosen_result, reason = choose(results)
+    chosen_result, reason = choose_candidate(results, outcomes[0]["probe_images"])
     chosen = next(c for c in candidates if c.name == chosen_result.name)
     rows = [r.row() for r in results]
     record = {"chosen": chosen.name, "reason": reason, "seconds": round(time.perf_counter() - started, 1),

@@ -138,3 +138,16 @@ def test_a_candidate_that_cannot_model_the_images_is_left_out_of_the_choice():
     assert failed.row()["image_auroc"] is None and "differs" in failed.row()["failed"]  # JSON-safe
     with pytest.raises(ValueError, match="padim: feature grid"):
         choose([failed])
+
+
+def test_when_no_candidate_beats_chance_on_the_probe_the_benchmarks_most_robust_one_is_kept():
+    from anomaly.probe_choice import ROBUST_FALLBACK, chance_auroc, choose_candidate
+
+    # 32 + 32 probe images: about 0.646 is what chance reaches two times in a hundred
+    assert 0.6 < chance_auroc(32) < 0.7 and chance_auroc(4) > chance_auroc(32)
+    blind = [result("padim", 0.52), result(ROBUST_FALLBACK, 0.50), result("fine", 0.55)]
+    chosen, reason = choose_candidate(blind, probes=32)
+    assert chosen.name == ROBUST_FALLBACK and "chance" in reason
+    # a probe that separates: its ranking decides, as choose() does
+    seeing = [result("padim", 0.52), result(ROBUST_FALLBACK, 0.50), result("fine", 0.80)]
+    assert choose_candidate(seeing, probes=32)[0].name == "fine"
