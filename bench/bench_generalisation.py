@@ -94,6 +94,7 @@ class DataSet:
         train = [r for r in records if r.split == "train" and r.label == "good"]
         test = [r for r in records if r.split == "test"]
         train, test = common.spread(train, train_limit), common.spread(test, test_limit)
+        self.train_records = train
         self.train = [read_image(r.uri) for r in train]
         self.test = [read_image(r.uri) for r in test]
         self.masks = [read_mask(r.mask_uri, image.shape[:2]) if r.mask_uri else np.zeros(image.shape[:2], bool)
@@ -169,14 +170,18 @@ def run_auto(data: DataSet, candidates: list, tiling) -> dict:
     import torch
 
     from anomaly.selection import choose, make_probe_set, probe_candidate
+    from flows.choice import PROBE_SEED, probe_sample
 
     torch.set_num_threads(1)
     started = time.perf_counter()
-    probe = make_probe_set(data.train, tiling=tiling)
+    # the images a fit's probe takes (flows.choice): the same sample, so the same choice
+    row_of = {r.uri: i for i, r in enumerate(data.train_records)}
+    images = [data.train[row_of[uri]] for uri in probe_sample(data.train_records)]
+    probe = make_probe_set(images, seed=PROBE_SEED, tiling=tiling)
     results = [probe_candidate(candidate, probe) for candidate in candidates]
     chosen, reason = choose(results)
     return {"chosen": chosen.name, "reason": reason, "seconds": time.perf_counter() - started,
-            "probe": [r.row() for r in results]}
+            "probe_images": len(probe.clean), "probe": [r.row() for r in results]}
 
 
 def with_choice(auto: dict, data: DataSet) -> dict:
@@ -191,7 +196,7 @@ def with_choice(auto: dict, data: DataSet) -> dict:
     results = [ProbeResult(r["candidate"], number(r["image_auroc"]), number(r["pixel_auroc"]), r["seconds"],
                            {k.removeprefix("auroc_"): v for k, v in r.items() if k.startswith("auroc_")}, r.get("failed"))
                for r in auto["probe"]]
-    probes = min(PROBE_IMAGES, max(2, len(data.train) // 4))  # as make_probe_set takes them
+    probes = auto.get("probe_images") or min(PROBE_IMAGES, max(2, len(data.train) // 4))
     chosen, reason = choose_candidate(results, probes)
     return {**auto, "chosen": chosen.name, "reason": reason}
 
@@ -303,7 +308,7 @@ def main() -> None:
                   flush=True)
         if not args.no_auto:
             candidates = default_candidates()
-            autos[data.name] = cached(work, [CACHE_VERSION, "auto", data.key, [c.describe() for c in candidates],
+            autos[data.name] = cached(work, [CACHE_VERSION, "auto", "fit's sample", data.key, [c.describe() for c in candidates],
                                              tiling.to_dict(), auto_digest],
                                       lambda: run_auto(data, candidates, tiling))
             autos[data.name] = with_choice(autos[data.name], data)
