@@ -30,19 +30,28 @@ DPI = 100
 @dataclass(frozen=True)
 class MapScale:
     """The colour scale of every overlay of one run: ``low`` maps to the bottom of the colour bar
-    (transparent), ``high`` to the top; ``threshold`` (the model's image threshold, may be None)
-    is marked on the bar."""
+    (transparent), ``high`` to the top; ``threshold`` (on the maps' scale, may be None) is marked
+    on the bar; ``image_threshold`` (the model's image threshold) decides the flag in the title.
+    Map values and image scores are on different scales (the image score is eq. 7's re-weighted
+    maximum), so the bar marks the model's pixel threshold when it has one."""
 
     low: float
     high: float
     threshold: float | None
+    image_threshold: float | None = None
+
+    @property
+    def flag_threshold(self) -> float | None:
+        return self.image_threshold if self.image_threshold is not None else self.threshold
 
     @classmethod
-    def around(cls, threshold: float | None, scores=()) -> "MapScale":
-        """[0.5 T, 1.5 T] around threshold T. Without a threshold (a model fitted on too few
-        images to hold any out), the run's own image scores set the range: lowest to highest."""
-        if threshold is not None and math.isfinite(threshold) and threshold > 0:
-            return cls(0.5 * threshold, 1.5 * threshold, threshold)
+    def around(cls, threshold: float | None, scores=(), pixel_threshold: float | None = None) -> "MapScale":
+        """[0.5 T, 1.5 T] around the pixel threshold T (else the image threshold). Without a
+        threshold (a model fitted on too few images to hold any out), the run's own image scores
+        set the range: lowest to highest."""
+        usable = [t for t in (pixel_threshold, threshold) if t is not None and math.isfinite(t) and t > 0]
+        if usable:
+            return cls(0.5 * usable[0], 1.5 * usable[0], usable[0], threshold)
         values = np.asarray(list(scores), dtype=np.float64)
         values = values[np.isfinite(values)]
         if not values.size:
@@ -50,8 +59,16 @@ class MapScale:
         low, high = float(values.min()), float(values.max())
         return cls(low, high if high > low else low + 1.0, None)
 
+    @property
+    def marks_pixel_threshold(self) -> bool:
+        return self.threshold is not None and self.image_threshold is not None and self.threshold != self.image_threshold
+
     def describe(self) -> str:
         """The scale in words, for reports."""
+        if self.marks_pixel_threshold:
+            return (f"colour scale fixed for the run: {self.low:.4g} (transparent) to {self.high:.4g}, "
+                    f"i.e. 0.5x to 1.5x the pixel threshold {self.threshold:.4g} (the maps' own; images "
+                    f"are flagged by their score against the image threshold {self.image_threshold:.4g})")
         if self.threshold is not None:
             return (f"colour scale fixed for the run: {self.low:.4g} (transparent) to {self.high:.4g}, "
                     f"i.e. 0.5x to 1.5x the threshold {self.threshold:.4g}")
@@ -136,9 +153,9 @@ def overlay_png(image: np.ndarray, amap: np.ndarray, scale: MapScale, *, name: s
     if scale.threshold is not None:
         bar.ax.axhline(scale.threshold, color=THRESHOLD_COLOUR, linewidth=3)
         bar.ax.axhline(scale.threshold, color="black", linewidth=1, linestyle="--")
-        bar.ax.text(-0.15, scale.threshold, "threshold", ha="right", va="center", fontsize=8,
+        bar.ax.text(-0.15, scale.threshold, "pixel threshold" if scale.marks_pixel_threshold else "threshold", ha="right", va="center", fontsize=8,
                     transform=bar.ax.get_yaxis_transform())
-    figure.suptitle(title_lines(name, score, scale.threshold, flagged, note, outlined=mask is not None),
+    figure.suptitle(title_lines(name, score, scale.flag_threshold, flagged, note, outlined=mask is not None),
                     x=0.01, ha="left", fontsize=9, linespacing=1.4)
     return _png(figure)
 

@@ -93,7 +93,8 @@ def evaluate_flow(split_csv: str, out: str, feature_config: dict | None = None,
     table.assign(anomalous_at_f1=table.score >= (metrics["f1_threshold"] or np.inf)).to_csv(
         buf := io.StringIO(), index=False)
     store.write_file("scores.csv", buf.getvalue().encode())
-    report = _write_report(store, table, np.array(labels), metrics, pixels, scored["threshold"], split_csv, logger)
+    report = _write_report(store, table, np.array(labels), metrics, pixels, scored["threshold"], split_csv, logger,
+                           scored.get("pixel_threshold"))
     create_markdown_artifact(key="evaluation", markdown="# Evaluation\n\n" + markdown_table(
         {k: v for k, v in metrics.items() if not isinstance(v, dict)}), description=f"evaluation of {split_csv}")
     return {**metrics, "report": report}
@@ -118,13 +119,14 @@ def _at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float | Non
 
 
 def _write_report(store: ResultStore, table: pd.DataFrame, labels: np.ndarray, metrics: dict, pixels: PixelCurves,
-                  threshold: float | None, split_csv: str, logger) -> str:
+                  threshold: float | None, split_csv: str, logger, pixel_threshold: float | None = None) -> str:
     """RESULTS/report.html: the metrics, ROC and PRO curves, per-defect figures, and overlays of
     the most anomalous images, the highest-scored good ones and the lowest-scored defective ones
     (OVERLAYS of each). Returns its URL."""
     scores = table.score.to_numpy() if len(table) else np.zeros(0)
     # the colour scale is the model's threshold's; without one (too few nominal images), the best-F1 threshold's
-    scale = MapScale.around(threshold if threshold is not None else metrics.get("f1_threshold"), scores)
+    scale = MapScale.around(threshold if threshold is not None else metrics.get("f1_threshold"), scores,
+                            pixel_threshold)
     order = np.argsort(-scores, kind="stable")
     rows = list(table.itertuples(index=False))  # not iloc: a Series row has a .map method, not the map column
     picks = [("most-anomalous", rows[i]) for i in order[:OVERLAYS]]

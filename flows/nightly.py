@@ -59,6 +59,7 @@ def score_new_flow(archive: str, root: str, results: str, night: str | None = No
     done = nightly.done(model.version if rescore else None)
     todo = [r for r in records if r.uri not in done]
     summary = {"night": night, "results": out.root, "model_version": model.version, "threshold": model.threshold,
+               "pixel_threshold": model.pixel_threshold,
                "listed": len(records), "already_scored": len(records) - len(todo), "rescore": rescore}
     if not todo:
         logger.info("nothing to score: all %d images of %s were scored already%s", len(records), archive,

@@ -53,7 +53,7 @@ def render_overlays(store: ResultStore, picks: list[tuple[str, object]], scale: 
         except (ImageReadError, OSError, KeyError) as error:
             logger.warning("no overlay for %s: %s", row.uri, error)
             continue
-        flagged = None if scale.threshold is None else bool(row.score > scale.threshold)
+        flagged = None if scale.flag_threshold is None else bool(row.score > scale.flag_threshold)
         note = {"missed": f"defect ({defect_type or 'unnamed type'})",
                 "false-alarm": "good image"}.get(kind, f"defect ({defect_type})" if label == "defect" else
                                                   "good image" if label == "good" else "")

@@ -97,7 +97,7 @@ def publish_scores(logger, out: ResultStore, summary: dict, errors: list[dict], 
         summary.update({"flagged": int(latest.is_anomalous.eq(True).sum()),
                         **{f"score_p{q}": float(latest.score.quantile(q / 100)) for q in (50, 90, 99)},
                         "score_max": float(latest.score.max())})
-        scale = MapScale.around(summary.get("threshold"), latest.score)
+        scale = MapScale.around(summary.get("threshold"), latest.score, summary.get("pixel_threshold"))
         overlays = render_overlays(out, most_anomalous(latest, previews), scale, logger) if previews else []
         summary["report"] = join(out.root, REPORT)
         pictures = {o.image_id: out.link(o.url) for o in overlays}
@@ -123,7 +123,7 @@ def publish_scores(logger, out: ResultStore, summary: dict, errors: list[dict], 
 def write_scoring_report(out: ResultStore, summary: dict, overlays: list[Overlay], title: str,
                          trend_png: bytes | None = None) -> str:
     """RESULTS/report.html of a scoring run, and a link artifact to it. Returns its URL."""
-    scale = MapScale.around(summary.get("threshold"), [o.score for o in overlays])
+    scale = MapScale.around(summary.get("threshold"), [o.score for o in overlays], summary.get("pixel_threshold"))
     page = scoring_report(summary, overlays, scale.describe(), title, trend_png, summary.get("errors"))
     url = out.write_file(REPORT, page.encode())
     create_link_artifact(key="report", link=out.link(url), link_text=REPORT,
@@ -147,7 +147,7 @@ def score_flow(images: str, root: str, results: str, split: str | None = None, b
     done = score_records(records, model, manifest, out, 0, batch_size, tiles_per_task)
     drop_parts_from(out, done["parts"])  # leftovers of an earlier, larger run
     summary = {"results": results, "model_version": model.version, "model": model.fingerprint,
-               "threshold": model.threshold, "skipped": len(done["errors"]),
+               "threshold": model.threshold, "pixel_threshold": model.pixel_threshold, "skipped": len(done["errors"]),
                "score_s": time.perf_counter() - started}
     title = f"Scoring with {model.version}"
     summary, overlays = publish_scores(logger, out, summary, done["errors"], title, previews=previews)

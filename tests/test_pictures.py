@@ -87,8 +87,21 @@ def test_the_title_names_the_image_its_score_the_threshold_and_the_flag():
 
 
 def test_the_colour_scale_is_fixed_by_the_threshold_not_by_each_image():
-    assert MapScale.around(2.0) == MapScale(1.0, 3.0, 2.0)
+    assert MapScale.around(2.0) == MapScale(1.0, 3.0, 2.0, 2.0)
     assert MapScale.around(None, [0.5, 2.5, 1.0]) == MapScale(0.5, 2.5, None)
+
+
+def test_the_colour_bar_marks_the_maps_own_threshold_and_the_flag_follows_the_image_threshold():
+    # map values and image scores are on different scales: the bar is centred on the pixel threshold
+    scale = MapScale.around(30.0, pixel_threshold=20.0)
+    assert (scale.low, scale.high, scale.threshold) == (10.0, 30.0, 20.0)
+    assert scale.flag_threshold == 30.0 and "pixel threshold 20" in scale.describe()
+    amap = np.zeros((64, 64), np.float32)
+    amap[20:30, 20:30] = 25.0  # above the pixel threshold: drawn hot; the image score decides the flag
+    png = overlay_png(np.full((64, 64), 128, np.uint8), amap, scale, name="a.png", score=29.0,
+                      flagged=bool(29.0 > scale.flag_threshold))
+    assert png.startswith(b"\x89PNG")
+    assert "below threshold 30" in title_lines("a.png", 29.0, scale.flag_threshold, False)
 
 
 # ------------------------------------------------------------------ names and storage
