@@ -33,6 +33,14 @@ class Result:
     is_anomalous: bool | None     # score > threshold; None when the model has no threshold
     threshold: float | None       # the model version's threshold (held-out nominal images)
     version: str                  # the model version that scored it
+    # the same quantile of the held-out images' map maxima: map pixels above it are anomalous
+    # (map values are on another scale than image scores); None for versions fitted before it existed
+    pixel_threshold: float | None = None
+
+    @property
+    def anomalous_pixels(self) -> np.ndarray | None:
+        """(H, W) bool: where the map crosses the pixel threshold (None without one)."""
+        return None if self.pixel_threshold is None else self.map > self.pixel_threshold
 
     def __repr__(self) -> str:
         flag = "no threshold" if self.is_anomalous is None else ("anomalous" if self.is_anomalous else "nominal")
@@ -88,7 +96,7 @@ class Model:
             scored = score_features(self.detector, extract_views(self.extractor, pixels, self.tiling),
                                     (height, width), self.tiling)
         score = float(scored.score)
-        return Result(score, scored.map, self.ref.flags(score), self.threshold, self.version)
+        return Result(score, scored.map, self.ref.flags(score), self.threshold, self.version, self.ref.pixel_threshold)
 
 
 def load(root, version: str | None = None, threads: int | None = None, runtime: str | None = None) -> Model:

@@ -103,6 +103,10 @@ def test_a_planted_blob_scores_above_clean_images_and_the_map_peaks_on_it(model)
     assert result.score > max(clean) and result.is_anomalous
     y, x = peak(result.map)
     assert np.hypot(y - BLOB_CENTRE[0], x - BLOB_CENTRE[1]) <= BLOB_RADIUS + 8
+    # the map's own threshold: the whole blob crosses it, a clean image (almost) nowhere
+    assert result.pixel_threshold == model.manifest["pixel_threshold"]
+    assert result.anomalous_pixels[blob_mask()].all()
+    assert model.score(stripes(rng)).anomalous_pixels.mean() < 0.05
 
 
 def test_a_large_image_is_scored_tile_by_tile(model, monkeypatch):
