@@ -80,6 +80,12 @@ def test_a_large_png_is_decoded_once_per_run_and_maps_as_its_tiff(tmp_path, monk
     decoded.clear()
     summary = score_flow(images=str(images), root=str(root), results=str(results), tiles_per_task=4)
     assert summary["images"] == 2 and not summary["errors"]
+    # once to score it (staged, then read by region by every tile task) and once more for its
+    # preview overlay (the two most anomalous images of the run get one): never per tile task
+    assert decoded.count("same.png") == 2
+    decoded.clear()
+    score_flow(images=str(images), root=str(root), results=str(tmp_path / "no-previews"), tiles_per_task=4,
+               previews=0)
     assert decoded.count("same.png") == 1
     maps = pd.read_parquet(results / "scores.parquet").set_index("image_id")["map"]
     png, tif = (zarr.open_array(maps[name], mode="r")[...] for name in ("same.png", "same.tif"))
