@@ -267,7 +267,12 @@ def prefect_api():
                                   temporary_settings)
 
     if PREFECT_API_URL.value():
-        yield PREFECT_API_URL.value()
+        try:
+            yield PREFECT_API_URL.value()
+        finally:
+            # sent now, not by Prefect's exit-time drain, whose 'Still processing items' warning
+            # would otherwise come after the command's own last line
+            send_queued_logs_and_events()
         return
     global _temporary_api_url
     server = _server_class()(port=free_port())
