@@ -139,7 +139,7 @@ def spread(items: list, limit: int | None) -> list:
 
 
 def select_records(split_csv: str, split: str, limit: int | None):
-    from storage.images import list_images
+    from patchwatch.storage.images import list_images
 
     records = list_images(str(split_csv), split)
     if not records:

@@ -38,7 +38,7 @@ def _set_threads(threads: int | None) -> int:
 def select_coreset_capturing(bank: np.ndarray, config):
     """``select_coreset(bank, config)`` itself, also keeping the CoresetResult it computed (for the
     covering radius and the work done), which select_coreset does not return."""
-    import anomaly.patchcore as patchcore
+    import patchwatch.anomaly.patchcore as patchcore
 
     captured = []
     original = patchcore.streaming_coreset
@@ -57,9 +57,9 @@ def select_coreset_capturing(bank: np.ndarray, config):
 
 def fit_step(uris: list[str], work: str, batch_size: int, threads: int | None) -> dict:
     """Read + extract the train images, assemble the bank, select the coreset, build the index."""
-    from anomaly.features import FeatureConfig, PatchFeatureExtractor
-    from anomaly.patchcore import PatchCore, PatchCoreConfig
-    from storage.images import read_image
+    from patchwatch.anomaly.features import FeatureConfig, PatchFeatureExtractor
+    from patchwatch.anomaly.patchcore import PatchCore, PatchCoreConfig
+    from patchwatch.storage.images import read_image
 
     torch_threads = _set_threads(threads)
     marks = {"imports": common.current_rss_mib()}
@@ -109,10 +109,10 @@ def fit_step(uris: list[str], work: str, batch_size: int, threads: int | None) -
 
 def score_step(uris: list[str], work: str, threads: int | None) -> dict:
     """Score the test images one at a time with the fitted memory, timing each stage."""
-    from anomaly.features import FeatureConfig, PatchFeatureExtractor
-    from anomaly.maps import anomaly_map
-    from anomaly.patchcore import PatchCore, PatchCoreConfig, reweight_image_score
-    from storage.images import read_image
+    from patchwatch.anomaly.features import FeatureConfig, PatchFeatureExtractor
+    from patchwatch.anomaly.maps import anomaly_map
+    from patchwatch.anomaly.patchcore import PatchCore, PatchCoreConfig, reweight_image_score
+    from patchwatch.storage.images import read_image
 
     torch_threads = _set_threads(threads)
     marks = {"imports": common.current_rss_mib()}
@@ -155,8 +155,8 @@ def score_step(uris: list[str], work: str, threads: int | None) -> dict:
 
 def coreset_scale_step(bank_path: str, scale: int, relative_jitter: float, exhaustive_centres: int) -> dict:
     """``select_coreset`` on the 1x bank followed by ``scale - 1`` jittered copies."""
-    from anomaly.coreset import coreset_size, greedy_coreset_exhaustive, project, projection_matrix, start_index
-    from anomaly.patchcore import PatchCoreConfig
+    from patchwatch.anomaly.coreset import coreset_size, greedy_coreset_exhaustive, project, projection_matrix, start_index
+    from patchwatch.anomaly.patchcore import PatchCoreConfig
 
     config = PatchCoreConfig()
     bank, sigma = common.scaled_bank(bank_path, scale, relative_jitter, seed=config.seed)
@@ -188,8 +188,8 @@ def select_coreset_estimate(rows: int, dim: int) -> int:
     """Bytes a coreset process needs: the bank, then select_coreset's projection (whatever dtype
     projection_matrix returns), the concatenated copy streaming_coreset makes of it, and the float32
     copy greedy_coreset makes when the projection is not float32."""
-    from anomaly.coreset import projection_matrix
-    from anomaly.patchcore import PatchCoreConfig
+    from patchwatch.anomaly.coreset import projection_matrix
+    from patchwatch.anomaly.patchcore import PatchCoreConfig
 
     config = PatchCoreConfig()
     matrix = projection_matrix(dim, config.projection_dim, config.seed)

@@ -50,7 +50,7 @@ GAP = 0.02
 def configurations() -> dict:
     """name -> Candidate: ``--auto``'s candidates (always measured: auto is scored by them) and a
     few more variants that show what each setting does."""
-    from anomaly.selection import Candidate, default_candidates
+    from patchwatch.anomaly.selection import Candidate, default_candidates
 
     configs = {c.name: c for c in default_candidates()}
     extra = [
@@ -66,7 +66,7 @@ def configurations() -> dict:
 
 def default_configuration(configs: dict) -> str:
     """The name of the configuration that ``--no-auto`` (PatchCore's fixed defaults) amounts to."""
-    from anomaly.selection import Candidate
+    from patchwatch.anomaly.selection import Candidate
 
     default = Candidate.make("default", "patchcore").describe()
     return next(name for name, c in configs.items()
@@ -87,7 +87,7 @@ def file_digest(path: Path) -> str:
 # ---- data ------------------------------------------------------------------------------------------
 class DataSet:
     def __init__(self, name: str, split_csv: Path, train_limit: int | None = None, test_limit: int | None = None):
-        from storage.images import list_images, read_image, read_mask
+        from patchwatch.storage.images import list_images, read_image, read_mask
 
         self.name, self.split_csv = name, split_csv
         records = list_images(str(split_csv))
@@ -127,9 +127,9 @@ def load_sets(names: list[str], work: Path, scale: float, mtd_limit: int | None)
 def run_config(data: DataSet, candidate, tiling) -> dict:
     import torch
 
-    from anomaly.engine import extract_views, fit_detector, score_features
-    from anomaly.features import PatchFeatureExtractor
-    from anomaly.metrics import evaluate_detection
+    from patchwatch.anomaly.engine import extract_views, fit_detector, score_features
+    from patchwatch.anomaly.features import PatchFeatureExtractor
+    from patchwatch.anomaly.metrics import evaluate_detection
 
     torch.set_num_threads(1)
     extractor = PatchFeatureExtractor(candidate.features)
@@ -169,8 +169,8 @@ def border_ratio(amap: np.ndarray) -> float:
 def run_auto(data: DataSet, candidates: list, tiling) -> dict:
     import torch
 
-    from anomaly.selection import make_probe_set, probe_candidate
-    from flows.choice import PROBE_SEED, probe_sample
+    from patchwatch.anomaly.selection import make_probe_set, probe_candidate
+    from patchwatch.flows.choice import PROBE_SEED, probe_sample
 
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -187,8 +187,8 @@ def run_auto(data: DataSet, candidates: list, tiling) -> dict:
 def with_choice(auto: dict, data: DataSet) -> dict:
     """The cached probe measurements with --auto's choice rule applied (anomaly.probe_choice): the
     rule is applied here, so changing it needs no new probe."""
-    from anomaly.probe_choice import choose_candidate
-    from anomaly.selection import PROBE_IMAGES, ProbeResult
+    from patchwatch.anomaly.probe_choice import choose_candidate
+    from patchwatch.anomaly.selection import PROBE_IMAGES, ProbeResult
 
     def number(value):
         return float("nan") if value is None else float(value)
@@ -273,8 +273,8 @@ def summarise(sets: list[DataSet], rows: dict, autos: dict, default_name: str) -
 
 def main() -> None:
     import eval_sets
-    from anomaly.selection import default_candidates
-    from anomaly.tiling import TilingConfig
+    from patchwatch.anomaly.selection import default_candidates
+    from patchwatch.anomaly.tiling import TilingConfig
 
     parser = common.base_parser(__doc__, "generalisation")
     parser.add_argument("--work", default="/tmp/evalsets", help="where the sets and the row cache live")

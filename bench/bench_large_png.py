@@ -45,7 +45,7 @@ def texture(side: int, split: str) -> np.ndarray:
 
 
 def stage(uri: str, location: str) -> dict:
-    from tasks.tiles import stage_large_image_task
+    from patchwatch.tasks.tiles import stage_large_image_task
 
     baseline = mark_baseline()
     started = time.perf_counter()
@@ -56,7 +56,7 @@ def stage(uri: str, location: str) -> dict:
 
 def decode_whole(uri: str) -> dict:
     """What each tile task did before: open a LargeImage of a PNG without a staged copy."""
-    from storage.images import LargeImage
+    from patchwatch.storage.images import LargeImage
 
     baseline = mark_baseline()
     started = time.perf_counter()
@@ -66,12 +66,12 @@ def decode_whole(uri: str) -> dict:
 
 
 def score(root: str, uri: str, results: str, staged: str | None) -> dict:
-    from anomaly.tiling import TilingConfig, tile_grid
-    from storage.images import image_shape
-    from storage.model_store import ModelRegistry
-    from storage.results_store import ResultStore
-    from tasks.scoring import ModelRef
-    from tasks.tiles import score_tiles_task, stitch_map_task
+    from patchwatch.anomaly.tiling import TilingConfig, tile_grid
+    from patchwatch.storage.images import image_shape
+    from patchwatch.storage.model_store import ModelRegistry
+    from patchwatch.storage.results_store import ResultStore
+    from patchwatch.tasks.scoring import ModelRef
+    from patchwatch.tasks.tiles import score_tiles_task, stitch_map_task
 
     ResultStore(results).prepare()  # as the score flow does before any task
     store = ModelRegistry(root).resolve()
@@ -102,7 +102,7 @@ def main() -> None:
     import zarr
     from PIL import Image
 
-    from storage.images import remove_staged, staged_location
+    from patchwatch.storage.images import remove_staged, staged_location
 
     started, machine = time.perf_counter(), machine_info()
     runs = []

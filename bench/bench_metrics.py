@@ -49,10 +49,10 @@ def make_maps(split: str, limit: int | None, test_limit: int | None, work: Path,
     """Fit PatchCore (defaults) on the train rows, score the test rows, store maps + a row table."""
     import torch
 
-    from anomaly.detectors import default_features, detector_config, for_features
-    from anomaly.features import PatchFeatureExtractor
-    from anomaly.patchcore import PatchCore
-    from storage.images import read_image
+    from patchwatch.anomaly.detectors import default_features, detector_config, for_features
+    from patchwatch.anomaly.features import PatchFeatureExtractor
+    from patchwatch.anomaly.patchcore import PatchCore
+    from patchwatch.storage.images import read_image
 
     torch.set_num_threads(threads)
     train = common.select_records(split, "train", limit)
@@ -105,14 +105,14 @@ def _inputs(info: dict, scale: int):
 
 
 def _read(row):
-    from storage.images import read_mask
+    from patchwatch.storage.images import read_mask
 
     amap = zarr.open_array(row["map"], mode="r", zarr_format=3)[...]
     return amap, (read_mask(row["mask_uri"], amap.shape) if row["mask_uri"] else None)
 
 
 def run_variant(variant: str, info: dict, scale: int) -> dict:
-    from anomaly.metrics import PixelCurves, evaluate_detection, evaluate_detection_exact, pixel_group
+    from patchwatch.anomaly.metrics import PixelCurves, evaluate_detection, evaluate_detection_exact, pixel_group
 
     rows, labels, scores, types = _inputs(info, scale)
     baseline = common.mark_baseline()
@@ -142,7 +142,7 @@ def run_variant(variant: str, info: dict, scale: int) -> dict:
 
 def run_sweep(info: dict) -> dict:
     """One pass over the 1x maps into one accumulator per bin count: the binned figures per bins."""
-    from anomaly.metrics import PixelCurves, evaluate_detection, pixel_group
+    from patchwatch.anomaly.metrics import PixelCurves, evaluate_detection, pixel_group
 
     rows, labels, scores, types = _inputs(info, 1)
     curves = {bins: PixelCurves(bins) for bins in SWEEP_BINS}

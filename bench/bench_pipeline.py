@@ -38,10 +38,10 @@ import _common as common  # noqa: E402
 def fit_child(spec_path: str) -> None:
     """Run the fit flow as the CLI does; write its summary next to the spec."""
     spec = json.loads(Path(spec_path).read_text())
-    from anomaly.features import FeatureConfig
-    from anomaly.patchcore import PatchCoreConfig
-    from flows.fit import fit_flow
-    from flows.runner import dask_cluster, run_on_dask
+    from patchwatch.anomaly.features import FeatureConfig
+    from patchwatch.anomaly.patchcore import PatchCoreConfig
+    from patchwatch.flows.fit import fit_flow
+    from patchwatch.flows.runner import dask_cluster, run_on_dask
 
     started = time.perf_counter()
     with dask_cluster(None, spec["workers"]) as address:
@@ -82,7 +82,7 @@ def run_fit(work: Path, csv: Path, workers: int, run: int, batch_size: int, core
 # ---- banks in Zarr --------------------------------------------------------------------------------
 def model_root(root: str) -> str:
     """The version folder the coreset steps write their memory to (the bank roots hold no version)."""
-    from storage.model_store import ModelRegistry
+    from patchwatch.storage.model_store import ModelRegistry
 
     return ModelRegistry(root).model("v0001").root
 
@@ -90,7 +90,7 @@ def model_root(root: str) -> str:
 def write_scaled_stores(source_root: str, work: Path, scales: list[int], relative_jitter: float, seed: int) -> dict:
     """OUT/bank-Sx: the source bank's training batches, then S - 1 jittered copies of them, written
     with FeatureBank.write_batch in the same batch layout. Returns {scale: root} and the noise std."""
-    from storage.model_store import TRAIN, FeatureBank
+    from patchwatch.storage.model_store import TRAIN, FeatureBank
 
     source = FeatureBank(source_root)
     index = source.index(TRAIN)
@@ -143,8 +143,8 @@ def streaming_groups(batch_rows: list[int], chunk_rows: int) -> list[int]:
 # ---- coreset steps, each in a fresh process --------------------------------------------------------
 def streamed_coreset_step(root: str, chunk_rows: int) -> dict:
     """select_coreset_task's body on the bank under ``root`` (a full selection: no parent)."""
-    from anomaly.patchcore import PatchCoreConfig
-    from tasks.coreset import select_coreset_task
+    from patchwatch.anomaly.patchcore import PatchCoreConfig
+    from patchwatch.tasks.coreset import select_coreset_task
 
     baseline = common.mark_baseline()
     t0 = time.perf_counter()
@@ -157,9 +157,9 @@ def reference_step(root: str) -> dict:
     """Single-machine greedy on the same bank (what select_coreset does: greedy_coreset over the whole
     projected bank, same projection, size and start), then the streamed memory's covering radius over
     the whole bank."""
-    from anomaly.coreset import coreset_size, greedy_coreset, project, projection_matrix, start_index
-    from anomaly.patchcore import PatchCoreConfig
-    from storage.model_store import FeatureBank, ModelStore
+    from patchwatch.anomaly.coreset import coreset_size, greedy_coreset, project, projection_matrix, start_index
+    from patchwatch.anomaly.patchcore import PatchCoreConfig
+    from patchwatch.storage.model_store import FeatureBank, ModelStore
 
     config = PatchCoreConfig()
     bank = FeatureBank(root)
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import pandas as pd
 
-    from anomaly.patchcore import PatchCoreConfig
+    from patchwatch.anomaly.patchcore import PatchCoreConfig
 
     worker_counts = [int(w) for w in args.workers.split(",")]
     scales = sorted({int(s) for s in args.scales.split(",")} | {1})

@@ -68,7 +68,7 @@ class TestSet:
 
 
 def load_test(records) -> TestSet:
-    from storage.images import read_image, read_mask
+    from patchwatch.storage.images import read_image, read_mask
 
     masks = []
     for record in records:
@@ -102,7 +102,7 @@ def save_npz(path: Path, arrays: dict) -> None:
 def extract_all(extractor, uris: list[str]) -> tuple[dict, float]:
     """Patch features of each image (one at a time, as the fit and score flows do); the seconds
     exclude reading and decoding."""
-    from storage.images import read_image
+    from patchwatch.storage.images import read_image
 
     vectors, grids, image_shapes, input_shapes, seconds = [], [], [], [], 0.0
     for uri in uris:
@@ -121,7 +121,7 @@ def extract_all(extractor, uris: list[str]) -> tuple[dict, float]:
 
 def features(config, train_uris: list[str], test_uris: list[str], work: Path) -> dict:
     """Train and test patch features of ``config`` (cached in ``work``)."""
-    from anomaly.features import PatchFeatureExtractor
+    from patchwatch.anomaly.features import PatchFeatureExtractor
 
     key = cache_key(CACHE_VERSION, config.to_dict(), train_uris, test_uris, source_digest("features", "backbone"))
     path = work / f"features-{key}.npz"
@@ -141,7 +141,7 @@ def fit_and_score(feats: dict, config, work: Path) -> dict:
     """Fit PatchCore on the train bank, then patch scores and eq. 7 image scores of the test images
     (cached in ``work``): the memory's size, the test patch scores, eq. 7 and the mean patch score
     per image, the fit and kNN + eq. 7 seconds, and whether that staged scoring is PatchCore.score's."""
-    from anomaly.patchcore import PatchCore, reweight_image_score, select_coreset
+    from patchwatch.anomaly.patchcore import PatchCore, reweight_image_score, select_coreset
 
     key = cache_key(CACHE_VERSION, feats["key"], config.to_dict(), source_digest("coreset", "patchcore"))
     path = work / f"model-{key}.npz"
@@ -172,8 +172,8 @@ def fit_and_score(feats: dict, config, work: Path) -> dict:
 def matches_patchcore_score(model, feats: dict, out_first: tuple[float, np.ndarray]) -> bool:
     """Whether the staged scoring here (eq. 7 and the map from the patch scores) is exactly
     ``PatchCore.score`` on the first test image."""
-    from anomaly.features import PatchFeatures
-    from anomaly.maps import anomaly_map
+    from patchwatch.anomaly.features import PatchFeatures
+    from patchwatch.anomaly.maps import anomaly_map
 
     lo, hi = feats["test_offsets"][:2]
     first = PatchFeatures(feats["test_vectors"][lo:hi], tuple(feats["test_grids"][0]),
@@ -187,7 +187,7 @@ def matches_patchcore_score(model, feats: dict, out_first: tuple[float, np.ndarr
 
 def maps_of(feats: dict, patch_scores: np.ndarray, sigma: float) -> tuple[list[np.ndarray], float]:
     """Full-resolution anomaly maps (as ``PatchCore.score`` makes them) and the seconds taken."""
-    from anomaly.maps import anomaly_map
+    from patchwatch.anomaly.maps import anomaly_map
 
     t0 = time.perf_counter()
     offsets = feats["test_offsets"]
@@ -199,7 +199,7 @@ def maps_of(feats: dict, patch_scores: np.ndarray, sigma: float) -> tuple[list[n
 
 # ---- metrics -------------------------------------------------------------------------------------------
 def pixel_auroc_of(test: TestSet, maps: list[np.ndarray], keep: np.ndarray) -> float:
-    from anomaly.metrics import pixel_auroc
+    from patchwatch.anomaly.metrics import pixel_auroc
 
     chosen = np.flatnonzero(keep)
     return pixel_auroc([test.masks[i] for i in chosen], [maps[i] for i in chosen])
@@ -212,7 +212,7 @@ def type_auroc(test: TestSet, maps: list[np.ndarray], defect_type: str) -> float
 
 
 def map_metrics(test: TestSet, maps: list[np.ndarray], with_aupro: bool) -> dict:
-    from anomaly.metrics import aupro
+    from patchwatch.anomaly.metrics import aupro
 
     out = {"pixel": pixel_auroc_of(test, maps, np.ones(len(maps), bool)),
            "aupro": aupro(test.masks, maps) if with_aupro else None,
@@ -225,7 +225,7 @@ def map_metrics(test: TestSet, maps: list[np.ndarray], with_aupro: bool) -> dict
 def breakdown(test: TestSet, maps: list[np.ndarray], metrics: dict, image_scores: dict) -> tuple[list[dict], list[str]]:
     """Where row 1's pooled pixel AUROC is lost: defect pixels and pixel AUROC per type, the
     pooled AUROC with and without the held-out type, and the maps' level on good vs defect images."""
-    from anomaly.metrics import image_auroc
+    from patchwatch.anomaly.metrics import image_auroc
 
     defect_pixels = np.array([int(mask.sum()) for mask in test.masks])
     medians = np.array([float(np.median(amap)) for amap in maps])
@@ -277,8 +277,8 @@ def parse_rows(text: str) -> list[int]:
 
 
 def configs_of(number: int):
-    from anomaly.features import FeatureConfig
-    from anomaly.patchcore import PatchCoreConfig
+    from patchwatch.anomaly.features import FeatureConfig
+    from patchwatch.anomaly.patchcore import PatchCoreConfig
 
     _, backbone, scale, sigma, _ = ROWS[number]
     return (dataclasses.replace(FeatureConfig(), backbone=backbone, input_scale=scale, context_scales=()),
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import faiss
     import torch
-    from anomaly.metrics import image_auroc
+    from patchwatch.anomaly.metrics import image_auroc
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)

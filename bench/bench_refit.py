@@ -51,9 +51,9 @@ def step_child(spec_path: str) -> None:
     """Fit as the CLI does, then score the test rows with the version the fit made; write the
     summaries next to the spec."""
     spec = json.loads(Path(spec_path).read_text())
-    from flows.fit import fit_flow
-    from flows.runner import dask_cluster, run_on_dask
-    from flows.score import score_flow
+    from patchwatch.flows.fit import fit_flow
+    from patchwatch.flows.runner import dask_cluster, run_on_dask
+    from patchwatch.flows.score import score_flow
 
     started = time.perf_counter()
     with dask_cluster(None, spec["workers"]) as address:
@@ -129,9 +129,9 @@ def _spread_index(count: int, limit: int | None) -> list[int]:
 def test_metrics(results: str, threshold: float | None) -> dict:
     """Image AUROC, pixel AUROC and AUPRO of the scored test rows (as flows/evaluate.py computes
     them), and the share of nominal / defect test images flagged at the version's threshold."""
-    from anomaly.metrics import evaluate_detection
-    from storage.images import read_mask
-    from storage.results_store import ResultStore
+    from patchwatch.anomaly.metrics import evaluate_detection
+    from patchwatch.storage.images import read_mask
+    from patchwatch.storage.results_store import ResultStore
 
     store = ResultStore(results)
     table = store.scores().sort_values("image_id").reset_index(drop=True)
@@ -156,9 +156,9 @@ def test_metrics(results: str, threshold: float | None) -> dict:
 def exact_radius(root: str, version: str) -> float:
     """The version's memory's covering radius over every training row of the bank it was built from,
     in the projected space the coreset is selected in (exact)."""
-    from anomaly.coreset import project, projection_matrix
-    from anomaly.patchcore import PatchCoreConfig
-    from storage.model_store import FeatureBank, ModelRegistry
+    from patchwatch.anomaly.coreset import project, projection_matrix
+    from patchwatch.anomaly.patchcore import PatchCoreConfig
+    from patchwatch.storage.model_store import FeatureBank, ModelRegistry
 
     store = ModelRegistry(root).model(version)
     manifest = store.read_manifest()
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import pandas as pd
 
-    from storage.model_store import ModelRegistry
+    from patchwatch.storage.model_store import ModelRegistry
 
     started = time.perf_counter()
     meta = {"command": common.command_line(), "date": common.utc_now(), "machine": common.machine_info()}

@@ -38,8 +38,8 @@ SHAPES = [(256, 256), (512, 512), (144, 64), (160, 256), (128, 304), (72, 32)]
 def forward_times(rounds: int, runtimes: list[str]) -> tuple[list[dict], list[dict]]:
     import torch
 
-    from anomaly.backbone import create_backbone
-    from anomaly.runtime import OnnxRuntimeStages, OpenVinoStages, TorchStages, exported_onnx
+    from patchwatch.anomaly.backbone import create_backbone
+    from patchwatch.anomaly.runtime import OnnxRuntimeStages, OpenVinoStages, TorchStages, exported_onnx
 
     model = create_backbone("tf_efficientnet_lite0", features_only=True, out_indices=(3, 4))
     path = exported_onnx(model, "tf_efficientnet_lite0", (3, 4), Path(tempfile.mkdtemp(prefix="bench-runtime-")))
@@ -86,8 +86,8 @@ def forward_times(rounds: int, runtimes: list[str]) -> tuple[list[dict], list[di
 def batching(rounds: int) -> list[dict]:
     import torch
 
-    from anomaly.backbone import create_backbone
-    from anomaly.runtime import OnnxRuntimeStages, exported_onnx
+    from patchwatch.anomaly.backbone import create_backbone
+    from patchwatch.anomaly.runtime import OnnxRuntimeStages, exported_onnx
 
     model = create_backbone("tf_efficientnet_lite0", features_only=True, out_indices=(3, 4))
     path = exported_onnx(model, "tf_efficientnet_lite0", (3, 4), Path(tempfile.mkdtemp(prefix="bench-runtime-")))
@@ -116,12 +116,12 @@ def batching(rounds: int) -> list[dict]:
 
 
 def mtd_end_to_end(split: str, images: int, train: int, passes: int, runtimes: list[str]) -> tuple[list[dict], dict]:
-    from anomaly.detectors import default_features, detector_config
-    from anomaly.engine import fit_detector, score_image
-    from anomaly.features import PatchFeatureExtractor
+    from patchwatch.anomaly.detectors import default_features, detector_config
+    from patchwatch.anomaly.engine import fit_detector, score_image
+    from patchwatch.anomaly.features import PatchFeatureExtractor
     from sklearn.metrics import roc_auc_score
 
-    from storage.images import read_image
+    from patchwatch.storage.images import read_image
 
     config = default_features("patchcore")
     records = select_records(split, "test", images or None)
@@ -190,7 +190,7 @@ def main() -> None:
                    "max |diff| to torch: over both stage maps and every variant (maps reach ~20)"]},
         {"title": "Compile time of one fixed-shape session", "rows": compiles,
          "notes": ["paid once per input shape by the 'fixed' policy (at a shape's COMPILE_AFTER-th call, for at most "
-                   "anomaly.runtime.FIXED_SHAPES shapes per process)"]},
+                   "patchwatch.anomaly.runtime.FIXED_SHAPES shapes per process)"]},
         {"title": "Batching equal-size inputs (ONNX Runtime, fixed shapes)", "rows": batch_rows,
          "notes": ["per image; one at a time = a batch-1 session, batch of 8 = a batch-8 session"]},
         {"title": f"MTD test images end to end ({mtd_facts['test images']} images, PatchCore's default features)",

@@ -78,9 +78,9 @@ def extract_features(split_csv: str, work: Path) -> dict:
     if done.exists():
         return json.loads(done.read_text())
     _threads_one()
-    from anomaly.detectors import default_features
-    from anomaly.features import PatchFeatureExtractor
-    from storage.images import list_images, read_image
+    from patchwatch.anomaly.detectors import default_features
+    from patchwatch.anomaly.features import PatchFeatureExtractor
+    from patchwatch.storage.images import list_images, read_image
 
     records = list_images(split_csv)
     train = [r for r in records if r.split == "train" and r.label == "good"]
@@ -116,7 +116,7 @@ def default_memory(work: Path) -> np.ndarray:
     """The default PatchCore memory on MTD: the 10 % coreset of the 1x bank (cached)."""
     path = work / "memory-default.npy"
     if not path.exists():
-        from anomaly.patchcore import PatchCoreConfig, select_coreset
+        from patchwatch.anomaly.patchcore import PatchCoreConfig, select_coreset
 
         bank = np.load(work / "bank-train.npy")
         np.save(path, bank[np.sort(select_coreset(bank, PatchCoreConfig()))])
@@ -159,8 +159,8 @@ def _search_timed(index, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, n
 
 def image_auroc(index, memory: np.ndarray, work: Path) -> float:
     """MTD test image AUROC with PatchCore's scores (nearest distance + eq. 7) from ``index``."""
-    from anomaly.metrics import image_auroc as auroc
-    from anomaly.patchcore import PatchCoreConfig, reweight_image_score
+    from patchwatch.anomaly.metrics import image_auroc as auroc
+    from patchwatch.anomaly.patchcore import PatchCoreConfig, reweight_image_score
 
     vectors = np.load(work / "test-vectors.npy")
     offsets = np.load(work / "test-offsets.npy")
@@ -293,8 +293,8 @@ def index_section(work: Path, scale: float, args) -> list[dict]:
 # ---- section 2: coreset ----------------------------------------------------------------------------
 def coreset_step(work: str, scale: float, jitter: float, mode: str, chunk_rows: int) -> dict:
     _threads_one()
-    from anomaly.coreset import coreset_size, project, projection_matrix, streaming_coreset
-    from anomaly.patchcore import PatchCoreConfig
+    from patchwatch.anomaly.coreset import coreset_size, project, projection_matrix, streaming_coreset
+    from patchwatch.anomaly.patchcore import PatchCoreConfig
 
     work = Path(work)
     bank, how = build_memory(work, scale, jitter)
@@ -324,13 +324,13 @@ def tile_step(work: str, split_csv: str, tiles_timed: int) -> dict:
     _threads_one()
     import tempfile
 
-    from anomaly.detectors import default_features, detector_config, for_features
-    from anomaly.engine import score_image
-    from anomaly.features import PatchFeatureExtractor
-    from anomaly.patchcore import PatchCore
-    from anomaly.tiling import TilingConfig, tile_grid
-    from storage.images import list_images, read_image
-    from storage.results_store import ResultStore
+    from patchwatch.anomaly.detectors import default_features, detector_config, for_features
+    from patchwatch.anomaly.engine import score_image
+    from patchwatch.anomaly.features import PatchFeatureExtractor
+    from patchwatch.anomaly.patchcore import PatchCore
+    from patchwatch.anomaly.tiling import TilingConfig, tile_grid
+    from patchwatch.storage.images import list_images, read_image
+    from patchwatch.storage.results_store import ResultStore
 
     work = Path(work)
     features = default_features("patchcore")

@@ -71,14 +71,14 @@ class BeforePatchCore:
     """PatchCore's scoring as it was: two faiss flat searches (full vectors, then the map's half)."""
 
     def __init__(self, model):
-        from anomaly.patchcore import build_index
+        from patchwatch.anomaly.patchcore import build_index
 
         self.model = model
         split = model.map_split
         self.map_index = build_index(model.memory[:, :split]) if split else None
 
     def grid(self, clock: dict, features) -> tuple[float, np.ndarray]:
-        from anomaly.patchcore import reweight_image_score
+        from patchwatch.anomaly.patchcore import reweight_image_score
 
         model, vectors = self.model, np.ascontiguousarray(features.vectors, dtype=np.float32)
 
@@ -143,7 +143,7 @@ def before_render_block(clock: dict, grid, stride, shape, block, sigma) -> np.nd
 
 # ---- the code after ----------------------------------------------------------------------------------
 def after_grid(clock: dict, model, features) -> tuple[float, np.ndarray]:
-    from anomaly.patchcore import reweight_image_score
+    from patchwatch.anomaly.patchcore import reweight_image_score
 
     scores, nearest, map_scores = timed(clock, "knn_once", model.nearest, features.vectors)
     score = timed(clock, "eq7", reweight_image_score, features.vectors, scores, nearest, model.memory, model.index,
@@ -162,7 +162,7 @@ def finite_check(score: float, amap: np.ndarray) -> bool:  # what tasks.scoring.
 
 def profile_whole(extractor, model, images: list[np.ndarray], store) -> dict:
     """Per path: seconds per stage summed over ``images``; the largest differences between paths."""
-    from anomaly.maps import anomaly_map
+    from patchwatch.anomaly.maps import anomaly_map
 
     before_model = BeforePatchCore(model)
     clocks = {"before": defaultdict(float), "after": defaultdict(float)}
@@ -207,10 +207,10 @@ def mosaic(images: list[np.ndarray], side: int, cell: int = 512) -> np.ndarray:
 
 def profile_tiled(extractor, model, image: np.ndarray, store) -> dict:
     """The score-tiles and stitch-map tasks' work on ``image``, per path."""
-    from anomaly.maps import StitchedMap
-    from anomaly.tiling import TilingConfig, blocks, stitch_grids, tile_grid, tile_sigma
-    from storage.results_store import MAP_CHUNK
-    from tasks.tiles import _preview
+    from patchwatch.anomaly.maps import StitchedMap
+    from patchwatch.anomaly.tiling import TilingConfig, blocks, stitch_grids, tile_grid, tile_sigma
+    from patchwatch.storage.results_store import MAP_CHUNK
+    from patchwatch.tasks.tiles import _preview
 
     tiling = TilingConfig()
     shape = image.shape[:2]
@@ -274,9 +274,9 @@ def share_rows(profiles: dict[str, dict]) -> list[dict]:
 
 
 def fit(extractor, split: str, limit: int | None):
-    from anomaly.detectors import default_features, detector_config, for_features
-    from anomaly.patchcore import PatchCore
-    from storage.images import read_image
+    from patchwatch.anomaly.detectors import default_features, detector_config, for_features
+    from patchwatch.anomaly.patchcore import PatchCore
+    from patchwatch.storage.images import read_image
 
     records = common.select_records(split, "train", limit)
     bank = np.concatenate([extractor.extract([read_image(r.uri)])[0].vectors for r in records])
@@ -299,11 +299,11 @@ def main() -> None:
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
-    from anomaly.detectors import default_features
-    from anomaly.features import PatchFeatureExtractor
-    from anomaly.runtime import resolve_runtime
-    from storage.images import read_image
-    from storage.results_store import ResultStore
+    from patchwatch.anomaly.detectors import default_features
+    from patchwatch.anomaly.features import PatchFeatureExtractor
+    from patchwatch.anomaly.runtime import resolve_runtime
+    from patchwatch.storage.images import read_image
+    from patchwatch.storage.results_store import ResultStore
 
     wall = time.perf_counter()
     machine = common.machine_info()

@@ -23,8 +23,8 @@ from _common import (DEFAULT_OUT, DEFAULT_SPLIT, command_line, machine_info, mar
 
 
 def fit_model(split: str, root: str) -> None:
-    from flows.fit import fit_flow
-    from flows.runner import dask_cluster, run_on_dask
+    from patchwatch.flows.fit import fit_flow
+    from patchwatch.flows.runner import dask_cluster, run_on_dask
 
     with dask_cluster(workers=1) as address:
         run_on_dask(fit_flow, address, images=split, root=root, split="train", batch_size=32)
@@ -54,12 +54,12 @@ def write_texture_tiff(path: Path, side: int, split: str) -> None:
 
 def score_large(root: str, uri: str, results: str) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from anomaly.tiling import TilingConfig, tile_grid
-    from storage.images import image_shape
-    from storage.model_store import ModelRegistry
-    from tasks.scoring import ModelRef
-    from storage.results_store import ResultStore
-    from tasks.tiles import score_tiles_task, stitch_map_task
+    from patchwatch.anomaly.tiling import TilingConfig, tile_grid
+    from patchwatch.storage.images import image_shape
+    from patchwatch.storage.model_store import ModelRegistry
+    from patchwatch.tasks.scoring import ModelRef
+    from patchwatch.storage.results_store import ResultStore
+    from patchwatch.tasks.tiles import score_tiles_task, stitch_map_task
 
     store = ModelRegistry(root).resolve()  # the version the fit made current
     manifest = store.read_manifest()
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
     started, machine, rows = time.perf_counter(), machine_info(), []
-    from flows.runner import prefect_api
+    from patchwatch.flows.runner import prefect_api
 
     # one Prefect server of this run's own, always stopped: without it each process that runs a
     # flow or task starts an ephemeral server that outlives the benchmark

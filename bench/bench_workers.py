@@ -35,9 +35,9 @@ def time_backbone(uris: list[str]) -> dict:
     """Runs on the worker: ms per image of the default feature extraction, and the worker's memory."""
     import os
 
-    from anomaly.detectors import default_features
-    from storage.images import read_image
-    from tasks.runtime import feature_extractor  # sets torch to 1 thread, as in every task
+    from patchwatch.anomaly.detectors import default_features
+    from patchwatch.storage.images import read_image
+    from patchwatch.tasks.runtime import feature_extractor  # sets torch to 1 thread, as in every task
 
     extractor = feature_extractor(default_features("patchcore"))
     images = [read_image(uri) for uri in uris]
@@ -62,7 +62,7 @@ def main() -> None:
     import dask
     from distributed import Client, LocalCluster
 
-    from flows.runner import worker_spawn_environ
+    from patchwatch.flows.runner import worker_spawn_environ
 
     started, machine = time.perf_counter(), machine_info()
     uris = [r.uri for r in select_records(args.split, "train", args.images)]

@@ -6,11 +6,11 @@ import time
 import numpy as np
 from prefect.artifacts import create_markdown_artifact
 
-from anomaly.probe_choice import choose_candidate
-from anomaly.selection import PROBE_IMAGES, PROBE_TRAIN_IMAGES, default_candidates
-from anomaly.tiling import TilingConfig
-from storage.images import ImageRecord
-from tasks.selection import probe_candidate_task
+from patchwatch.anomaly.probe_choice import choose_candidate
+from patchwatch.anomaly.selection import PROBE_IMAGES, PROBE_TRAIN_IMAGES, default_candidates
+from patchwatch.anomaly.tiling import TilingConfig
+from patchwatch.storage.images import ImageRecord
+from patchwatch.tasks.selection import probe_candidate_task
 
 from .report import markdown_rows
 from .runner import gather

@@ -13,12 +13,12 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from sklearn.metrics import roc_curve
 from tqdm.auto import tqdm
 
-from anomaly.pictures import MapScale, pro_png, roc_png
-from anomaly.metrics import PixelCurves, evaluate_detection, pixel_group
-from storage.images import ImageReadError, read_mask
-from storage.locations import join
-from storage.model_store import ModelRegistry
-from storage.results_store import ResultStore
+from patchwatch.anomaly.pictures import MapScale, pro_png, roc_png
+from patchwatch.anomaly.metrics import PixelCurves, evaluate_detection, pixel_group
+from patchwatch.storage.images import ImageReadError, read_mask
+from patchwatch.storage.locations import join
+from patchwatch.storage.model_store import ModelRegistry
+from patchwatch.storage.results_store import ResultStore
 
 from .defaults import HOLDOUT_FRACTION, THRESHOLD_QUANTILE
 from .fit import fit_flow

@@ -10,19 +10,19 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from anomaly.detectors import default_features, for_features
-from anomaly.detectors import detector_config as detector_settings
-from anomaly.features import FeatureConfig
-from anomaly.tiling import TilingConfig, tile_grid
-from storage.images import ImageRecord
-from storage.model_store import HOLDOUT, TRAIN, ModelRegistry
-from tasks.coreset import select_coreset_task
-from tasks.detectors import fit_detector_task
-from tasks.features import extract_features_task, from_outcome
-from tasks.index import build_index_task
-from tasks.listing import chunk, list_images_task
-from tasks.threshold import calibrate_threshold_task
-from tasks.tiles import extract_tile_features_task, remove_staged_copies, stage_large_images
+from patchwatch.anomaly.detectors import default_features, for_features
+from patchwatch.anomaly.detectors import detector_config as detector_settings
+from patchwatch.anomaly.features import FeatureConfig
+from patchwatch.anomaly.tiling import TilingConfig, tile_grid
+from patchwatch.storage.images import ImageRecord
+from patchwatch.storage.model_store import HOLDOUT, TRAIN, ModelRegistry
+from patchwatch.tasks.coreset import select_coreset_task
+from patchwatch.tasks.detectors import fit_detector_task
+from patchwatch.tasks.features import extract_features_task, from_outcome
+from patchwatch.tasks.index import build_index_task
+from patchwatch.tasks.listing import chunk, list_images_task
+from patchwatch.tasks.threshold import calibrate_threshold_task
+from patchwatch.tasks.tiles import extract_tile_features_task, remove_staged_copies, stage_large_images
 
 from .defaults import HOLDOUT_FRACTION, THRESHOLD_QUANTILE
 from .report import markdown_rows, markdown_table
@@ -238,7 +238,7 @@ def nothing_to_fit(images: str, root: str, split: str | None = None, feature_con
     the flow without starting a Dask cluster (a no-op fit took 33-41 s, mostly the cluster's start).
     Only a sure answer is True: any doubt (no current version, a killed fit's plan, other settings,
     a listing that fails) is False and the fit runs as ever; the flow decides again in any case."""
-    from storage.images import list_images
+    from patchwatch.storage.images import list_images
 
     if full:
         return False

@@ -11,11 +11,11 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from anomaly.pictures import trend_png
-from storage.model_store import ModelRegistry
-from storage.results_store import NightlyResults, ResultStore
-from tasks.listing import list_images_task
-from tasks.scoring import ModelRef
+from patchwatch.anomaly.pictures import trend_png
+from patchwatch.storage.model_store import ModelRegistry
+from patchwatch.storage.results_store import NightlyResults, ResultStore
+from patchwatch.tasks.listing import list_images_task
+from patchwatch.tasks.scoring import ModelRef
 
 from .defaults import HOLDOUT_FRACTION, THRESHOLD_QUANTILE
 from .fit import fit_flow
@@ -152,8 +152,8 @@ def workers_environment(runtime: str | None, allow_sources: str | None):
     """What the command's --runtime and --allow-sources set for its run (they are read where the
     backbone runs and where the images are listed): set in this flow run's process for the run,
     so that the local Dask workers it starts inherit them; the previous values restored after."""
-    from anomaly.runtime import RUNTIME_ENV
-    from storage.images import ALLOW_SOURCES_ENV
+    from patchwatch.anomaly.runtime import RUNTIME_ENV
+    from patchwatch.storage.images import ALLOW_SOURCES_ENV
 
     wanted = {name: value for name, value in ((RUNTIME_ENV, runtime), (ALLOW_SOURCES_ENV, allow_sources))
               if value is not None}

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from anomaly.pictures import MapScale, overlay_png
-from storage.images import ImageReadError, read_image, read_mask
-from storage.results_store import ResultStore, picture_name
+from patchwatch.anomaly.pictures import MapScale, overlay_png
+from patchwatch.storage.images import ImageReadError, read_image, read_mask
+from patchwatch.storage.results_store import ResultStore, picture_name
 
 OVERLAY_FOLDER = "overlays"
 # overlays of the most anomalous images that score and score-new write (a flow parameter too)

@@ -39,7 +39,7 @@ def print_summary(title: str, values: dict) -> None:
 
 def print_versions(root: str) -> None:
     """The versions under a model root, oldest first, the current one marked."""
-    from storage.model_store import ModelRegistry
+    from patchwatch.storage.model_store import ModelRegistry
 
     registry = ModelRegistry(root)
     current = registry.current()

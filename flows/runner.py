@@ -10,7 +10,7 @@ import sys
 
 # Prefect's, Dask's and tqdm's modules are imported where they are used: 'patchwatch models' and
 # 'promote' import this module and must answer in well under 2 s
-from storage.locations import for_log, redact
+from patchwatch.storage.locations import for_log, redact
 
 logger = logging.getLogger("patchwatch")
 
@@ -165,8 +165,8 @@ def gather(futures: list, description: str) -> list:
 def _expected(error: BaseException | None) -> bool:
     """Failures that are the input's or the machine's, not the program's: their traceback helps
     nobody (the message names the file and the reason), so Prefect's logs of them are one line."""
-    from storage.images import SourceError
-    from storage.locations import DETERMINISTIC_ERRNOS
+    from patchwatch.storage.images import SourceError
+    from patchwatch.storage.locations import DETERMINISTIC_ERRNOS
 
     return isinstance(error, (SourceError, PermissionError)) or (
         isinstance(error, OSError) and error.errno in DETERMINISTIC_ERRNOS - {errno.ENOENT})

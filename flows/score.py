@@ -7,16 +7,16 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from anomaly.pictures import MapScale
+from patchwatch.anomaly.pictures import MapScale
 
-from anomaly.tiling import TilingConfig, tile_grid
-from storage.images import ImageRecord
-from storage.locations import join
-from storage.model_store import ModelRegistry
-from storage.results_store import ResultStore, drop_parts_from, part_name
-from tasks.listing import chunk, list_images_task
-from tasks.scoring import SCORE_COLUMNS, ModelRef, error_table, score_batch_task, score_row
-from tasks.tiles import remove_staged_copies, score_tiles_task, stage_large_images, stitch_map_task
+from patchwatch.anomaly.tiling import TilingConfig, tile_grid
+from patchwatch.storage.images import ImageRecord
+from patchwatch.storage.locations import join
+from patchwatch.storage.model_store import ModelRegistry
+from patchwatch.storage.results_store import ResultStore, drop_parts_from, part_name
+from patchwatch.tasks.listing import chunk, list_images_task
+from patchwatch.tasks.scoring import SCORE_COLUMNS, ModelRef, error_table, score_batch_task, score_row
+from patchwatch.tasks.tiles import remove_staged_copies, score_tiles_task, stage_large_images, stitch_map_task
 
 from .html_report import scoring_report
 from .pictures import PREVIEWS, Overlay, most_anomalous, overlay_table_markdown, render_overlays

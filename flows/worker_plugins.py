@@ -12,6 +12,6 @@ class LogSanitiser(WorkerPlugin):
     name = "patchwatch-log-sanitiser"
 
     def setup(self, worker):
-        from flows.runner import install_log_sanitiser
+        from patchwatch.flows.runner import install_log_sanitiser
 
         install_log_sanitiser()

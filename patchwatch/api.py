@@ -53,8 +53,8 @@ class Model:
     """A fitted model version, loaded for in-process scoring (see :func:`load`)."""
 
     def __init__(self, root: str, store, manifest: dict, extractor, detector, threads: int):
-        from anomaly.tiling import TilingConfig
-        from tasks.scoring import ModelRef
+        from patchwatch.anomaly.tiling import TilingConfig
+        from patchwatch.tasks.scoring import ModelRef
 
         self.root = root                      # the model root (the folder 'patchwatch fit' wrote)
         self.manifest = manifest              # the version's manifest.json: configs, threshold, lineage
@@ -84,8 +84,8 @@ class Model:
     def score(self, image) -> Result:
         """Score one image: a numpy array ((H, W) grey or (H, W, 3|4) RGB(A); any integer depth, or
         float in [0, 1]), a PIL image, or a path or URL (read as the pipeline reads files)."""
-        from anomaly.engine import extract_views, score_features
-        from tasks.features import min_image_side
+        from patchwatch.anomaly.engine import extract_views, score_features
+        from patchwatch.tasks.features import min_image_side
 
         pixels = _pixels(image)
         height, width = pixels.shape[:2]
@@ -108,8 +108,8 @@ def load(root, version: str | None = None, threads: int | None = None, runtime: 
     after each call. ``runtime``: what runs the backbone ("auto", "torch", "onnxruntime",
     "openvino"; default ``PATCHWATCH_RUNTIME``, else auto: ONNX Runtime on a CPU), whichever
     runtime the model was fitted with (see anomaly.runtime)."""
-    from storage.locations import absolute
-    from storage.model_store import ModelRegistry
+    from patchwatch.storage.locations import absolute
+    from patchwatch.storage.model_store import ModelRegistry
 
     root = absolute(str(root)).rstrip("/")
     registry = ModelRegistry(root)
@@ -122,11 +122,11 @@ def load(root, version: str | None = None, threads: int | None = None, runtime: 
     manifest = store.read_manifest()
     threads = _threads(threads)
     with _torch_threads(threads):  # importing the task modules sets torch to one thread (their policy)
-        from tasks.scoring import ModelRef, load_model
+        from patchwatch.tasks.scoring import ModelRef, load_model
         extractor, detector = load_model(store.root, ModelRef.of(store, manifest).fingerprint)
         if runtime is not None or threads != 1:  # the workers' extractor runs the configured runtime on 1 thread
-            from anomaly.features import PatchFeatureExtractor
-            from anomaly.runtime import configured_runtime
+            from patchwatch.anomaly.features import PatchFeatureExtractor
+            from patchwatch.anomaly.runtime import configured_runtime
 
             extractor = PatchFeatureExtractor(extractor.config, runtime=runtime or configured_runtime()[0],
                                               threads=threads)
@@ -153,8 +153,8 @@ def fit(images, root, **options) -> dict:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.fit import fit_flow, nothing_to_fit
-    from flows.runner import dask_cluster, install_log_sanitiser, prefect_api, run_and_link, run_on_dask
+    from patchwatch.flows.fit import fit_flow, nothing_to_fit
+    from patchwatch.flows.runner import dask_cluster, install_log_sanitiser, prefect_api, run_and_link, run_on_dask
 
     from .cli import _prepare, build_parser, fit_parameters
 
@@ -190,7 +190,7 @@ def _fit_arguments(parser, images: str, root: str, options: dict):
         if name in ("layers", "context_scales") and value is not None and not isinstance(value, str):
             value = ",".join(str(v) for v in value)  # the command's comma-separated form
         setattr(args, name, value)
-    from anomaly.detectors import CONFIGS
+    from patchwatch.anomaly.detectors import CONFIGS
     if args.detector is not None and args.detector not in CONFIGS:
         raise ValueError(f"detector {args.detector!r}: choose one of {', '.join(sorted(CONFIGS))}")
     return args
@@ -198,7 +198,7 @@ def _fit_arguments(parser, images: str, root: str, options: dict):
 
 def images_folder(root) -> str:
     """Where :func:`fit` writes images given as arrays: ``ROOT-images`` beside the root."""
-    from storage.locations import absolute, location
+    from patchwatch.storage.locations import absolute, location
 
     root = absolute(str(root)).rstrip("/")
     if "://" in root and "/" not in location(root)[1]:  # s3://bucket: a sibling would be another bucket
@@ -213,7 +213,7 @@ def write_images(images: list, folder: str) -> str:
     back the pixels :meth:`Model.score` would see in the array."""
     from PIL import Image
 
-    from storage.locations import absolute, join, write_bytes_atomically
+    from patchwatch.storage.locations import absolute, join, write_bytes_atomically
 
     if not images:
         raise ValueError("fit() got an empty list of images")
@@ -246,8 +246,8 @@ def _pixels(image: Any, name: str = "image") -> np.ndarray:
     rules (16-bit, palette, CMYK and alpha images converted; float scaled to [0, 1]; NaN refused)."""
     from PIL import Image
 
-    from storage.images import _check_array, _pil_to_array, read_image
-    from storage.locations import absolute
+    from patchwatch.storage.images import _check_array, _pil_to_array, read_image
+    from patchwatch.storage.locations import absolute
 
     if isinstance(image, (str, os.PathLike)):
         return read_image(absolute(os.fspath(image)))

@@ -7,15 +7,15 @@ import os
 import signal
 import sys
 
-from flows.defaults import (DEFAULT_NAME, DEFAULT_REFIT_CRON, DEFAULT_SCORE_CRON, HOLDOUT_FRACTION,
+from patchwatch.flows.defaults import (DEFAULT_NAME, DEFAULT_REFIT_CRON, DEFAULT_SCORE_CRON, HOLDOUT_FRACTION,
                             THRESHOLD_QUANTILE)
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     # the model's modules import torch (seconds): only the commands with model options load them
-    from anomaly.backbone import DEFAULT_BACKBONE
-    from anomaly.detectors import CONFIGS, DEFAULT_FEATURES
-    from anomaly.features import FeatureConfig
-    from anomaly.patchcore import PatchCoreConfig
+    from patchwatch.anomaly.backbone import DEFAULT_BACKBONE
+    from patchwatch.anomaly.detectors import CONFIGS, DEFAULT_FEATURES
+    from patchwatch.anomaly.features import FeatureConfig
+    from patchwatch.anomaly.patchcore import PatchCoreConfig
 
     defaults = FeatureConfig()
     parser.add_argument("--detector", choices=sorted(CONFIGS), default=None,
@@ -98,8 +98,8 @@ def auto_chosen(args) -> bool:
 
 
 def _configs(args) -> tuple[dict, dict]:
-    from anomaly.detectors import default_features, detector_config
-    from anomaly.patchcore import PatchCoreConfig
+    from patchwatch.anomaly.detectors import default_features, detector_config
+    from patchwatch.anomaly.patchcore import PatchCoreConfig
 
     def numbers(text, kind):
         return None if text is None else tuple(kind(x) for x in text.split(",") if x.strip())
@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     # the ephemeral server must not try to reach the internet (telemetry)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.runner import install_log_sanitiser, prefect_api
-    from storage.locations import DETERMINISTIC_ERRNOS, for_log
+    from patchwatch.flows.runner import install_log_sanitiser, prefect_api
+    from patchwatch.storage.locations import DETERMINISTIC_ERRNOS, for_log
 
     install_log_sanitiser()
     # `kill PID` ends the run through its finally blocks (its Prefect server and cluster stop too)
@@ -309,10 +309,10 @@ def main(argv: list[str] | None = None) -> int:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """A mistake in the command or its inputs (one line, no traceback). Imported here, when
     needed: the flows' modules import Prefect and torch."""
-    from flows.deployments import NoServerError
-    from flows.score import NothingScoredError
-    from storage.leases import LeaseHeldError, LeaseLostError
-    from storage.model_store import IncompatibleModelError
+    from patchwatch.flows.deployments import NoServerError
+    from patchwatch.flows.score import NothingScoredError
+    from patchwatch.storage.leases import LeaseHeldError, LeaseLostError
+    from patchwatch.storage.model_store import IncompatibleModelError
 
     return (FileNotFoundError, IncompatibleModelError, LookupError, NoServerError, ValueError, LeaseHeldError,
             LeaseLostError, NothingScoredError, PermissionError, ConnectionError)
@@ -335,11 +335,11 @@ def _prepare(args) -> None:
     workers and deployments resolve them elsewhere), credentials in URLs refused (they would be
     recorded as flow parameters, in logs and tables: the store's own configuration holds them),
     remote stores probed once (wrong keys or a silent endpoint: one line, at once)."""
-    from storage.images import ALLOW_SOURCES_ENV
-    from storage.locations import absolute, check_store, has_credentials, redact
+    from patchwatch.storage.images import ALLOW_SOURCES_ENV
+    from patchwatch.storage.locations import absolute, check_store, has_credentials, redact
 
     if getattr(args, "runtime", None) is not None:
-        from anomaly.runtime import RUNTIME_ENV
+        from patchwatch.anomaly.runtime import RUNTIME_ENV
         os.environ[RUNTIME_ENV] = args.runtime  # read where the backbone runs: the workers inherit it
     if getattr(args, "allow_sources", None) is not None:
         os.environ[ALLOW_SOURCES_ENV] = args.allow_sources  # read where the listing runs (the flow)
@@ -362,7 +362,7 @@ def _prepare(args) -> None:
             if getattr(args, name, None):
                 check_store(getattr(args, name))
     if args.command in ("score", "score-new"):
-        from storage.model_store import ModelRegistry
+        from patchwatch.storage.model_store import ModelRegistry
 
         registry = ModelRegistry(args.root)
         version = getattr(args, "version", None)
@@ -377,7 +377,7 @@ def _nothing_new_to_fit(args) -> bool:
     re-fit deployment still records each of its runs in Prefect."""
     if args.command != "fit" or args.dask_address:
         return False
-    from flows.fit import nothing_to_fit
+    from patchwatch.flows.fit import nothing_to_fit
     if not nothing_to_fit(images=args.images, root=args.root, split=args.split, full=args.full, **fit_parameters(args)):
         return False
     args.command = "fit-nothing-new"
@@ -385,12 +385,12 @@ def _nothing_new_to_fit(args) -> bool:
 
 
 def _run(args) -> int:
-    from flows.report import print_summary
-    from flows.runner import dask_cluster, run_on_dask
+    from patchwatch.flows.report import print_summary
+    from patchwatch.flows.runner import dask_cluster, run_on_dask
 
     if args.command == "fit":
-        from flows.fit import fit_flow, nothing_to_fit
-        from flows.runner import run_and_link
+        from patchwatch.flows.fit import fit_flow, nothing_to_fit
+        from patchwatch.flows.runner import run_and_link
         parameters = dict(images=args.images, root=args.root, split=args.split, full=args.full,
                           **fit_parameters(args))
         if not args.dask_address and nothing_to_fit(**parameters):  # decided again: the flow may have begun
@@ -406,13 +406,13 @@ def _run(args) -> int:
             print(f"model {summary['version']} is current in {args.root}; list versions: "
                   f"patchwatch models --root {args.root}")
     elif args.command == "fit-nothing-new":
-        from storage.model_store import ModelRegistry
+        from patchwatch.storage.model_store import ModelRegistry
         version = ModelRegistry(args.root).current()
         print_summary("fit", {"root": args.root, "version": version, "refit": False, "new_images": 0})
         print(f"nothing new in {args.images}: version {version} stays current")
     elif args.command == "score":
-        from flows.score import score_flow
-        from storage.locations import join
+        from patchwatch.flows.score import score_flow
+        from patchwatch.storage.locations import join
         with dask_cluster(args.dask_address, args.workers) as address:
             summary = run_on_dask(score_flow, address, images=args.images, root=args.root,
                                   results=args.out or join(args.root, "results"), split=args.split,
@@ -420,7 +420,7 @@ def _run(args) -> int:
         print_summary("score", summary)
         _say_results(summary)
     elif args.command == "score-new":
-        from flows.nightly import score_new_flow
+        from patchwatch.flows.nightly import score_new_flow
         with dask_cluster(args.dask_address, args.workers) as address:
             summary = run_on_dask(score_new_flow, address, archive=args.archive, root=args.root,
                                   results=args.results, night=args.night, batch_size=args.batch_size,
@@ -428,15 +428,15 @@ def _run(args) -> int:
         print_summary("score-new", summary)
         _say_results(summary)
     elif args.command == "models":
-        from flows.report import print_versions
+        from patchwatch.flows.report import print_versions
         print_versions(args.root)
     elif args.command == "promote":
-        from storage.model_store import ModelRegistry
+        from patchwatch.storage.model_store import ModelRegistry
         pointer = ModelRegistry(args.root).promote(args.version)
         print(f"current: {pointer['version']} (was {pointer['previous']})")
     elif args.command == "deploy":
-        from flows.deployments import deploy
-        from storage.locations import join
+        from patchwatch.flows.deployments import deploy
+        from patchwatch.storage.locations import join
         # what the flows' own processes need: their cluster, and the settings the command sets as
         # environment variables for its workers (the runtime, the allowed sources)
         run = {"dask_address": args.dask_address, "workers": args.workers, "batch_size": args.batch_size,
@@ -449,12 +449,12 @@ def _run(args) -> int:
             print(f"{line['deployment']}: {line['cron']} ({line['timezone']}), id {line['id']}")
         print(f"start the runner that executes them: patchwatch serve --name {args.name}")
     elif args.command == "serve":
-        from flows.deployments import serve_registered
+        from patchwatch.flows.deployments import serve_registered
         serve_registered(args.name)
     elif args.command == "evaluate":
-        from flows.evaluate import evaluate_flow
-        from flows.runner import run_and_link
-        from storage.locations import join
+        from patchwatch.flows.evaluate import evaluate_flow
+        from patchwatch.flows.runner import run_and_link
+        from patchwatch.storage.locations import join
         summary = run_and_link(evaluate_flow, split_csv=args.split_csv, out=args.out, dask_address=args.dask_address,
                                workers=args.workers, **fit_parameters(args))
         print_summary("evaluate", summary)

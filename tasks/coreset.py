@@ -6,11 +6,11 @@ import time
 import numpy as np
 from prefect import task
 
-from anomaly.coreset import (bank_covering_radius, coreset_size, greedy_coreset, project, projection_matrix,
+from patchwatch.anomaly.coreset import (bank_covering_radius, coreset_size, greedy_coreset, project, projection_matrix,
                              streaming_coreset)
-from anomaly.patchcore import PatchCoreConfig
-from storage.model_store import FeatureBank, ModelStore
-from .retries import retry_delays, transient
+from patchwatch.anomaly.patchcore import PatchCoreConfig
+from patchwatch.storage.model_store import FeatureBank, ModelStore
+from .retries import retry_delay, transient
 
 
 def gather_rows(bank: FeatureBank, rows: np.ndarray, batches: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -61,7 +61,7 @@ def _extension(bank: FeatureBank, parent: ModelStore, parent_radius: float, new_
             np.concatenate([old_rows["row"], where_row]), radius, len(new_vectors))
 
 
-@task(name="select-coreset", task_run_name="select-coreset", retries=2, retry_delay_seconds=retry_delays(5, 30), retry_condition_fn=transient)
+@task(name="select-coreset", task_run_name="select-coreset", retries=2, retry_delay_seconds=retry_delay(15), retry_condition_fn=transient)
 def select_coreset_task(root: str, model_root: str, config: PatchCoreConfig, chunk_rows: int = 1 << 20,
                         parent: dict | None = None) -> dict:
     """Greedy k-center coreset of the training rows of the bank under ``root`` -> the version's

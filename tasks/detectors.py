@@ -5,13 +5,13 @@ import time
 
 from prefect import task
 
-from anomaly.padim import PadimConfig, PadimFitter
-from anomaly.spade import SpadeConfig, SpadeFitter
-from storage.model_store import TRAIN, FeatureBank, ModelStore
-from .retries import retry_delays, transient
+from patchwatch.anomaly.padim import PadimConfig, PadimFitter
+from patchwatch.anomaly.spade import SpadeConfig, SpadeFitter
+from patchwatch.storage.model_store import TRAIN, FeatureBank, ModelStore
+from .retries import retry_delay, transient
 
 
-@task(name="fit-detector", task_run_name="fit-detector", retries=2, retry_delay_seconds=retry_delays(5, 30), retry_condition_fn=transient)
+@task(name="fit-detector", task_run_name="fit-detector", retries=2, retry_delay_seconds=retry_delay(15), retry_condition_fn=transient)
 def fit_detector_task(root: str, model_root: str, name: str, config: PadimConfig | SpadeConfig) -> dict:
     """PaDiM's running per-position Gaussians or SPADE's per-image galleries, from the bank's
     training batches -> the version's detector.npz."""

@@ -6,13 +6,13 @@ import math
 import numpy as np
 from prefect import task
 
-from anomaly.features import FeatureConfig, PatchFeatures
-from anomaly.tiling import TilingConfig
-from storage.images import ImageReadError, ImageRecord, read_image_unless_large, read_mask
-from storage.model_store import TRAIN, FeatureBank
+from patchwatch.anomaly.features import FeatureConfig, PatchFeatures
+from patchwatch.anomaly.tiling import TilingConfig
+from patchwatch.storage.images import ImageReadError, ImageRecord, read_image_unless_large, read_mask
+from patchwatch.storage.model_store import TRAIN, FeatureBank
 
 from .runtime import feature_extractor
-from .retries import retry_delays, transient
+from .retries import retry_delay, transient
 
 
 def bank_index_row(image_id: str, uri: str, batch: int, start: int, patch: PatchFeatures) -> dict:
@@ -100,7 +100,7 @@ def drop_too_small_large(extractor, large: list, errors: list[dict]) -> list:
 
 
 # no result cache: a batch the bank holds is recalled from its stored outcome, never re-run
-@task(name="extract-features", task_run_name="extract-features batch {batch:05d}", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), retry_condition_fn=transient)
+@task(name="extract-features", task_run_name="extract-features batch {batch:05d}", retries=3, retry_delay_seconds=retry_delay(10), retry_condition_fn=transient)
 def extract_features_task(root: str, batch: int, records: list[ImageRecord], config: FeatureConfig,
                           tiling: TilingConfig | None = None, kind: str = TRAIN, rows_per_chunk: int = 4096) -> dict:
     """Patch features of ``records`` -> ``ROOT/bank/KIND-NNNNN``; returns counts, errors and

@@ -5,12 +5,12 @@ import time
 
 from prefect import task
 
-from anomaly.patchcore import build_index
-from storage.model_store import ModelStore
-from .retries import retry_delays, transient
+from patchwatch.anomaly.patchcore import build_index
+from patchwatch.storage.model_store import ModelStore
+from .retries import retry_delay, transient
 
 
-@task(name="build-index", task_run_name="build-index", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), retry_condition_fn=transient)
+@task(name="build-index", task_run_name="build-index", retries=3, retry_delay_seconds=retry_delay(10), retry_condition_fn=transient)
 def build_index_task(model_root: str) -> dict:
     store = ModelStore(model_root)
     started = time.perf_counter()

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from storage.images import ImageRecord, scan_source
-from .retries import retry_delays, transient
+from patchwatch.storage.images import ImageRecord, scan_source
+from .retries import retry_delay, transient
 
 
 def chunk(records: list, batch_size: int) -> list[list]:
     return [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
 
 
-@task(name="list-images", task_run_name="list-images", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), retry_condition_fn=transient)
+@task(name="list-images", task_run_name="list-images", retries=3, retry_delay_seconds=retry_delay(10), retry_condition_fn=transient)
 def list_images_task(source: str, split: str | None = None) -> list[ImageRecord]:
     listing = scan_source(source, split)
     logger = get_run_logger()

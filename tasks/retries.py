@@ -1,10 +1,12 @@
 """Task retry delays, overridable by the environment, and which failures are worth a retry.
 
-``PATCHWATCH_RETRY_DELAYS`` (comma-separated seconds, e.g. ``0.5,1,2``) replaces every task's
-default delays: tests of storage outages must not wait 2 + 10 + 30 s per task, and an operator
-may want longer waits for a flaky object store. The number of retries stays each task's own; a
-list shorter than that repeats its last value. Read when the task modules are imported, in the
-flow process and in each Dask worker: set it in the environment of both.
+Each retried task waits one number of seconds between tries (the Prefect UI's task panel shows
+it; a back-off list showed "Retry Delay: NaNs" there). Throttling by the object store is already
+backed off by s3fs/botocore inside each call; these retries are for what outlasts that.
+``PATCHWATCH_RETRY_DELAY`` (seconds, e.g. ``0.5``) replaces every task's default delay: tests of
+storage outages must not wait 10 s per try, and an operator may want longer waits for a flaky
+object store. The number of retries stays each task's own. Read when the task modules are
+imported, in the flow process and in each Dask worker: set it in the environment of both.
 
 Retries are for failures that may pass (a dropped connection, a throttled object store). A
 deterministic failure (a CSV that does not parse, a missing file, permission denied, a full
@@ -15,25 +17,25 @@ from __future__ import annotations
 
 import os
 
-ENV = "PATCHWATCH_RETRY_DELAYS"
+ENV = "PATCHWATCH_RETRY_DELAY"
 
 
-def retry_delays(*default: float) -> list[float]:
+def retry_delay(default: float) -> float:
     text = os.environ.get(ENV, "").strip()
     if not text:
-        return list(default)
+        return default
     try:
-        delays = [float(x) for x in text.split(",")]
+        delay = float(text)
     except ValueError:
-        raise ValueError(f"{ENV}={text!r}: expected comma-separated seconds, e.g. 0.5,1,2") from None
-    if not delays or any(d < 0 for d in delays):
-        raise ValueError(f"{ENV}={text!r}: expected comma-separated non-negative seconds")
-    return delays
+        raise ValueError(f"{ENV}={text!r}: expected seconds, e.g. 0.5") from None
+    if not delay >= 0:
+        raise ValueError(f"{ENV}={text!r}: expected non-negative seconds")
+    return delay
 
 
 def is_deterministic(error: BaseException) -> bool:
     """Whether ``error`` would recur on a retry."""
-    from storage.locations import DETERMINISTIC_ERRNOS
+    from patchwatch.storage.locations import DETERMINISTIC_ERRNOS
 
     if isinstance(error, (ValueError, TypeError, KeyError, AttributeError, NotImplementedError,
                           FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):

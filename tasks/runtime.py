@@ -5,8 +5,8 @@ import functools
 
 import torch
 
-from anomaly.features import FeatureConfig, PatchFeatureExtractor
-from anomaly.runtime import configured_runtime
+from patchwatch.anomaly.features import FeatureConfig, PatchFeatureExtractor
+from patchwatch.anomaly.runtime import configured_runtime
 
 # each Dask worker process runs one task at a time with one thread: intra-op threads would
 # only fight the other workers for the same cores

@@ -11,18 +11,18 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import INPUTS, CacheKeyFnPolicy
 
-from anomaly.features import FeatureConfig
-from anomaly.padim import Padim
-from anomaly.patchcore import PatchCore, PatchCoreConfig
-from anomaly.spade import Spade
-from anomaly.tiling import TilingConfig
-from storage.images import ImageRecord
-from storage.model_store import ModelStore, manifest_fingerprint
-from storage.results_store import MapDescription, ResultStore, ResultsRootGoneError, part_name, source_stamp
+from patchwatch.anomaly.features import FeatureConfig
+from patchwatch.anomaly.padim import Padim
+from patchwatch.anomaly.patchcore import PatchCore, PatchCoreConfig
+from patchwatch.anomaly.spade import Spade
+from patchwatch.anomaly.tiling import TilingConfig
+from patchwatch.storage.images import ImageRecord
+from patchwatch.storage.model_store import ModelStore, manifest_fingerprint
+from patchwatch.storage.results_store import MapDescription, ResultStore, ResultsRootGoneError, part_name, source_stamp
 
 from .features import drop_too_small, drop_too_small_large, load_images
 from .runtime import feature_extractor
-from .retries import retry_delays
+from .retries import retry_delay
 
 SCORE_COLUMNS = ["image_id", "uri", "score", "is_anomalous", "height", "width", "map", "label", "defect_type",
                  "mask_uri", "model_version", "model"]
@@ -164,7 +164,7 @@ def retry_unless_root_gone(task, task_run, state) -> bool:
     return not isinstance(state.result(raise_on_failure=False), ResultsRootGoneError)
 
 
-@task(name="score-batch", task_run_name="score-batch part {part:05d}", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), cache_policy=CONTENT_CACHE,
+@task(name="score-batch", task_run_name="score-batch part {part:05d}", retries=3, retry_delay_seconds=retry_delay(10), cache_policy=CONTENT_CACHE,
       persist_result=True, retry_condition_fn=retry_unless_root_gone)
 def score_batch_task(model: ModelRef, results: str, part: int, records: list[ImageRecord],
                      tiling: TilingConfig | None = None) -> dict:

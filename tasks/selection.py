@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from prefect import task
 
-from anomaly.selection import Candidate, make_probe_set, probe_candidate
-from anomaly.tiling import TilingConfig
-from storage.images import ImageReadError, read_image
+from patchwatch.anomaly.selection import Candidate, make_probe_set, probe_candidate
+from patchwatch.anomaly.tiling import TilingConfig
+from patchwatch.storage.images import ImageReadError, read_image
 
 from .runtime import feature_extractor
 

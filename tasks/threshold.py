@@ -7,13 +7,13 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
-from anomaly.features import PatchFeatures
-from storage.model_store import HOLDOUT, FeatureBank, ModelStore
-from .retries import retry_delays, transient
+from patchwatch.anomaly.features import PatchFeatures
+from patchwatch.storage.model_store import HOLDOUT, FeatureBank, ModelStore
+from .retries import retry_delay, transient
 from .scoring import open_detector, pixel_threshold
 
 
-@task(name="calibrate-threshold", task_run_name="calibrate-threshold", retries=2, retry_delay_seconds=retry_delays(5, 30), retry_condition_fn=transient)
+@task(name="calibrate-threshold", task_run_name="calibrate-threshold", retries=2, retry_delay_seconds=retry_delay(15), retry_condition_fn=transient)
 def calibrate_threshold_task(root: str, model_root: str, detector: str, detector_config: dict,
                              quantile: float) -> dict:
     """Image scores and map maxima of the bank's held-out images (their features are in the bank

@@ -7,17 +7,17 @@ import numpy as np
 from PIL import Image
 from prefect import task
 
-from anomaly.detectors import score_grid
-from anomaly.features import FeatureConfig
-from anomaly.maps import StitchedMap, heatmap_overlay
-from anomaly.tiling import Tile, blocks, stitch_grids, tile_sigma
-from storage.images import TIFF_SUFFIXES, ImageReadError, LargeImage, remove_staged, stage_image, staged_location
-from storage.model_store import FeatureBank
-from storage.results_store import MAP_CHUNK, ResultStore, map_key
+from patchwatch.anomaly.detectors import score_grid
+from patchwatch.anomaly.features import FeatureConfig
+from patchwatch.anomaly.maps import StitchedMap, heatmap_overlay
+from patchwatch.anomaly.tiling import Tile, blocks, stitch_grids, tile_sigma
+from patchwatch.storage.images import TIFF_SUFFIXES, ImageReadError, LargeImage, remove_staged, stage_image, staged_location
+from patchwatch.storage.model_store import FeatureBank
+from patchwatch.storage.results_store import MAP_CHUNK, ResultStore, map_key
 
 from .features import bank_index_row
 from .runtime import feature_extractor
-from .retries import retry_delays, transient
+from .retries import retry_delay, transient
 from .scoring import CONTENT_CACHE, ModelRef, load_model
 
 PREVIEW_SIDE = 1024
@@ -29,7 +29,7 @@ def needs_staging(uri: str) -> bool:
 
 
 # an unreadable image is an error row (returned, not raised: decoding it again would fail the same way)
-@task(name="stage-large-image", retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
+@task(name="stage-large-image", retries=3, retry_delay_seconds=retry_delay(10),
       retry_condition_fn=transient)
 def stage_large_image_task(uri: str, location: str) -> dict:
     """Decode one large non-TIFF image, once, into a chunked Zarr array at ``location``: its
@@ -65,7 +65,7 @@ def remove_staged_copies(staged: dict) -> None:
 
 
 # no result cache: a batch the bank holds is recalled from its stored outcome, never re-run
-@task(name="extract-tile-features", task_run_name="extract-tile-features batch {batch:05d}", retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
+@task(name="extract-tile-features", task_run_name="extract-tile-features batch {batch:05d}", retries=3, retry_delay_seconds=retry_delay(10),
       retry_condition_fn=transient)
 def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, tiles: list[Tile],
                                config: FeatureConfig, rows_per_chunk: int = 4096, staged: str | None = None) -> dict:
@@ -91,7 +91,7 @@ def _score_tiles_run_name(parameters: dict) -> str:
             + (f" at {first.top},{first.left}" if first is not None else ""))
 
 
-@task(name="score-tiles", task_run_name=_score_tiles_run_name, retries=3, retry_delay_seconds=retry_delays(2, 10, 30),
+@task(name="score-tiles", task_run_name=_score_tiles_run_name, retries=3, retry_delay_seconds=retry_delay(10),
       retry_condition_fn=transient, cache_policy=CONTENT_CACHE,
       persist_result=True)
 def score_tiles_task(model: ModelRef, uri: str, tiles: list[Tile], staged: str | None = None) -> list[dict]:
@@ -111,7 +111,7 @@ def score_tiles_task(model: ModelRef, uri: str, tiles: list[Tile], staged: str |
 
 
 # transient() refuses to retry a vanished results root too (ResultsRootGoneError is a FileNotFoundError)
-@task(name="stitch-map", task_run_name="stitch-map {image_id}", retries=3, retry_delay_seconds=retry_delays(2, 10, 30), retry_condition_fn=transient)
+@task(name="stitch-map", task_run_name="stitch-map {image_id}", retries=3, retry_delay_seconds=retry_delay(10), retry_condition_fn=transient)
 def stitch_map_task(results: str, image_id: str, uri: str, version: str, shape: tuple[int, int],
                     tile_scores: list[dict], sigma: float, overlap: int) -> dict:
     """Blend the tiles' grids and render the full-resolution map into Zarr, block by block."""

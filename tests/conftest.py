@@ -79,6 +79,6 @@ def pytest_sessionfinish(session, exitstatus):
     import sys
 
     if "prefect" in sys.modules:
-        from flows.runner import send_queued_logs_and_events
+        from patchwatch.flows.runner import send_queued_logs_and_events
 
         send_queued_logs_and_events()

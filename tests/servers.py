@@ -295,7 +295,7 @@ def running_prefect_server(workdir: Path):
     finally:
         # flows the tests ran in this process may still have logs queued for this server: a
         # pytest run once hung at exit retrying them ("Still processing items") after it stopped
-        from flows.runner import send_queued_logs_and_events
+        from patchwatch.flows.runner import send_queued_logs_and_events
 
         send_queued_logs_and_events()
         server.stop()

@@ -14,7 +14,7 @@ from PIL import Image
 
 import patchwatch
 from patchwatch.api import _pixels, write_images
-from storage.images import read_image
+from patchwatch.storage.images import read_image
 from tests.synthetic import BLOB_CENTRE, BLOB_RADIUS, blob_mask, stripes
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -110,11 +110,11 @@ def test_a_planted_blob_scores_above_clean_images_and_the_map_peaks_on_it(model)
 
 
 def test_a_large_image_is_scored_tile_by_tile(model, monkeypatch):
-    import anomaly.engine
+    import patchwatch.anomaly.engine as engine_module
 
     views = []
-    real = anomaly.engine.extract_views
-    monkeypatch.setattr(anomaly.engine, "extract_views", lambda *a: views.append(real(*a)) or views[-1])
+    real = engine_module.extract_views
+    monkeypatch.setattr(engine_module, "extract_views", lambda *a: views.append(real(*a)) or views[-1])
     large = np.tile(stripes(np.random.default_rng(41)), (9, 2))  # 1152 x 256: above the 1024 px threshold
     y, x = np.mgrid[:large.shape[0], :large.shape[1]]
     large[(y - 1000) ** 2 + (x - 100) ** 2 <= BLOB_RADIUS ** 2] = 255

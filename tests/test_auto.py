@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from anomaly.features import to_float_rgb
-from anomaly.selection import (DEFECT_KINDS, Candidate, ProbeResult, choose, default_candidates, make_probe_set,
+from patchwatch.anomaly.features import to_float_rgb
+from patchwatch.anomaly.selection import (DEFECT_KINDS, Candidate, ProbeResult, choose, default_candidates, make_probe_set,
                                paste_defect, probe_candidate)
 from tests.synthetic import stripes
 
@@ -141,7 +141,7 @@ def test_a_candidate_that_cannot_model_the_images_is_left_out_of_the_choice():
 
 
 def test_when_no_candidate_beats_chance_on_the_probe_the_benchmarks_most_robust_one_is_kept():
-    from anomaly.probe_choice import ROBUST_FALLBACK, chance_auroc, choose_candidate
+    from patchwatch.anomaly.probe_choice import ROBUST_FALLBACK, chance_auroc, choose_candidate
 
     # 32 + 32 probe images: about 0.646 is what chance reaches two times in a hundred
     assert 0.6 < chance_auroc(32) < 0.7 and chance_auroc(4) > chance_auroc(32)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from skimage import data
 
-from anomaly.backbone import (OFFLINE_WEIGHTS, BackboneUnavailable, convert_lukemelas_state_dict,
+from patchwatch.anomaly.backbone import (OFFLINE_WEIGHTS, BackboneUnavailable, convert_lukemelas_state_dict,
                               create_backbone, import_timm, normalisation, offline_weights_path)
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -51,7 +51,7 @@ def test_unknown_model_name_fails_clearly():
 
 
 def test_context_scales_add_a_block_on_the_primary_grid():
-    from anomaly.features import FeatureConfig, PatchFeatureExtractor
+    from patchwatch.anomaly.features import FeatureConfig, PatchFeatureExtractor
 
     image = (np.random.default_rng(0).random((200, 320)) * 255).astype(np.uint8)
     single = PatchFeatureExtractor(FeatureConfig()).extract([image])[0]

@@ -43,7 +43,7 @@ import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from storage.images import ImageReadError, list_images, read_image, read_mask
+from patchwatch.storage.images import ImageReadError, list_images, read_image, read_mask
 from tests.local_dask import dask_cluster
 
 try:  # share the session's loopback Prefect server with the other CLI tests (an ephemeral one per

@@ -36,8 +36,8 @@ def lease_root(request, tmp_path):
 
 
 def test_a_second_holder_is_refused_until_the_first_releases(lease_root):
-    from storage.leases import LeaseHeldError
-    from storage.model_store import ModelRegistry
+    from patchwatch.storage.leases import LeaseHeldError
+    from patchwatch.storage.model_store import ModelRegistry
 
     registry = ModelRegistry(lease_root)
     first = registry.fit_lease().acquire()
@@ -51,8 +51,8 @@ def test_a_second_holder_is_refused_until_the_first_releases(lease_root):
 
 def test_racing_takers_get_exactly_one_lease(lease_root):
     """Eight threads ask at once: exactly one gets it (the exclusive create decides, not timing)."""
-    from storage.leases import LeaseHeldError
-    from storage.model_store import ModelRegistry
+    from patchwatch.storage.leases import LeaseHeldError
+    from patchwatch.storage.model_store import ModelRegistry
 
     registry, barrier, won, refused = ModelRegistry(lease_root), threading.Barrier(8), [], []
 
@@ -74,8 +74,8 @@ def test_racing_takers_get_exactly_one_lease(lease_root):
 
 
 def test_an_expired_lease_is_taken_over_and_its_old_holder_cannot_commit(lease_root):
-    from storage.leases import LeaseLostError
-    from storage.model_store import ModelRegistry
+    from patchwatch.storage.leases import LeaseLostError
+    from patchwatch.storage.model_store import ModelRegistry
 
     registry = ModelRegistry(lease_root)
     hung = registry.fit_lease(seconds=1.0).acquire()
@@ -90,9 +90,9 @@ def test_an_expired_lease_is_taken_over_and_its_old_holder_cannot_commit(lease_r
 
 
 def test_a_lease_of_a_killed_process_on_this_host_is_free_at_once(lease_root):
-    from storage.leases import create_exclusively
-    from storage.locations import join
-    from storage.model_store import ModelRegistry
+    from patchwatch.storage.leases import create_exclusively
+    from patchwatch.storage.locations import join
+    from patchwatch.storage.model_store import ModelRegistry
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -122,8 +122,8 @@ def fits(tmp_path_factory, prefect_server, s3_server):
 
 @pytest.mark.parametrize("where", ["folder", "s3"])
 def test_two_fits_on_one_root_one_is_refused_and_the_other_is_whole(where, fits, request):
-    from storage.locations import join, read_json
-    from storage.model_store import ModelRegistry
+    from patchwatch.storage.locations import join, read_json
+    from patchwatch.storage.model_store import ModelRegistry
 
     if where == "s3":
         root = request.getfixturevalue("s3_environment").url("concurrent", "model")

@@ -143,15 +143,15 @@ def test_a_file_that_is_not_toml_is_refused_naming_it(tmp_path):
 
 
 def test_the_nightly_flows_start_their_workers_with_the_deployed_runtime(monkeypatch):
-    from anomaly.runtime import RUNTIME_ENV
+    from patchwatch.anomaly.runtime import RUNTIME_ENV
     from distributed import Client
 
-    from flows.nightly import workers_environment
-    from flows.runner import dask_cluster
+    from patchwatch.flows.nightly import workers_environment
+    from patchwatch.flows.runner import dask_cluster
 
     monkeypatch.setenv(RUNTIME_ENV, "onnxruntime")
     # no Prefect API to hand to the workers: without this the cluster would start a temporary server
-    monkeypatch.setattr("flows.runner._current_api_url", lambda: None)
+    monkeypatch.setattr("patchwatch.flows.runner._current_api_url", lambda: None)
     with workers_environment("torch", None), dask_cluster(None, 1) as address, Client(address) as client:
         seen = set(client.run(lambda: os.environ.get("PATCHWATCH_RUNTIME")).values())
     assert seen == {"torch"}

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from anomaly.coreset import (bank_covering_radius, greedy_coreset, greedy_coreset_exhaustive, projection_matrix,
+from patchwatch.anomaly.coreset import (bank_covering_radius, greedy_coreset, greedy_coreset_exhaustive, projection_matrix,
                              random_projection, streaming_coreset)
 
 

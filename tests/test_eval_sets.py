@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from storage.images import list_images
+from patchwatch.storage.images import list_images
 from tests.conftest import mtd_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

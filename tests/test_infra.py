@@ -217,7 +217,7 @@ def _k8s_expand(value: str, data: dict) -> str:
 
 def _schedule_defaults():
     try:
-        from flows import defaults as schedule_defaults
+        from patchwatch.flows import defaults as schedule_defaults
     except ImportError as exc:  # pragma: no cover - only outside the project's environment
         pytest.skip(f"the patchwatch project is not importable: {exc}")
     return schedule_defaults

@@ -51,7 +51,7 @@ def work(tmp_path_factory, prefect_server, s3_server):
         pytest.skip("MTD not available")
     folder = tmp_path_factory.mktemp("integrity")
     env = patchwatch_env(folder / "prefect-home", api_url=prefect_server.api_url, s3=s3_server)
-    env["PATCHWATCH_RETRY_DELAYS"] = "0.2"
+    env["PATCHWATCH_RETRY_DELAY"] = "0.2"
     env["PATCHWATCH_ALLOW_SOURCES"] = str(folder)  # split CSVs here may name ../ paths
     table = pd.read_csv(MTD_SPLIT, dtype=str, keep_default_na=False)
     nominal = folder / "nominal"
@@ -127,10 +127,10 @@ def test_a_250_byte_file_name_is_scored_and_the_batch_goes_on(odd_names):
 
 def test_a_map_write_failing_for_one_image_is_one_error_row_not_a_failed_batch(work, tmp_path, monkeypatch):
     """Any image-level failure, ENAMETOOLONG on its map included, is that image's error row."""
-    from storage.images import ImageRecord
-    from storage.model_store import ModelRegistry
-    from storage.results_store import ResultStore
-    from tasks.scoring import ModelRef, score_batch_task
+    from patchwatch.storage.images import ImageRecord
+    from patchwatch.storage.model_store import ModelRegistry
+    from patchwatch.storage.results_store import ResultStore
+    from patchwatch.tasks.scoring import ModelRef, score_batch_task
 
     folder = tmp_path / "images"
     folder.mkdir()

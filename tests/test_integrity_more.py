@@ -22,8 +22,8 @@ import pytest
 import zarr
 from PIL import Image
 
-from storage.images import ImageReadError, ImageRecord, decode_image, image_shape, read_image, read_mask
-from storage.model_store import IncompatibleModelError, ModelRegistry, ModelStore
+from patchwatch.storage.images import ImageReadError, ImageRecord, decode_image, image_shape, read_image, read_mask
+from patchwatch.storage.model_store import IncompatibleModelError, ModelRegistry, ModelStore
 
 EMBED = 256  # FeatureConfig's default patch-vector length
 
@@ -48,10 +48,10 @@ def encoded(pixels: np.ndarray, fmt: str, orientation: int | None = None) -> byt
 def model_root(tmp_path: Path, memory_rows: int = 64, declared_rows: int | None = None, **manifest) -> Path:
     """A PatchCore version written the way a fit writes one (memory, faiss index, manifest), with
     ``manifest`` overriding its fields and the memory array declaring ``declared_rows`` rows."""
-    from anomaly.detectors import detector_config
-    from anomaly.features import FeatureConfig
-    from anomaly.patchcore import build_index
-    from anomaly.tiling import TilingConfig
+    from patchwatch.anomaly.detectors import detector_config
+    from patchwatch.anomaly.features import FeatureConfig
+    from patchwatch.anomaly.patchcore import build_index
+    from patchwatch.anomaly.tiling import TilingConfig
 
     root = tmp_path / "model"
     store = ModelStore(str(root / "versions" / "v0001"))
@@ -70,9 +70,9 @@ def model_root(tmp_path: Path, memory_rows: int = 64, declared_rows: int | None 
 
 
 def with_field(section: str, **values) -> dict:
-    from anomaly.detectors import detector_config
-    from anomaly.features import FeatureConfig
-    from anomaly.tiling import TilingConfig
+    from patchwatch.anomaly.detectors import detector_config
+    from patchwatch.anomaly.features import FeatureConfig
+    from patchwatch.anomaly.tiling import TilingConfig
 
     base = {"tiling_config": TilingConfig().to_dict(), "feature_config": FeatureConfig().to_dict(),
             "detector_config": detector_config("patchcore").to_dict()}[section]
@@ -105,7 +105,7 @@ def test_sound_stored_settings_are_accepted(tmp_path):
 
 
 def test_a_memory_array_declaring_more_rows_than_the_manifest_is_refused_before_it_is_read(tmp_path):
-    from tasks.scoring import open_detector
+    from patchwatch.tasks.scoring import open_detector
 
     root = model_root(tmp_path, memory_rows=64, declared_rows=400_000)  # 400 MB if read
     with pytest.raises(IncompatibleModelError, match=r"memory .*400000"):
@@ -123,8 +123,8 @@ def test_a_memory_array_declaring_more_rows_than_the_manifest_is_refused_before_
 
 
 def test_a_faiss_index_of_another_size_is_refused_before_it_is_read(tmp_path):
-    from anomaly.patchcore import build_index
-    from tasks.scoring import open_detector
+    from patchwatch.anomaly.patchcore import build_index
+    from patchwatch.tasks.scoring import open_detector
 
     root = model_root(tmp_path, memory_rows=64)
     store = ModelStore(str(root / "versions" / "v0001"))
@@ -135,9 +135,9 @@ def test_a_faiss_index_of_another_size_is_refused_before_it_is_read(tmp_path):
 
 def test_detector_arrays_declaring_shapes_other_than_the_manifest_are_refused_before_they_are_read(tmp_path):
     """SPADE's gallery: a member's .npy header declares 400000 rows (a 400 MB allocation if read)."""
-    from anomaly.features import FeatureConfig
-    from anomaly.spade import SpadeConfig
-    from tasks.scoring import open_detector
+    from patchwatch.anomaly.features import FeatureConfig
+    from patchwatch.anomaly.spade import SpadeConfig
+    from patchwatch.tasks.scoring import open_detector
 
     root = tmp_path / "model"
     store = ModelStore(str(root / "versions" / "v0001"))
@@ -218,7 +218,7 @@ def test_a_mask_carrying_exif_orientation_is_turned_with_it(tmp_path):
 
 
 def test_the_large_image_path_sees_the_oriented_size(tmp_path):
-    from storage.images import read_image_unless_large
+    from patchwatch.storage.images import read_image_unless_large
 
     path = tmp_path / "wide.png"
     path.write_bytes(encoded(rgb((40, 90)), "PNG", 6))
@@ -232,7 +232,7 @@ def test_the_large_image_path_sees_the_oriented_size(tmp_path):
 def test_a_multi_page_tiff_is_one_error_row_naming_the_page_count(tmp_path):
     import tifffile
 
-    from tasks.features import load_images
+    from patchwatch.tasks.features import load_images
 
     stack = tmp_path / "stack.tif"
     tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 255, (5, 269, 300)).astype(np.uint8))
@@ -263,9 +263,9 @@ def test_a_tiff_with_more_than_four_samples_per_pixel_is_refused_not_sliced(tmp_
 
 def test_a_strip_too_narrow_for_the_model_is_one_error_row_on_the_tiling_path(tmp_path):
     """100000 x 16: above the tiling threshold, so it went to the tiles, where no minimum was checked."""
-    from anomaly.features import FeatureConfig
-    from anomaly.tiling import TilingConfig
-    from tasks.features import extract_features_task
+    from patchwatch.anomaly.features import FeatureConfig
+    from patchwatch.anomaly.tiling import TilingConfig
+    from patchwatch.tasks.features import extract_features_task
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -279,9 +279,9 @@ def test_a_strip_too_narrow_for_the_model_is_one_error_row_on_the_tiling_path(tm
 
 
 def test_a_strip_is_one_error_row_when_scoring_too(tmp_path):
-    from anomaly.tiling import TilingConfig
-    from storage.results_store import ResultStore
-    from tasks.scoring import ModelRef, score_batch_task
+    from patchwatch.anomaly.tiling import TilingConfig
+    from patchwatch.storage.results_store import ResultStore
+    from patchwatch.tasks.scoring import ModelRef, score_batch_task
 
     root = model_root(tmp_path)
     folder = tmp_path / "images"

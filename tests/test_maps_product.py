@@ -12,9 +12,9 @@ import zarr
 from PIL import Image
 
 import patchwatch
-from storage.images import ImageRecord
-from storage.model_store import ModelRegistry
-from storage.results_store import MAPS_GROUP, ResultStore, map_key
+from patchwatch.storage.images import ImageRecord
+from patchwatch.storage.model_store import ModelRegistry
+from patchwatch.storage.results_store import MAPS_GROUP, ResultStore, map_key
 from tests.synthetic import blob_mask, stripes
 
 # more intra-op threads than free cores makes each backbone pass ~40x slower on this machine
@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 def scored(tmp_path_factory):
     """A model fitted on 24 stripe images (as tests/test_api.py), then one score batch of clean
     stripes, stripes with a planted blob, and two ``a.png`` in different folders."""
-    from tasks.scoring import ModelRef, score_batch_task
+    from patchwatch.tasks.scoring import ModelRef, score_batch_task
 
     folder = tmp_path_factory.mktemp("maps")
     rng = np.random.default_rng(0)
@@ -133,9 +133,9 @@ def test_a_region_of_a_map_never_written_reads_as_missing_not_as_nominal(tmp_pat
 
 def test_a_stitched_tiled_map_carries_its_versions_thresholds_and_opens_with_xarray(tmp_path):
     """stitch-map sees no model: the thresholds reach it with the tiles' scores."""
-    from anomaly.tiling import tile_grid
-    from storage.results_store import MapDescription
-    from tasks.tiles import stitch_map_task
+    from patchwatch.anomaly.tiling import tile_grid
+    from patchwatch.storage.results_store import MapDescription
+    from patchwatch.tasks.tiles import stitch_map_task
 
     out = ResultStore(str(tmp_path / "results"))
     out.prepare()
@@ -153,7 +153,7 @@ def test_a_stitched_tiled_map_carries_its_versions_thresholds_and_opens_with_xar
 
 def test_a_map_written_without_the_models_thresholds_takes_its_versions_from_the_group(tmp_path):
     """e.g. a tiled image's map stitched from tile scores cached before they carried them."""
-    from storage.results_store import MapDescription
+    from patchwatch.storage.results_store import MapDescription
 
     root = str(tmp_path / "results")
     first = ResultStore(root)

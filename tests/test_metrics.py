@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from anomaly.metrics import (
+from patchwatch.anomaly.metrics import (
     PixelCurves, aupro, aupro_exact, evaluate_detection, evaluate_detection_exact, f1_max, image_auroc,
     pixel_auroc, pixel_auroc_exact,
 )
@@ -392,10 +392,10 @@ def test_non_finite_map_raises_and_is_not_counted():
 @pytest.fixture(scope="module")
 def mtd_maps(mtd_slice):
     """Real PatchCore maps: fitted on the MTD slice's train rows (defaults), its test rows scored."""
-    from anomaly.detectors import default_features, detector_config, for_features
-    from anomaly.features import PatchFeatureExtractor
-    from anomaly.patchcore import PatchCore
-    from storage.images import read_image, read_mask
+    from patchwatch.anomaly.detectors import default_features, detector_config, for_features
+    from patchwatch.anomaly.features import PatchFeatureExtractor
+    from patchwatch.anomaly.patchcore import PatchCore
+    from patchwatch.storage.images import read_image, read_mask
 
     table = pd.read_csv(mtd_slice, dtype=str, keep_default_na=False)
     features = default_features("patchcore")

@@ -131,7 +131,7 @@ def test_models_lists_the_versions_and_promote_rolls_back_and_forward(work, fitt
 
 
 def test_a_promotion_cut_short_leaves_the_old_pointer(work, fitted, monkeypatch, writes_die_half_way):
-    from storage.model_store import ModelRegistry
+    from patchwatch.storage.model_store import ModelRegistry
 
     registry = ModelRegistry(str(work["root"]))
     before = (work["root"] / "current.json").read_bytes()
@@ -159,8 +159,8 @@ def test_a_fit_killed_mid_write_never_exposes_a_half_version(work, fitted):
     assert len(bank_parts(root)) >= parts_before + 2, "the kill must land while the fit writes"
 
     # readers see the previous complete version, and only complete versions
-    from storage.model_store import ModelRegistry
-    from tasks.scoring import load_model
+    from patchwatch.storage.model_store import ModelRegistry
+    from patchwatch.tasks.scoring import load_model
 
     registry = ModelRegistry(str(root))
     assert current(root) == "v0002"

@@ -4,8 +4,8 @@ import io
 import numpy as np
 import pytest
 
-from anomaly.features import FeatureConfig, PatchFeatureExtractor, PatchFeatures
-from anomaly.padim import Padim, PadimConfig, PadimFitter, channel_subset
+from patchwatch.anomaly.features import FeatureConfig, PatchFeatureExtractor, PatchFeatures
+from patchwatch.anomaly.padim import Padim, PadimConfig, PadimFitter, channel_subset
 
 from .synthetic import SIDE, blob_mask, stripe_scene
 

@@ -4,9 +4,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from anomaly.features import PatchFeatures
-from anomaly.maps import anomaly_map
-from anomaly.patchcore import PatchCore, PatchCoreConfig, build_index, reweight_image_score
+from patchwatch.anomaly.features import PatchFeatures
+from patchwatch.anomaly.maps import anomaly_map
+from patchwatch.anomaly.patchcore import PatchCore, PatchCoreConfig, build_index, reweight_image_score
 
 
 def test_eq7_weight_is_one_minus_softmax_over_the_neighbourhood_of_the_nearest_memory_vector():

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from anomaly.pictures import MapScale, overlay_png, title_lines
-from storage.results_store import ResultStore, picture_name
+from patchwatch.anomaly.pictures import MapScale, overlay_png, title_lines
+from patchwatch.storage.results_store import ResultStore, picture_name
 from tests.synthetic import SIDE, blob_mask, stripes
 
 from .browser import image_states

@@ -208,8 +208,8 @@ def test_local_fit_matches_s3(s3_environment, s3_run, prefect_server, tmp_path):
 def test_stores_see_parts_written_by_other_processes(s3_environment):
     """A long-lived process (flow runner, Dask worker) must see parts that other processes wrote
     after it listed a folder: s3fs caches listings per process with no expiry."""
-    from storage.model_store import FeatureBank
-    from storage.results_store import ResultStore, drop_parts_from
+    from patchwatch.storage.model_store import FeatureBank
+    from patchwatch.storage.results_store import ResultStore, drop_parts_from
 
     bucket = s3_environment.bucket
     other = s3_environment.filesystem()  # stands for another process: its own s3fs instance

@@ -169,7 +169,7 @@ def test_info_logs_reach_the_server(recorded, server_run):
 
 
 def test_runs_and_task_runs_are_named_for_their_work(recorded, server_run):
-    from flows.runner import location_name
+    from patchwatch.flows.runner import location_name
 
     fit_run, score_run = recorded["flow_runs"]["fit"][0], recorded["flow_runs"]["score"][0]
     assert fit_run.name == f"fit {location_name(server_run['root'])}", fit_run.name

@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from anomaly.engine import extract_views, fit_detector, score_features
-from anomaly.features import PatchFeatureExtractor
-from anomaly.selection import choose, default_candidates, make_probe_set, probe_candidate
+from patchwatch.anomaly.engine import extract_views, fit_detector, score_features
+from patchwatch.anomaly.features import PatchFeatureExtractor
+from patchwatch.anomaly.selection import choose, default_candidates, make_probe_set, probe_candidate
 
 torch.set_num_threads(1)
 

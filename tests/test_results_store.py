@@ -1,5 +1,5 @@
 """Result locations: every image gets its own map, whatever its name, per model version."""
-from storage.results_store import map_key
+from patchwatch.storage.results_store import map_key
 
 
 def test_names_differing_only_in_unsafe_characters_get_different_maps():

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly.detectors import default_features, detector_config
-from anomaly.engine import fit_detector, score_image
-from anomaly.features import PatchFeatureExtractor
-from anomaly.runtime import (MAP_TOLERANCE, RUNTIME_ENV, OnnxRuntimeStages, TorchStages, backbone_stages,
+from patchwatch.anomaly.detectors import default_features, detector_config
+from patchwatch.anomaly.engine import fit_detector, score_image
+from patchwatch.anomaly.features import PatchFeatureExtractor
+from patchwatch.anomaly.runtime import (MAP_TOLERANCE, RUNTIME_ENV, OnnxRuntimeStages, TorchStages, backbone_stages,
                              exported_onnx, resolve_runtime)
-from anomaly.backbone import create_backbone
+from patchwatch.anomaly.backbone import create_backbone
 
 torch.set_num_threads(1)  # 2 threads are ~40x slower on the 2-core test machine
 
@@ -147,14 +147,14 @@ def test_runtime_option_reaches_the_workers_extractor(monkeypatch):
     """``--runtime`` sets PATCHWATCH_RUNTIME before any worker starts; the workers' extractor
     (tasks.runtime.feature_extractor) reads it: torch still works, as does the default."""
     from patchwatch.cli import _prepare, build_parser
-    from tasks.runtime import feature_extractor
+    from patchwatch.tasks.runtime import feature_extractor
 
     monkeypatch.setenv(RUNTIME_ENV, "auto")  # restored after the test
     config = default_features("spade")
     assert feature_extractor(config).runtime == "onnxruntime"
     args = build_parser().parse_args(["score", "--images", ".", "--root", ".", "--runtime", "torch"])
-    monkeypatch.setattr("storage.locations.check_store", lambda location: None)
-    monkeypatch.setattr("storage.model_store.ModelRegistry.current", lambda self: None)
+    monkeypatch.setattr("patchwatch.storage.locations.check_store", lambda location: None)
+    monkeypatch.setattr("patchwatch.storage.model_store.ModelRegistry.current", lambda self: None)
     _prepare(args)
     assert os.environ[RUNTIME_ENV] == "torch"
     assert feature_extractor(config).runtime == "torch"

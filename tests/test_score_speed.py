@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from anomaly.engine import score_features
-from anomaly.features import PatchFeatures
-from anomaly.maps import StitchedMap, anomaly_map
-from anomaly.patchcore import QUERY_BLOCK, PatchCore, PatchCoreConfig, build_index, reweight_image_score
-from anomaly.tiling import Tile, TilingConfig, blocks, render_block, stitch_grids, tile_grid, tile_sigma
+from patchwatch.anomaly.engine import score_features
+from patchwatch.anomaly.features import PatchFeatures
+from patchwatch.anomaly.maps import StitchedMap, anomaly_map
+from patchwatch.anomaly.patchcore import QUERY_BLOCK, PatchCore, PatchCoreConfig, build_index, reweight_image_score
+from patchwatch.anomaly.tiling import Tile, TilingConfig, blocks, render_block, stitch_grids, tile_grid, tile_sigma
 
 torch.set_num_threads(1)
 

@@ -201,9 +201,9 @@ def marker(tmp_path) -> Path:
 
 def model_root(tmp_path: Path, detector: str, **extra) -> Path:
     """The folder of version v0001 (current) of a model root at tmp_path/model."""
-    from anomaly.features import FeatureConfig
-    from anomaly.detectors import detector_config
-    from storage.model_store import ModelStore
+    from patchwatch.anomaly.features import FeatureConfig
+    from patchwatch.anomaly.detectors import detector_config
+    from patchwatch.storage.model_store import ModelStore
 
     root = tmp_path / "model" / "versions" / "v0001"
     ModelStore(str(root)).write_manifest({"detector": detector, "feature_config": FeatureConfig().to_dict(),
@@ -214,8 +214,8 @@ def model_root(tmp_path: Path, detector: str, **extra) -> Path:
 
 @pytest.mark.parametrize("make", [npz_with_object_array, raw_pickle], ids=["object-array-in-npz", "raw-pickle"])
 def test_pickled_detector_file_is_refused(make, marker, tmp_path):
-    from storage.model_store import ModelStore
-    from tasks.scoring import load_model
+    from patchwatch.storage.model_store import ModelStore
+    from patchwatch.tasks.scoring import load_model
 
     data = make(marker)
     # the payload is live: loading it the unsafe way runs it
@@ -236,8 +236,8 @@ def test_pickled_detector_file_is_refused(make, marker, tmp_path):
 
 @pytest.mark.parametrize("zarr_format", [3, 2])
 def test_pickled_memory_array_is_refused(zarr_format, marker, tmp_path):
-    from storage.model_store import ModelStore
-    from tasks.scoring import load_model
+    from patchwatch.storage.model_store import ModelStore
+    from patchwatch.tasks.scoring import load_model
 
     root = model_root(tmp_path, "patchcore")
     memory = root / "memory"
@@ -271,8 +271,8 @@ def test_pickled_memory_array_is_refused(zarr_format, marker, tmp_path):
 def test_malicious_backbone_weights_are_refused(marker, tmp_path, monkeypatch):
     import torch
 
-    import anomaly.backbone as backbone
-    from anomaly.features import FeatureConfig, PatchFeatureExtractor
+    import patchwatch.anomaly.backbone as backbone
+    from patchwatch.anomaly.features import FeatureConfig, PatchFeatureExtractor
 
     weights = tmp_path / "efficientnet-lite0.pth"
     torch.save({"_conv_stem.weight": Payload(marker)}, weights)
@@ -291,8 +291,8 @@ def test_malicious_backbone_weights_are_refused(marker, tmp_path, monkeypatch):
 def test_every_torch_load_is_weights_only(monkeypatch):
     import torch
 
-    import anomaly.backbone as backbone
-    from anomaly.features import FeatureConfig, PatchFeatureExtractor
+    import patchwatch.anomaly.backbone as backbone
+    from patchwatch.anomaly.features import FeatureConfig, PatchFeatureExtractor
 
     calls = []
     real_load = torch.load
@@ -341,8 +341,8 @@ def test_no_unsafe_loader_in_the_source():
 
 
 def test_newer_format_is_refused_by_the_store_and_the_workers(tmp_path):
-    from storage.model_store import FORMAT_VERSION, IncompatibleModelError, ModelStore
-    from tasks.scoring import load_model
+    from patchwatch.storage.model_store import FORMAT_VERSION, IncompatibleModelError, ModelStore
+    from patchwatch.tasks.scoring import load_model
 
     root = model_root(tmp_path, "patchcore")
     manifest = json.loads((root / "manifest.json").read_text())

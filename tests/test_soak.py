@@ -74,7 +74,7 @@ def test_soak_fit_score_new_promote_with_random_kills(tmp_path, prefect_server):
     started = time.monotonic()
     choose, rng = random.Random(SEED), np.random.default_rng(SEED)
     env = patchwatch_env(tmp_path / "home", api_url=prefect_server.api_url)
-    env["PATCHWATCH_RETRY_DELAYS"] = "0.2"
+    env["PATCHWATCH_RETRY_DELAY"] = "0.2"
     nominal, archive, root, results = tmp_path / "nominal", tmp_path / "archive", tmp_path / "model", tmp_path / "results"
     add_pngs(nominal, rng, 6, "n")
     add_pngs(archive, rng, 4, "a")

@@ -4,8 +4,8 @@ import io
 import numpy as np
 import pytest
 
-from anomaly.features import FeatureConfig, PatchFeatureExtractor, PatchFeatures
-from anomaly.spade import Spade, SpadeConfig, SpadeFitter, global_feature
+from patchwatch.anomaly.features import FeatureConfig, PatchFeatureExtractor, PatchFeatures
+from patchwatch.anomaly.spade import Spade, SpadeConfig, SpadeFitter, global_feature
 
 from .synthetic import SIDE, blob_mask, stripe_scene
 

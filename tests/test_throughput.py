@@ -25,7 +25,7 @@ def _worker_environment() -> dict:
 def test_local_cluster_workers_start_with_the_allocator_settings():
     from distributed import Client
 
-    from flows.runner import WORKER_ALLOCATOR_ENV, dask_cluster
+    from patchwatch.flows.runner import WORKER_ALLOCATOR_ENV, dask_cluster
 
     with dask_cluster(None, 1) as address, Client(address) as client:
         seen = client.submit(_worker_environment, pure=False).result()
@@ -54,18 +54,18 @@ def in_process_prefect(prefect_server, tmp_path):
 
 
 def test_a_large_png_is_decoded_once_per_run_and_maps_as_its_tiff(tmp_path, monkeypatch, in_process_prefect):
-    import storage.images
-    from flows.fit import fit_flow
-    from flows.score import score_flow
+    import patchwatch.storage.images as images_module
+    from patchwatch.flows.fit import fit_flow
+    from patchwatch.flows.score import score_flow
 
     decoded = []
-    original = storage.images.decode_image
+    original = images_module.decode_image
 
     def counting(data, uri):
         decoded.append(Path(uri).name)
         return original(data, uri)
 
-    monkeypatch.setattr(storage.images, "decode_image", counting)
+    monkeypatch.setattr(images_module, "decode_image", counting)
     pixels = _texture(1536)  # 16 tiles of 512 px, 4 tile tasks of 4
     nominal, images = tmp_path / "nominal", tmp_path / "images"
     nominal.mkdir(), images.mkdir()
@@ -98,10 +98,10 @@ def test_a_large_png_is_decoded_once_per_run_and_maps_as_its_tiff(tmp_path, monk
 def test_a_fit_with_nothing_new_starts_no_dask_cluster(tmp_path, monkeypatch, in_process_prefect):
     import distributed
 
-    import flows.runner
-    from flows.fit import fit_flow, nothing_to_fit
+    import patchwatch.flows.runner as runner_module
+    from patchwatch.flows.fit import fit_flow, nothing_to_fit
     from patchwatch.cli import main
-    from storage.model_store import ModelRegistry
+    from patchwatch.storage.model_store import ModelRegistry
 
     images, root = tmp_path / "nominal", tmp_path / "model"
     images.mkdir()
@@ -114,7 +114,7 @@ def test_a_fit_with_nothing_new_starts_no_dask_cluster(tmp_path, monkeypatch, in
     def no_cluster(*args, **kwargs):
         raise AssertionError("a fit with nothing new started a Dask cluster")
 
-    monkeypatch.setattr(flows.runner, "dask_cluster", no_cluster)
+    monkeypatch.setattr(runner_module, "dask_cluster", no_cluster)
     monkeypatch.setattr(distributed, "LocalCluster", no_cluster)
     for name, value in (("PREFECT_LOGGING_LEVEL", "INFO"), ("DASK_LOGGING__DISTRIBUTED", "warning")):
         monkeypatch.setenv(name, value)  # main() sets these defaults: restored after the test

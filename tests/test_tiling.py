@@ -9,7 +9,7 @@ import tifffile
 import zarr
 from PIL import Image
 
-from anomaly.tiling import GridStitcher, Tile, blocks, render_block, tile_grid
+from patchwatch.anomaly.tiling import GridStitcher, Tile, blocks, render_block, tile_grid
 
 from .conftest import MTD, MTD_SPLIT, mtd_available
 

@@ -95,7 +95,7 @@ def cli_env(tmp_path: Path, prefect_server=None, **extra) -> dict:
 
 
 def test_6_duplicate_rows_are_listed_once_and_reported_with_their_rows(images):
-    from storage.images import list_images
+    from patchwatch.storage.images import list_images
 
     csv = write_csv(images / "split.csv", [
         {"image": "a.png", "label": "good", "split": "test"},
@@ -107,7 +107,7 @@ def test_6_duplicate_rows_are_listed_once_and_reported_with_their_rows(images):
     records = list_images(str(csv), "test")
     assert sorted(Path(r.uri).name for r in records) == ["a.png", "b.png", "c.png"]
 
-    from storage.images import scan_source
+    from patchwatch.storage.images import scan_source
     listing = scan_source(str(csv), "test")
     assert len(listing.warnings) == 1, listing.warnings
     assert "a.png" in listing.warnings[0] and "rows 2, 4, 6" in listing.warnings[0]
@@ -118,7 +118,7 @@ def test_6_duplicate_rows_are_listed_once_and_reported_with_their_rows(images):
 
 
 def test_8_upper_case_label_is_read_as_defect_with_a_warning(images):
-    from storage.images import list_images
+    from patchwatch.storage.images import list_images
 
     csv = write_csv(images / "split.csv", [
         {"image": "a.png", "label": "good", "split": "test"},
@@ -127,13 +127,13 @@ def test_8_upper_case_label_is_read_as_defect_with_a_warning(images):
     ])
     assert [r.label for r in list_images(str(csv), "test")] == ["good", "defect", "defect"]
 
-    from storage.images import scan_source
+    from patchwatch.storage.images import scan_source
     warnings = scan_source(str(csv), "test").warnings
     assert any("'DEFECT'" in w and "row 3" in w and "'defect'" in w for w in warnings), warnings
 
 
 def test_8_unknown_label_refuses_the_csv_naming_the_row(images):
-    from storage.images import list_images
+    from patchwatch.storage.images import list_images
 
     csv = write_csv(images / "split.csv", [
         {"image": "a.png", "label": "good", "split": "test"},
@@ -153,7 +153,7 @@ def test_8_unknown_label_refuses_the_csv_naming_the_row(images):
     ("no-row-of-split", "image,label,split\na.png,good,train\n", "test", "no row has split 'test'"),
 ], ids=lambda v: v if isinstance(v, str) and v and "," not in v and " " not in v else None)
 def test_10_a_csv_that_lists_nothing_is_one_error_naming_the_file(images, case, text, split, reason):
-    from storage.images import list_images
+    from patchwatch.storage.images import list_images
 
     csv = write_csv(images / f"{case}.csv", None, text)
     with pytest.raises(ValueError) as raised:
@@ -163,7 +163,7 @@ def test_10_a_csv_that_lists_nothing_is_one_error_naming_the_file(images, case, 
 
 
 def test_10_a_folder_without_images_is_one_error_naming_it(tmp_path):
-    from storage.images import list_images
+    from patchwatch.storage.images import list_images
 
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(ValueError, match=f"{tmp_path}: no images found"):
@@ -180,9 +180,29 @@ def test_10_a_folder_without_images_is_one_error_naming_it(tmp_path):
 def test_10_only_transient_failures_are_retried(error, retried):
     from prefect.states import Failed
 
-    from tasks.retries import transient
+    from patchwatch.tasks.retries import transient
 
     assert transient(None, None, Failed(data=error)) is retried
+
+
+def test_every_task_records_a_retry_delay_the_prefect_ui_can_show():
+    """The UI's task panel formats the run policy's retry_delay as seconds: a list (a back-off
+    schedule) showed "Retry Delay: NaNs". Each retried task waits one number of seconds."""
+    from prefect import Task
+    from prefect.client.schemas.objects import TaskRunPolicy
+
+    import patchwatch.tasks as tasks_package
+    import pkgutil, importlib
+
+    found = {}
+    for module in pkgutil.iter_modules(tasks_package.__path__):
+        for value in vars(importlib.import_module(f"patchwatch.tasks.{module.name}")).values():
+            if isinstance(value, Task) and value.retries:
+                found[value.name] = value
+    assert {"list-images", "extract-features", "select-coreset", "score-batch", "score-tiles"} <= set(found)
+    for name, task in found.items():
+        policy = TaskRunPolicy(max_retries=task.retries, retry_delay=task.retry_delay_seconds)
+        assert isinstance(policy.retry_delay, (int, float)) and policy.retry_delay > 0, (name, policy.retry_delay)
 
 
 def test_10_the_listing_task_does_not_retry_a_parse_error(images, prefect_server, monkeypatch):
@@ -190,12 +210,12 @@ def test_10_the_listing_task_does_not_retry_a_parse_error(images, prefect_server
     from prefect import flow
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    import storage.images
-    from tasks.listing import list_images_task
+    import patchwatch.storage.images as images_module
+    from patchwatch.tasks.listing import list_images_task
 
     reads = []
     real_read_csv = pd.read_csv
-    monkeypatch.setattr(storage.images.pd, "read_csv", lambda *a, **k: reads.append(1) or real_read_csv(*a, **k))
+    monkeypatch.setattr(images_module.pd, "read_csv", lambda *a, **k: reads.append(1) or real_read_csv(*a, **k))
     csv = write_csv(images / "empty.csv", None, "")
 
     @flow(name="trust-listing")
@@ -211,7 +231,7 @@ def test_10_the_listing_task_does_not_retry_a_parse_error(images, prefect_server
 
 
 def test_10_a_full_disk_names_the_path(tmp_path, writes_die_half_way):
-    from storage.locations import write_json
+    from patchwatch.storage.locations import write_json
 
     target = tmp_path / "results" / "summary.json"
     writes_die_half_way()
@@ -240,7 +260,7 @@ def test_10_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_also_a_name_with_a_newline_cannot_forge_a_log_line():
-    from flows.runner import install_log_sanitiser
+    from patchwatch.flows.runner import install_log_sanitiser
 
     install_log_sanitiser()
     stream = io.StringIO()
@@ -263,7 +283,7 @@ def test_also_a_name_with_a_newline_cannot_forge_a_log_line():
 
 
 def test_12_relative_paths_reach_the_flows_absolute(tmp_path, monkeypatch):
-    import flows.runner
+    import patchwatch.flows.runner as runner_module
     import patchwatch.cli as cli
 
     received = {}
@@ -276,8 +296,8 @@ def test_12_relative_paths_reach_the_flows_absolute(tmp_path, monkeypatch):
         received.update(parameters)
         return {"version": "v0001"}
 
-    monkeypatch.setattr(flows.runner, "dask_cluster", no_cluster)
-    monkeypatch.setattr(flows.runner, "run_on_dask", capture)
+    monkeypatch.setattr(runner_module, "dask_cluster", no_cluster)
+    monkeypatch.setattr(runner_module, "run_on_dask", capture)
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "images").mkdir()
@@ -294,7 +314,7 @@ def test_12_relative_paths_reach_the_flows_absolute(tmp_path, monkeypatch):
 def test_13_a_cluster_that_does_not_shut_down_in_time_is_a_warning(monkeypatch, caplog):
     import distributed
 
-    from flows.runner import dask_cluster
+    from patchwatch.flows.runner import dask_cluster
 
     class SlowToClose:
         scheduler_address = "tcp://127.0.0.1:1"
@@ -312,7 +332,7 @@ def test_13_a_cluster_that_does_not_shut_down_in_time_is_a_warning(monkeypatch, 
             raise TimeoutError("Timed out trying to close the cluster")
 
     monkeypatch.setattr(distributed, "LocalCluster", SlowToClose)
-    monkeypatch.setattr("flows.runner._current_api_url", lambda: None)
+    monkeypatch.setattr("patchwatch.flows.runner._current_api_url", lambda: None)
     with caplog.at_level(logging.WARNING, logger="patchwatch"):
         with dask_cluster(None, 1) as address:
             assert address == SlowToClose.scheduler_address
@@ -375,7 +395,7 @@ def hostile_rows(metadata_url: str, outside: Path) -> list[dict]:
 
 
 def test_14_split_csv_entries_stay_in_the_csvs_folder(images, metadata_service, tmp_path):
-    from storage.images import list_images, scan_source
+    from patchwatch.storage.images import list_images, scan_source
 
     outside = tmp_path / "outside" / "secret.png"
     outside.parent.mkdir()
@@ -399,7 +419,7 @@ def test_14_split_csv_entries_stay_in_the_csvs_folder(images, metadata_service, 
 
 
 def test_14_an_s3_csv_may_name_its_own_bucket_only():
-    from storage.images import SourcePolicy
+    from patchwatch.storage.images import SourcePolicy
 
     policy = SourcePolicy("s3://plant/datasets/v1/split.csv", [])
     assert policy.refusal("s3://plant/images/a.png") is None
@@ -438,10 +458,10 @@ def fake_model_root(tmp_path: Path) -> Path:
     (enough for score to pass the stored-model checks and reach the listing)."""
     import numpy as np
 
-    from anomaly.detectors import detector_config
-    from anomaly.features import FeatureConfig
-    from anomaly.patchcore import build_index
-    from storage.model_store import ModelStore
+    from patchwatch.anomaly.detectors import detector_config
+    from patchwatch.anomaly.features import FeatureConfig
+    from patchwatch.anomaly.patchcore import build_index
+    from patchwatch.storage.model_store import ModelStore
 
     root = tmp_path / "model"
     features = FeatureConfig()
@@ -622,7 +642,7 @@ def test_11_a_killed_run_takes_its_prefect_server_with_it(images, tmp_path):
 
 SERVER_SCRIPT = """
 import json, sys, urllib.request
-from flows.runner import prefect_api
+from patchwatch.flows.runner import prefect_api
 with prefect_api() as url:
     health = urllib.request.urlopen(url + "/health", timeout=30).read().decode()
     print(json.dumps({"url": url, "health": health}), flush=True)
