@@ -168,3 +168,33 @@ def test_mtd_tiles_keep_their_native_size_and_roles_never_share_a_tile():
 def test_mtd_is_not_built_but_returned(tmp_path):
     assert eval_sets.build("mtd", tmp_path) == eval_sets.MTD_SPLIT
     assert not any(tmp_path.iterdir())
+
+
+def test_the_benchmark_says_when_a_test_set_cannot_tell_two_configurations_apart():
+    """The quality table's bootstrap: its AUROC is sklearn's on the undrawn set; a configuration
+    compared with itself has a zero gap; a gap of 0.05 on 100 noisy test images is 'within
+    noise', the same gap measured on 4,000 is not."""
+    from sklearn.metrics import roc_auc_score
+
+    import bench_generalisation as bench
+
+    def scored(n_good, n_bad, seed):
+        rng = np.random.default_rng(seed)
+        labels = np.r_[np.zeros(n_good, bool), np.ones(n_bad, bool)]
+        strong = rng.normal(size=len(labels)) + 1.2 * labels
+        return labels, strong, strong + rng.normal(size=len(labels)) * 0.6  # a weaker configuration
+
+    labels, strong, weak = scored(40, 60, 0)
+    assert bench.aurocs(labels, strong, np.arange(len(labels))[None])[0] == pytest.approx(roc_auc_score(labels, strong))
+    draws = bench.bootstrap_rows(labels)
+    low, high = bench.auroc_interval(labels, {"scores": strong}, draws)
+    assert low < roc_auc_score(labels, strong) < high and high - low > 0.08
+    assert bench.gap_interval(labels, {"scores": strong}, {"scores": strong}, draws) == [0.0, 0.0]
+    assert bench.gap_interval(labels, {"scores": strong}, {}, draws) is None  # a row cached without scores
+
+    for n_good, n_bad, expected in ((40, 60, "no, within noise"), (1600, 2400, "no")):
+        labels, strong, weak = scored(n_good, n_bad, 1)
+        gap = roc_auc_score(labels, strong) - roc_auc_score(labels, weak)
+        assert gap > 0.03
+        ci = bench.gap_interval(labels, {"scores": strong}, {"scores": weak}, bench.bootstrap_rows(labels, 500))
+        assert bench.verdict(gap, ci) == expected, (gap, ci)
