@@ -4,7 +4,7 @@
                                  version (its attributes: model_version, image_threshold,
                                  pixel_threshold, threshold_quantile, units)
     RESULTS/maps/VERSION/STEM-HASH   one array per image: (height, width) float32 at the
-                                 image's original size, 512 x 512 chunks, dimensions y_H, x_W;
+                                 image's original size, 512 x 512 chunks (Blosc LZ4), dimensions y_H, x_W;
                                  attributes source_uri, image_id, model_version, shape and the
                                  version's thresholds and units. STEM: the file name without its
                                  extension; HASH: of the full URI
@@ -38,17 +38,23 @@ Nightly scoring keeps one such result root per night, and a history of nightly s
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import posixpath
 import re
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
 
+import numcodecs
 import numpy as np
 import pandas as pd
 import zarr
+import zarr.codecs
+import zarr.storage
 
 from .locations import (exists, filesystem, is_local, join, list_dir, numbered_parts, read_json, read_parquet_parts,
                         remove_numbered_parts, write_bytes_atomically, write_json, write_parquet)
@@ -60,8 +66,31 @@ MARKER = "results.json"
 MAPS_GROUP = "maps"  # earlier roots: bare arrays at maps/<map_key>, no group metadata
 
 
+def _map_settings(height: int, width: int, chunk_h: int, chunk_w: int) -> dict:
+    """zarr.create_array's settings of a map. Blosc LZ4 with byte shuffling: on MTD maps and 512 x
+    512 chunks of stitched maps it compresses better than zarr's default (zstd level 0: ratio 1.7
+    against 1.2, 1.4 against 1.16) in a third of the time (0.6 against 1.8 ms a chunk), and keeps
+    float32, so values are exact. Maps written before keep their own codec (in their metadata).
+    Dimensions are named by size: maps of one size share them, maps of different sizes never clash
+    when xarray opens a version's group as one Dataset."""
+    return {"shape": (height, width), "dtype": "float32", "chunks": (chunk_h, chunk_w), "fill_value": np.nan,
+            "compressors": [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
+            "dimension_names": [f"y_{height}", f"x_{width}"], "zarr_format": 3}
+
+
 MAPS_ABOUT = ("anomaly maps, one subgroup per model version, one array per image; each array's attributes "
               "say its source image, model version, thresholds and units")
+
+
+@functools.lru_cache(maxsize=64)
+def _map_metadata(height: int, width: int, chunk_h: int, chunk_w: int) -> dict:
+    """zarr's metadata document of a map of this size (attributes aside): written by zarr itself,
+    once per size, into memory."""
+    objects: dict = {}
+    zarr.create_array(zarr.storage.MemoryStore(objects), **_map_settings(height, width, chunk_h, chunk_w))
+    metadata = json.loads(objects["zarr.json"].to_bytes())
+    metadata.pop("attributes", None)
+    return metadata
 
 
 @dataclass(frozen=True)
@@ -194,9 +223,47 @@ class ResultStore:
         self._ready_groups.discard(version)
 
     def write_map(self, image_id: str, uri: str, version: str, anomaly_map: np.ndarray) -> str:
-        array = self.create_map(image_id, uri, version, anomaly_map.shape)
-        array[...] = anomaly_map.astype(np.float32, copy=False)
-        return self.map_url(image_id, uri, version)
+        """Write a whole map, replacing any earlier array of that name: its chunks encoded here
+        and written as plain objects, then its metadata (zarr's own document for the shape, with
+        this map's attributes). Through zarr a small map cost ~5 ms (a metadata and a chunk write,
+        each a round trip to zarr's event-loop thread): up to a fifth of an MTD image's score time."""
+        values = np.ascontiguousarray(anomaly_map, dtype=np.float32)
+        url = self.map_url(image_id, uri, version)
+        self._require_groups(version)
+        height, width = values.shape
+        chunk_h, chunk_w = min(MAP_CHUNK, height), min(MAP_CHUNK, width)
+        objects = {}
+        codec = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+        for row in range(0, height, chunk_h):
+            for col in range(0, width, chunk_w):
+                block = values[row:row + chunk_h, col:col + chunk_w]
+                if block.shape != (chunk_h, chunk_w):  # edge chunks are stored whole, padded with the fill value
+                    padded = np.full((chunk_h, chunk_w), np.nan, np.float32)
+                    padded[:block.shape[0], :block.shape[1]] = block
+                    block = padded
+                objects[f"c/{row // chunk_h}/{col // chunk_w}"] = codec.encode(np.ascontiguousarray(block))
+        metadata = {**_map_metadata(height, width, chunk_h, chunk_w),
+                    "attributes": self._map_attributes(image_id, uri, version, height, width)}
+        objects["zarr.json"] = json.dumps(metadata, indent=2).encode()  # last: never metadata without its chunks
+        fs, path = filesystem(url)
+        if is_local(url):
+            if os.path.lexists(path):
+                shutil.rmtree(path)
+            for key, data in objects.items():
+                target = os.path.join(path, key)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "wb") as handle:
+                    handle.write(data)
+        else:
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            for key, data in objects.items():
+                fs.pipe_file(f"{path}/{key}", data)
+        return url
+
+    def _map_attributes(self, image_id: str, uri: str, version: str, height: int, width: int) -> dict:
+        return {"image_id": image_id, "source_uri": uri, "model_version": version, "shape": [height, width],
+                **self._descriptions.get(version, MapDescription()).attributes()}
 
     def create_map(self, image_id: str, uri: str, version: str, shape: tuple[int, int],
                    chunk: int = MAP_CHUNK) -> zarr.Array:
@@ -204,14 +271,9 @@ class ResultStore:
         0) to be filled whole or region by region (tiled scoring of large images)."""
         self._require_groups(version)
         height, width = int(shape[0]), int(shape[1])
-        attributes = {"image_id": image_id, "source_uri": uri, "model_version": version, "shape": [height, width],
-                      **self._descriptions.get(version, MapDescription()).attributes()}
-        # named by size: maps of one size share dimensions, maps of different sizes never clash
-        # when xarray opens a version's group as one Dataset
-        return zarr.create_array(self.map_url(image_id, uri, version), shape=(height, width), dtype="float32",
-                                 chunks=(min(chunk, height), min(chunk, width)), fill_value=np.nan,
-                                 dimension_names=[f"y_{height}", f"x_{width}"], attributes=attributes,
-                                 overwrite=True, zarr_format=3)
+        return zarr.create_array(self.map_url(image_id, uri, version), overwrite=True,
+                                 attributes=self._map_attributes(image_id, uri, version, height, width),
+                                 **_map_settings(height, width, min(chunk, height), min(chunk, width)))
 
     def _require_groups(self, version: str) -> None:
         """The maps group and its VERSION subgroup exist, the latter with the version's description.
