@@ -11,6 +11,7 @@ formats alternate (TIFF, PNG, TIFF, PNG, ... for ``--repeats``).
 Before issue 15 every tile task decoded the whole PNG again: that path is not run whole (it took
 533 s for two such images); its time is given as the TIFF's plus one full decode per tile task
 and one in the batch task, with the decode timed here (``LargeImage`` without a staged copy).
+:func:`measure` runs it inside ``flows.runner.prefect_api()`` (bench_throughput.py calls it).
 Usage: python bench/bench_large_png.py [--side 12000] [--repeats 1] [--out bench/results]
 """
 from __future__ import annotations
@@ -24,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import (DEFAULT_OUT, DEFAULT_SPLIT, base_parser, command_line, machine_info,  # noqa: E402
-                     mark_baseline, peak_rss_mib, report, run_fresh, utc_now)
+from _common import (base_parser, command_line, machine_info, mark_baseline, peak_rss_mib, report,  # noqa: E402
+                     run_fresh, utc_now)
 from bench_tiling import fit_model  # noqa: E402
 
 TILES_PER_TASK = 16  # the flow's default
@@ -93,23 +94,21 @@ def score(root: str, uri: str, results: str, staged: str | None) -> dict:
             "step MiB": peak_rss_mib() - baseline, "map": row["map"]}
 
 
-def main() -> None:
-    parser = base_parser(__doc__, "large_png")
-    parser.add_argument("--side", type=int, default=12000)
-    parser.add_argument("--repeats", type=int, default=1)
-    args = parser.parse_args()
+def measure(split: str, side: int = 12000, repeats: int = 1) -> dict:
+    """Fit, write the PNG and the TIFF, score each ``repeats`` times (each step in a fresh process),
+    inside ``flows.runner.prefect_api()``. Returns the table's rows and notes and the ratio."""
     import tifffile
     import zarr
     from PIL import Image
 
+    from patchwatch.flows.runner import prefect_api
     from patchwatch.storage.images import remove_staged, staged_location
 
-    started, machine = time.perf_counter(), machine_info()
     runs = []
-    with tempfile.TemporaryDirectory(prefix="bench-large-png-") as tmp:
+    with prefect_api(), tempfile.TemporaryDirectory(prefix="bench-large-png-") as tmp:
         root = str(Path(tmp) / "model")
-        fit_model(args.split, root)
-        pixels = texture(args.side, args.split)
+        fit_model(split, root)
+        pixels = texture(side, split)
         png, tif = Path(tmp) / "texture.png", Path(tmp) / "texture.tif"
         Image.fromarray(pixels).save(png)
         tifffile.imwrite(tif, pixels, tile=(256, 256), bigtiff=True)
@@ -117,10 +116,10 @@ def main() -> None:
         del pixels
         decode = run_fresh(decode_whole, str(png))
         maps = {}
-        for repeat in range(args.repeats):
+        for repeat in range(repeats):
             for kind, uri in (("tif", tif), ("png", png)):
                 results = str(Path(tmp) / f"results-{kind}-{repeat}")
-                row = {"image": f"{kind.upper()} {args.side} x {args.side}", "repeat": repeat + 1,
+                row = {"image": f"{kind.upper()} {side} x {side}", "repeat": repeat + 1,
                        "file MiB": sizes[kind] / 2**20}
                 staged = None
                 if kind == "png":
@@ -143,14 +142,11 @@ def main() -> None:
     for row in runs:
         row["total ÷ TIFF"] = row["total s"] / tif_total
     tasks = runs[0]["tile tasks"]
-    before = {"image": f"PNG {args.side} x {args.side}, before (each tile task decoding it whole)",
+    before = {"image": f"PNG {side} x {side}, before (each tile task decoding it whole)",
               "repeat": None, "file MiB": sizes["png"] / 2**20, "tiles": runs[0]["tiles"], "tile tasks": tasks,
               "decode s (timed once)": decode["s"], "decode step MiB": decode["step MiB"],
               "total s": tif_total + (tasks + 1) * decode["s"]}
     before["total ÷ TIFF"] = before["total s"] / tif_total
-    rows = runs + [before]
-    meta = {"command": command_line(), "date": utc_now(), "machine": machine, "wall_s": time.perf_counter() - started,
-            "parameters": {"split": args.split, "side": args.side, "repeats": args.repeats}}
     notes = ["model: PatchCore fitted on the MTD train rows with the defaults (1 Dask worker)",
              "the same pixels (mirrored MTD texture, grey) as a PNG and as a tiled BigTIFF (256 x 256 TIFF tiles)",
              "PNG: stage-large-image decodes it once into a scratch Zarr array (256 x 256 chunks) in a fresh "
@@ -160,9 +156,22 @@ def main() -> None:
              "total ÷ TIFF: against the median TIFF total of this run",
              "the 'before' row is not run: TIFF total + (tile tasks + 1) x the timed whole-image decode "
              "(each tile task decoded it, and the batch task once); its memory per task is the decode step's"]
-    report(args.out, args.name, "A large PNG against the same pixels as a tiled TIFF", meta,
-           [{"title": "Scoring one large image", "rows": rows, "notes": notes}])
+    png_ratio = float(np.median([r["total ÷ TIFF"] for r in runs if r["image"].startswith("PNG")]))
+    return {"rows": runs + [before], "notes": notes, "png ÷ tiff": png_ratio,
+            "maps equal": all(r["map equals the TIFF's"] for r in runs if "map equals the TIFF's" in r)}
 
+
+def main() -> None:
+    parser = base_parser(__doc__, "large_png")
+    parser.add_argument("--side", type=int, default=12000)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    started, machine = time.perf_counter(), machine_info()
+    result = measure(args.split, args.side, args.repeats)
+    meta = {"command": command_line(), "date": utc_now(), "machine": machine, "wall_s": time.perf_counter() - started,
+            "parameters": {"split": args.split, "side": args.side, "repeats": args.repeats}}
+    report(args.out, args.name, "A large PNG against the same pixels as a tiled TIFF", meta,
+           [{"title": "Scoring one large image", "rows": result["rows"], "notes": result["notes"]}])
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,8 @@ as in a result store; kept for reruns) and every variant reads them from there o
 
 4x = every test image four times (the same maps, re-read): the exact metrics are unchanged by the
 repetition, so the 4x rows also check that nothing drifts. A bins sweep (one pass, several
-accumulators) shows how the binning error falls with the number of bins.
+accumulators) shows how the binning error falls with the number of bins. :func:`measure` runs it
+all and :func:`sections` makes the tables (bench_throughput.py runs only the streamed variant).
 
     python bench/bench_metrics.py                  # full MTD split (fit + scoring once, then the runs)
     python bench/bench_metrics.py --limit 40 --test-limit 60 --out /tmp/bench   # a quick check
@@ -82,17 +83,17 @@ def make_maps(split: str, limit: int | None, test_limit: int | None, work: Path,
     return info
 
 
-def load_maps(args, work: Path) -> dict:
+def load_maps(split: str, limit: int | None, test_limit: int | None, work: Path, threads: int) -> dict:
     path = work / "maps.json"
     if path.exists():
         info = json.loads(path.read_text())
-        if (info["split"], info["train_images"]) == (str(args.split), len(common.select_records(
-                args.split, "train", args.limit))) and info["test_images"] == len(
-                common.select_records(args.split, "test", args.test_limit)):
+        if (info["split"], info["train_images"]) == (str(split), len(common.select_records(
+                split, "train", limit))) and info["test_images"] == len(
+                common.select_records(split, "test", test_limit)):
             print(f"maps: reusing {work} ({info['test_images']} test images)")
             return info
     print("maps: fitting PatchCore on the train rows and scoring the test rows (once) ...", flush=True)
-    return common.run_fresh(make_maps, args.split, args.limit, args.test_limit, work, args.threads)
+    return common.run_fresh(make_maps, split, limit, test_limit, work, threads)
 
 
 # ---- the measured variants (each in a fresh process) -------------------------------------------------
@@ -164,26 +165,21 @@ def max_delta(result: dict, reference: dict, key: str) -> float:
     return max(abs(ours[name][key] - theirs[name][key]) for name in theirs)
 
 
-def main() -> None:
-    parser = common.base_parser(__doc__.split("\n\n")[0], "metrics")
-    parser.add_argument("--test-limit", type=int, default=None, help="use only N test images, spread evenly")
-    parser.add_argument("--scales", default="1,4", help="test-set repetitions to measure (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for the one-off fit and scoring")
-    parser.add_argument("--work", default="/tmp/bench_metrics", help="maps cache (default %(default)s)")
-    parser.add_argument("--force", action="store_true",
-                        help="run the exact metrics even where their estimated memory exceeds 70 %% of the free memory")
-    args = parser.parse_args()
-    started = time.perf_counter()
-    machine = common.machine_info()
-    work = Path(args.work)
+def measure(split: str, limit: int | None = None, test_limit: int | None = None, scales: str = "1,4",
+            work: str | Path = "/tmp/bench_metrics", threads: int = 2, force: bool = False,
+            exact: bool = True, sweep: bool = True) -> dict:
+    """The maps (made once, or reused from ``work``), then each variant at each scale in a fresh
+    process ("old", the exact metrics, only with ``exact``), then the bins sweep (with ``sweep``).
+    Returns the table rows, the notes, the maps' facts (``info``) and the raw runs by (variant, scale)."""
+    work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    info = load_maps(args, work)
-    scales = [int(s) for s in args.scales.split(",")]
+    info = load_maps(split, limit, test_limit, work, threads)
+    scales = [int(s) for s in str(scales).split(",")]
 
     runs, notes = {}, []
     for scale in scales:
-        for variant in ("new", "old"):
-            if variant == "old" and scale != scales[0] and not args.force:
+        for variant in ("new", "old") if exact else ("new",):
+            if variant == "old" and scale != scales[0] and not force:
                 first = runs[("old", scales[0])]
                 estimate = first["baseline_mib"] + (first["peak_mib"] - first["baseline_mib"]) * scale / scales[0]
                 available = (common.available_memory_bytes() or 0) / common.MIB
@@ -194,7 +190,8 @@ def main() -> None:
             print(f"{variant} metrics, {scale}x ...", flush=True)
             runs[(variant, scale)] = common.run_fresh(run_variant, variant, info, scale)
 
-    reference = runs[("old", scales[0])]["result"]
+    reference = runs[("old", scales[0])]["result"] if exact else None
+    delta = (lambda result, key: max_delta(result, reference, key)) if exact else (lambda result, key: None)
     table = []
     for (variant, scale), run in sorted(runs.items(), key=lambda item: (item[0][1], item[0][0] != "old")):
         old = runs.get(("old", scale))
@@ -205,15 +202,15 @@ def main() -> None:
                "total s": run["total_s"], "read (+bin) s": run["loop_s"],
                "peak MiB": run["peak_mib"], "step MiB": run["peak_mib"] - run["baseline_mib"],
                "pixel AUROC": result["pixel_auroc"], "AUPRO": result["aupro"],
-               "max |Δ| pixel AUROC": max_delta(result, reference, "pixel_auroc"),
-               "max |Δ| AUPRO": max_delta(result, reference, "aupro"),
+               "max |Δ| pixel AUROC": delta(result, "pixel_auroc"),
+               "max |Δ| AUPRO": delta(result, "aupro"),
                "bound pixel AUROC": max(b["pixel_auroc"] for b in run["bounds"].values()) if run["bounds"] else None,
                "bound AUPRO": max(b["aupro"] for b in run["bounds"].values()) if run["bounds"] else None,
                "time vs old": common.ratio(run["total_s"], old["total_s"]) if old else None}
         table.append(row)
 
     sweep_rows = []
-    for bins, entry in common.run_fresh(run_sweep, info).items():
+    for bins, entry in (common.run_fresh(run_sweep, info).items() if sweep and exact else []):
         sweep_rows.append({"bins": bins, "bin width": entry["width"],
                            "max |Δ| pixel AUROC": max_delta(entry["result"], reference, "pixel_auroc"),
                            "max |Δ| AUPRO": max_delta(entry["result"], reference, "aupro"),
@@ -244,18 +241,37 @@ def main() -> None:
         "total s: reading the maps and masks plus the metrics; read (+bin) s: the loop over the images (old: "
         "reading only; new: reading and binning)",
     ]
+    return {"info": info, "runs": runs, "table": table, "sweep": sweep_rows, "notes": notes}
+
+
+def sections(result: dict) -> list[dict]:
+    """The tables of :func:`measure`'s result (the sweep's only where it ran)."""
+    sweep = [] if not result["sweep"] else [
+        {"title": "Binning error against the number of bins (1x, one pass)", "rows": result["sweep"],
+         "notes": ["the default is 65,536 bins (anomaly.metrics.DEFAULT_BINS); the grid is a power-of-two width "
+                   "fitted to the scores' range, so at least half the bins span [min, max]"]}]
+    return [{"title": "Pixel metrics: exact (all maps held) vs binned (streamed)", "rows": result["table"],
+             "notes": result["notes"]}, *sweep]
+
+
+def main() -> None:
+    parser = common.base_parser(__doc__.split("\n\n")[0], "metrics")
+    parser.add_argument("--test-limit", type=int, default=None, help="use only N test images, spread evenly")
+    parser.add_argument("--scales", default="1,4", help="test-set repetitions to measure (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the one-off fit and scoring")
+    parser.add_argument("--work", default="/tmp/bench_metrics", help="maps cache (default %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="run the exact metrics even where their estimated memory exceeds 70 %% of the free memory")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    machine = common.machine_info()
+    result = measure(args.split, args.limit, args.test_limit, args.scales, args.work, args.threads, args.force)
+    info = result["info"]
     meta = {"command": common.command_line(), "date": common.utc_now(), "machine": machine,
             "wall_s": time.perf_counter() - started,
             "parameters": {"split": args.split, "train images": info["train_images"],
                            "test images": info["test_images"], "scales": args.scales}}
-    sections = [
-        {"title": "Pixel metrics: exact (all maps held) vs binned (streamed)", "rows": table, "notes": notes},
-        {"title": "Binning error against the number of bins (1x, one pass)", "rows": sweep_rows,
-         "notes": ["the default is 65,536 bins (anomaly.metrics.DEFAULT_BINS); the grid is a power-of-two width "
-                   "fitted to the scores' range, so at least half the bins span [min, max]"]},
-    ]
-    common.report(args.out, args.name, "Pixel metrics: exact vs binned (streaming)", meta, sections)
-
+    common.report(args.out, args.name, "Pixel metrics: exact vs binned (streaming)", meta, sections(result))
 
 if __name__ == "__main__":
     main()

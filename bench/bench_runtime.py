@@ -15,6 +15,10 @@ the default backbone stages (EfficientNet-Lite0, stages 3 and 4), random normali
    backbone passes per image) over ``--images`` MTD test images, ``--passes`` times, per runtime and
    shape policy (compiles included where paid, as on a long-lived worker); and image scores from one model
    (fitted with torch on ``--train`` MTD train images) scored with each runtime: max difference.
+   Where a GPU exists (``torch.cuda.is_available()``), torch on CUDA is one more variant of section 4.
+
+:func:`measure` runs the sections and :func:`sections` makes their tables (bench_throughput.py
+calls both with smaller sizes).
 Usage: python bench/bench_runtime.py [--rounds 7] [--images 50] [--train 30] [--passes 3] [--out bench/results]
 """
 from __future__ import annotations
@@ -132,6 +136,8 @@ def mtd_end_to_end(split: str, images: int, train: int, passes: int, runtimes: l
     for name in runtimes:
         for shapes in ("dynamic", "fixed"):
             extractors[f"{name} {shapes}"] = PatchFeatureExtractor(config, runtime=name, shapes=shapes)
+    if gpu_name():
+        extractors["torch cuda"] = PatchFeatureExtractor(config, device="cuda", runtime="torch")
     seconds = collections.defaultdict(list)
     for _ in range(passes):  # interleaved: every variant once per pass
         for name, extractor in extractors.items():
@@ -155,9 +161,64 @@ def mtd_end_to_end(split: str, images: int, train: int, passes: int, runtimes: l
         print(rows[-1], flush=True)
     shapes = collections.Counter(extractors["torch"].input_shape(*image.shape[:2]) for image in test)
     return rows, {"test images": len(test), "train images (model of the score check)": len(nominal),
+                  "GPU": gpu_name() or "none (torch.cuda.is_available() is False): torch on CUDA not measured",
                   "passes over the test images": passes,
                   "distinct primary input shapes": len(shapes), "most common shape's images": max(shapes.values()),
                   "score range (torch)": [round(float(scores["torch"].min()), 3), round(float(scores["torch"].max()), 3)]}
+
+
+def gpu_name() -> str | None:
+    """The GPU torch would use, or None where ``torch.cuda.is_available()`` is False."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def measure(split: str, rounds: int = 7, images: int = 50, train: int = 30, passes: int = 3,
+            batch: bool = True) -> dict:
+    """Sections 1-4 (3 only with ``batch``), one thread everywhere: their rows and facts."""
+    import torch
+
+    torch.set_num_threads(1)  # as on the Dask workers
+    runtimes = [r for r in ("onnxruntime", "openvino") if importlib.util.find_spec(r)]
+    forward, compiles = forward_times(rounds, runtimes)
+    batch_rows = batching(rounds) if batch else None
+    mtd_rows, mtd_facts = mtd_end_to_end(split, images, train, passes, runtimes)
+    return {"forward": forward, "compiles": compiles, "batching": batch_rows, "mtd": mtd_rows, "facts": mtd_facts,
+            "parameters": {"rounds": rounds, "threads": 1, "backbone": "tf_efficientnet_lite0, stages (3, 4)",
+                           "runtime versions": {name: __import__(name).__version__ for name in runtimes},
+                           **mtd_facts}}
+
+
+def sections(result: dict) -> list[dict]:
+    """The tables of :func:`measure`'s result, with their notes."""
+    facts = result["facts"]
+    batch = [] if result["batching"] is None else [
+        {"title": "Batching equal-size inputs (ONNX Runtime, fixed shapes)", "rows": result["batching"],
+         "notes": ["per image; one at a time = a batch-1 session, batch of 8 = a batch-8 session"]}]
+    return [
+        {"title": "Forward pass per input, 1 thread (median ms; ratios: torch's time ÷ the runtime's)",
+         "rows": result["forward"],
+         "notes": ["interleaved: each round runs every variant once; batch 1; random N(0, 1) inputs",
+                   "dynamic: one session for every shape; fixed: a session compiled for this shape (from the "
+                   "same exported file: ONNX Runtime free-dimension overrides, OpenVINO reshape)",
+                   "OpenVINO with INFERENCE_PRECISION_HINT f32 (its CPU default may be bf16)",
+                   "max |diff| to torch: over both stage maps and every variant (maps reach ~20)"]},
+        {"title": "Compile time of one fixed-shape session", "rows": result["compiles"],
+         "notes": ["paid once per input shape by the 'fixed' policy (at a shape's COMPILE_AFTER-th call, for at most "
+                   "patchwatch.anomaly.runtime.FIXED_SHAPES shapes per process)"]},
+        *batch,
+        {"title": f"MTD test images end to end ({facts['test images']} images, PatchCore's default features)",
+         "rows": result["mtd"],
+         "notes": ["ms/image: PatchFeatureExtractor.extract over the images (resize, normalise, two backbone "
+                   "passes, patch pooling), --passes times, every variant in turn each pass; "
+                   "each variant's extractor (and its compiled sessions) kept from pass to pass, as on a worker",
+                   "fixed: a shape gets its own session at its COMPILE_AFTER-th call (compile time included in "
+                   "the pass that paid it); dynamic: one session",
+                   "scores: one PatchCore model fitted on torch features of the train images, each test image "
+                   "scored (score_image) with each runtime's extractor",
+                   f"GPU: {facts['GPU']}"]},
+    ]
 
 
 def main() -> None:
@@ -169,40 +230,13 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    torch.set_num_threads(1)  # as on the Dask workers
-    runtimes = [r for r in ("onnxruntime", "openvino") if importlib.util.find_spec(r)]
+    torch.set_num_threads(1)  # before machine_info, which records it
     started, machine = time.perf_counter(), machine_info()
-    forward, compiles = forward_times(args.rounds, runtimes)
-    batch_rows = batching(args.rounds)
-    mtd_rows, mtd_facts = mtd_end_to_end(args.split, args.images, args.train, args.passes, runtimes)
-    versions = {name: __import__(name).__version__ for name in runtimes}
+    result = measure(args.split, args.rounds, args.images, args.train, args.passes)
     meta = {"command": command_line(), "date": utc_now(), "machine": machine, "measures_memory": False,
-            "wall_s": time.perf_counter() - started,
-            "parameters": {"rounds": args.rounds, "threads": 1, "backbone": "tf_efficientnet_lite0, stages (3, 4)",
-                           "runtime versions": versions, **mtd_facts}}
-    report(args.out, args.name, "Backbone runtimes on the CPU: torch eager, ONNX Runtime, OpenVINO fp32", meta, [
-        {"title": "Forward pass per input, 1 thread (median ms; ratios: torch's time ÷ the runtime's)",
-         "rows": forward,
-         "notes": ["interleaved: each round runs every variant once; batch 1; random N(0, 1) inputs",
-                   "dynamic: one session for every shape; fixed: a session compiled for this shape (from the "
-                   "same exported file: ONNX Runtime free-dimension overrides, OpenVINO reshape)",
-                   "OpenVINO with INFERENCE_PRECISION_HINT f32 (its CPU default may be bf16)",
-                   "max |diff| to torch: over both stage maps and every variant (maps reach ~20)"]},
-        {"title": "Compile time of one fixed-shape session", "rows": compiles,
-         "notes": ["paid once per input shape by the 'fixed' policy (at a shape's COMPILE_AFTER-th call, for at most "
-                   "patchwatch.anomaly.runtime.FIXED_SHAPES shapes per process)"]},
-        {"title": "Batching equal-size inputs (ONNX Runtime, fixed shapes)", "rows": batch_rows,
-         "notes": ["per image; one at a time = a batch-1 session, batch of 8 = a batch-8 session"]},
-        {"title": f"MTD test images end to end ({mtd_facts['test images']} images, PatchCore's default features)",
-         "rows": mtd_rows,
-         "notes": ["ms/image: PatchFeatureExtractor.extract over the images (resize, normalise, two backbone "
-                   "passes, patch pooling), --passes times, every variant in turn each pass; "
-                   "each variant's extractor (and its compiled sessions) kept from pass to pass, as on a worker",
-                   "fixed: a shape gets its own session at its COMPILE_AFTER-th call (compile time included in "
-                   "the pass that paid it); dynamic: one session",
-                   "scores: one PatchCore model fitted on torch features of the train images, each test image "
-                   "scored (score_image) with each runtime's extractor"]},
-    ])
+            "wall_s": time.perf_counter() - started, "parameters": result["parameters"]}
+    report(args.out, args.name, "Backbone runtimes on the CPU: torch eager, ONNX Runtime, OpenVINO fp32", meta,
+           sections(result))
 
 
 if __name__ == "__main__":
