@@ -71,20 +71,81 @@ def reweight_image_score(patch_vectors: np.ndarray, patch_scores: np.ndarray, ne
     return float((1.0 - softmax[0]) * max_score)
 
 
-# query rows per distance block: bounds the (queries x memory) matrix (1024 x 8k rows: 32 MiB)
-QUERY_BLOCK = 1024
+# query rows per distance block: bounds the (queries x memory) matrix (256 x 8k rows, bfloat16: 4 MiB)
+QUERY_BLOCK = 256
+
+# unit roundoff of bfloat16 (8 significant bits)
+BF16_ROUNDOFF = 2.0 ** -8
+
+
+def _split_bf16(values: np.ndarray) -> np.ndarray:
+    """(2, n) float32: a high and a low bfloat16 part summing to ``values`` within 2^-16, relative."""
+    high = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16).float().numpy()
+    low = torch.from_numpy((values - high).astype(np.float32)).to(torch.bfloat16).float().numpy()
+    return np.stack([high, low])
+
+
+@dataclass
+class _Ranking:
+    """Squared distances to the memory over some of its dimensions, as one bfloat16 matrix product:
+    [-2 q, ||q||^2, 1] . [m, 1, ||m||^2] (centred vectors; the squared norms each as a high and a
+    low bfloat16 part). The product's result is a distance, so it needs no further pass, and as
+    bfloat16 it is half the bytes: the passes over the (queries x memory) matrix, not the product,
+    had become the cost."""
+
+    columns: slice
+    operand: torch.Tensor     # (dims + 4, rows) bfloat16
+    norms: np.ndarray         # ||m|| of the centred rows
+    dims: int
+
+    @classmethod
+    def of(cls, centred: np.ndarray, columns: slice) -> "_Ranking":
+        part = centred[:, columns]
+        squared = (part ** 2).sum(1)
+        ones = np.ones((2, len(part)))
+        operand = np.concatenate([part.T, ones, _split_bf16(squared)]).astype(np.float32)
+        return cls(columns, torch.from_numpy(np.ascontiguousarray(operand)).to(torch.bfloat16),
+                   np.sqrt(squared).astype(np.float32), part.shape[1])
+
+    def distances(self, centred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the bfloat16 squared distances' bit patterns as int16, ||q||) for centred queries."""
+        part = centred[:, self.columns].astype(np.float64)
+        squared = (part ** 2).sum(1)
+        query = np.concatenate([-2 * part, _split_bf16(squared).T, np.ones((len(part), 2))], axis=1)
+        product = torch.from_numpy(query.astype(np.float32)).to(torch.bfloat16) @ self.operand
+        return product.view(torch.int16).numpy(), np.sqrt(squared)
+
+    def error(self, query_norms: np.ndarray, memory_norms: np.ndarray) -> np.ndarray:
+        """A bound on |computed - exact| squared distance, less the result's own rounding (at most
+        u |computed| / (1 - u)): q and m rounded to bfloat16 (||q - q~|| <= u ||q||, in -2 q.m:
+        2 (2u + u^2) ||q|| ||m||), the norms' two-part residue (u^2 each) and float32 summation in
+        any order ((dims + 4) 2^-24 times the sum of the terms' sizes); u = 2^-8. A quarter more as
+        a margin: it costs only a few candidates (the result's rounding, measured, never exceeded u)."""
+        u, q, m = BF16_ROUNDOFF, query_norms, memory_norms
+        cross = 2 * q * m
+        sizes = (1 + u) ** 2 * cross + (1 + u) * (q * q + m * m)
+        return 1.25 * ((2 * u + u * u) * cross + u * u * (q * q + m * m) + (self.dims + 4) * 2.0 ** -24 * sizes)
+
+
+def _as_float(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (int16) as float32 values."""
+    return (bits.astype(np.int32) << 16).view(np.float32)
+
+
+def _bits_at_least(values: np.ndarray) -> np.ndarray:
+    """int16 bit patterns of the smallest bfloat16 values >= ``values`` (all positive)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.int32)
+    return ((bits + 0xFFFF) >> 16).astype(np.int16)
 
 
 class PatchCore:
     """A fitted PatchCore model: the coreset memory and its faiss index.
 
     Patch scores come from one exact nearest-neighbour pass (:meth:`nearest`) that serves both the
-    image score and the map: squared distances split over the vector's halves, ||q - m||^2 =
-    ||q_h - m_h||^2 + ||q_t - m_t||^2, so the map's (primary ``map_dims``) distances are the first
-    term and the full ones add the second: one matrix product, not two faiss flat searches. At MTD's
-    full memory (8,021 rows) that pass took 1/8 of the two searches' time for whole images and for
-    the 256-patch tiles of an 8k image (bench/results/score_profile.md); the faiss index still
-    serves eq. 7's neighbourhood search.
+    image score and the map (over the primary ``map_dims``). Candidates are ranked by bfloat16
+    matrix products (on CPUs with AMX ~5x a float32 one) whose error is bounded, so every memory
+    vector that could be the nearest stays a candidate (~3 per patch on MTD) and the candidates'
+    distances are then computed exactly. The faiss index still serves eq. 7's neighbourhood search.
     """
 
     def __init__(self, memory: np.ndarray, config: PatchCoreConfig = PatchCoreConfig(),
@@ -96,12 +157,12 @@ class PatchCore:
             raise ValueError(f"index holds {self.index.ntotal} vectors but the memory {len(self.memory)}")
         dims = self.memory.shape[1]
         self.map_split = config.map_dims if 0 < config.map_dims < dims else None
-        split = self.map_split or dims
-        # each half transposed into its own contiguous (dims, rows) GEMM operand, and its squared norms
-        self._head_t = torch.from_numpy(np.ascontiguousarray(self.memory[:, :split].T))
-        self._tail_t = torch.from_numpy(np.ascontiguousarray(self.memory[:, split:].T))
-        self._head_sq = (self._head_t.double() ** 2).sum(0).float()
-        self._tail_sq = (self._tail_t.double() ** 2).sum(0).float()
+        # distances do not change when both sides move, but centred norms (the ranking's error
+        # scale) are smaller: ReLU features all lie on one side of the origin
+        self._centre = self.memory.mean(0, dtype=np.float64)
+        centred = self.memory - self._centre
+        self._full = _Ranking.of(centred, slice(None))
+        self._head = _Ranking.of(centred, slice(0, self.map_split)) if self.map_split else None
 
     @classmethod
     def fit(cls, bank: np.ndarray, config: PatchCoreConfig = PatchCoreConfig()) -> "PatchCore":
@@ -113,34 +174,52 @@ class PatchCore:
         distance: over the primary ``map_dims`` only, or the same distance without them; None
         unless ``with_map``).
 
-        Exact nearest neighbours: candidates are ranked by ||m||^2 - 2 q.m from the matrix
-        product, and the winner's distance is then computed directly as sum((q - m)^2), so a score
-        differs from a brute-force float64 search only where two memory vectors are tied within
-        the product's float32 rounding (then by less than that rounding).
+        Exact nearest neighbours: a memory vector is a candidate unless its bfloat16 squared
+        distance, less its error bound, exceeds the best one's plus its bound; the winner is the
+        candidate with the smallest sum((q - m)^2) in float32 (ties: the lower row). A score thus
+        differs from a float64 search only where two memory vectors tie within float32 rounding.
         """
-        queries = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-        split = self._head_t.shape[0]
+        queries = np.ascontiguousarray(vectors, dtype=np.float32)
+        centred = queries - self._centre
+        wants_map = with_map and self._head is not None
         rows = np.empty(len(queries), np.int64)
-        map_rows = np.empty(len(queries), np.int64) if with_map and self.map_split else None
+        scores = np.empty(len(queries), np.float32)
+        map_scores = np.empty(len(queries), np.float32) if wants_map else None
         for start in range(0, len(queries), QUERY_BLOCK):
-            block = queries[start:start + QUERY_BLOCK]
-            done = slice(start, start + len(block))
-            # ||m_h||^2 - 2 q_h.m_h ranks the memory by the primary half (||q_h||^2 is common to all m)
-            ranking = torch.addmm(self._head_sq, block[:, :split].contiguous(), self._head_t, alpha=-2.0)
-            if map_rows is not None:
-                map_rows[done] = ranking.min(1).indices.numpy()  # min(1): ~2.5x faster than argmin(1)
-            if self._tail_t.shape[0]:
-                ranking.add_(self._tail_sq).addmm_(block[:, split:].contiguous(), self._tail_t, alpha=-2.0)
-            rows[done] = ranking.min(1).indices.numpy()
-        vectors = queries.numpy()
-        scores = np.sqrt(((vectors - self.memory[rows]) ** 2).sum(1, dtype=np.float32))
+            done = slice(start, start + QUERY_BLOCK)
+            if wants_map:
+                map_scores[done], _ = self._nearest_over(self._head, queries[done], centred[done])
+            scores[done], rows[done] = self._nearest_over(self._full, queries[done], centred[done])
         if not with_map:
             return scores, rows, None
-        if map_rows is None:
-            return scores, rows, scores
-        head = vectors[:, :split]
-        map_scores = np.sqrt(((head - self.memory[map_rows, :split]) ** 2).sum(1, dtype=np.float32))
-        return scores, rows, map_scores
+        return scores, rows, (map_scores if wants_map else scores)
+
+    def _nearest_over(self, ranking: _Ranking, queries: np.ndarray, centred: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """(distance, row) of each query's nearest memory vector over ``ranking``'s dimensions."""
+        bits, query_norms = ranking.distances(centred)
+        u, lines = BF16_ROUNDOFF, np.arange(len(bits))
+        # any vector's computed distance plus its bound is at least the nearest one's true distance;
+        # the best ranked one gives the tightest (negative results, at most rounding, rank first:
+        # their bit patterns are negative integers, and among them any will do)
+        best = bits.argmin(1)
+        found = _as_float(bits[lines, best])
+        ceiling = found + np.abs(found) * u / (1 - u) + ranking.error(query_norms, ranking.norms[best])
+        # a vector is a candidate unless its distance less its bound exceeds the ceiling: first the
+        # whole matrix against the largest norm's bound (in bfloat16 bits), then those few exactly
+        loose = (ceiling + ranking.error(query_norms, ranking.norms.max())) / (1 - 2 * u)
+        flat = np.flatnonzero(bits <= _bits_at_least(np.maximum(loose, 2.0 ** -100))[:, None])
+        line, row = np.divmod(flat, bits.shape[1])
+        value = _as_float(bits.ravel()[flat])
+        kept = value - np.abs(value) * u / (1 - u) - ranking.error(query_norms[line], ranking.norms[row]) <= ceiling[line]
+        # each query's best ranked vector too: a query without candidates (NaN features) still
+        # gets its (NaN) score in its own place
+        line, row = np.concatenate([line[kept], lines]), np.concatenate([row[kept], best])
+        columns = ranking.columns
+        squared = ((queries[line, columns] - self.memory[row, columns]) ** 2).sum(1, dtype=np.float32)
+        order = np.lexsort((squared, line))  # by query, then distance; stable: the lower row first
+        first = order[np.r_[True, line[order][1:] != line[order][:-1]]]
+        return np.sqrt(squared[first]), row[first]
 
     def patch_scores(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Distance of each patch to its nearest memory vector, and that vector's row."""
@@ -154,7 +233,32 @@ class PatchCore:
                                            self.config.num_neighbors)
         return image_score, map_scores.reshape(features.grid)
 
+    def image_scores_and_grids(self, features: list[PatchFeatures]) -> list[tuple[float, np.ndarray]]:
+        """:meth:`image_score_and_grid` of each, from one nearest-neighbour pass over all their
+        patches: the matrix product is several times faster per row on a few hundred rows than on
+        one MTD image's ~100 (bench/results/score_profile.md)."""
+        if not features:
+            return []
+        scores, nearest, map_scores = self.nearest(np.concatenate([f.vectors for f in features]))
+        results, start = [], 0
+        for item in features:
+            part = slice(start, start + len(item.vectors))
+            start = part.stop
+            image_score = reweight_image_score(item.vectors, scores[part], nearest[part], self.memory, self.index,
+                                               self.config.num_neighbors)
+            results.append((image_score, map_scores[part].reshape(item.grid)))
+        return results
+
+    def render(self, grid: np.ndarray, features: PatchFeatures) -> np.ndarray:
+        """The anomaly map of an image's patch-score grid, at the original image size."""
+        return anomaly_map(grid, features.image_shape, self.config.sigma, features.input_shape)
+
+    def scores(self, features: list[PatchFeatures]) -> list[tuple[float, np.ndarray]]:
+        """:meth:`score` of each, from one nearest-neighbour pass (see :meth:`image_scores_and_grids`)."""
+        return [(score, self.render(grid, item))
+                for (score, grid), item in zip(self.image_scores_and_grids(features), features)]
+
     def score(self, features: PatchFeatures) -> tuple[float, np.ndarray]:
         """Image score (eq. 7) and the anomaly map at the original image size."""
         image_score, grid = self.image_score_and_grid(features)
-        return image_score, anomaly_map(grid, features.image_shape, self.config.sigma, features.input_shape)
+        return image_score, self.render(grid, features)

@@ -62,3 +62,65 @@ def test_writing_a_map_again_replaces_it_whole_and_xarray_opens_the_group(store)
     assert maps.attrs["pixel_threshold"] == 1.0
     assert all(maps[name].attrs["pixel_threshold"] == 1.0 and maps[name].dims == ("y_40", "x_30")
                for name in maps.data_vars)
+
+
+# ---- the nearest-neighbour pass -----------------------------------------------------------------
+def brute_force(queries: np.ndarray, memory: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 distances to the nearest row, the row, and the gap to the second nearest."""
+    q, m = queries.astype(np.float64), memory.astype(np.float64)
+    squared = ((q[:, None, :] - m[None]) ** 2).sum(-1)
+    order = np.argsort(squared, axis=1)
+    lines = np.arange(len(q))
+    nearest, second = squared[lines, order[:, 0]], squared[lines, order[:, 1]]
+    return np.sqrt(nearest), order[:, 0], np.sqrt(second) - np.sqrt(nearest)
+
+
+def test_the_bfloat16_distances_stay_within_their_stated_bound():
+    """The bound the candidates rest on: |computed - exact| <= error + u |computed| / (1 - u)."""
+    from patchwatch.anomaly.patchcore import BF16_ROUNDOFF, _as_float, _Ranking
+
+    rng = np.random.default_rng(0)
+    for scale, dims in ((1.0, 64), (40.0, 256), (0.01, 300)):
+        memory = (rng.standard_normal((500, dims)) * scale * rng.random((500, 1)) * 3).astype(np.float32)
+        queries = (rng.standard_normal((200, dims)) * scale).astype(np.float32)
+        ranking = _Ranking.of(memory.astype(np.float64), slice(None))
+        bits, query_norms = ranking.distances(queries.astype(np.float64))
+        computed = _as_float(bits).astype(np.float64)
+        exact = ((queries[:, None, :].astype(np.float64) - memory[None]) ** 2).sum(-1)
+        u = BF16_ROUNDOFF
+        allowed = ranking.error(query_norms[:, None], ranking.norms[None]) + np.abs(computed) * u / (1 - u)
+        assert (np.abs(computed - exact) <= allowed).all()
+        assert (np.abs(computed - exact) / allowed).max() > 0.05  # the bound is not vacuous
+
+
+@pytest.mark.parametrize("case", ["near ties", "far from the origin", "norms apart", "duplicates"])
+def test_the_nearest_memory_vector_is_the_float64_one_where_no_float32_tie(case):
+    from patchwatch.anomaly.patchcore import QUERY_BLOCK, PatchCore, PatchCoreConfig
+
+    rng = np.random.default_rng(1)
+    dims = 48
+    centres = rng.standard_normal((6, dims)) * 3
+    memory = centres[rng.integers(0, 6, 900)] + 0.3 * rng.standard_normal((900, dims))
+    queries = centres[rng.integers(0, 6, QUERY_BLOCK + 40)] + 0.3 * rng.standard_normal((QUERY_BLOCK + 40, dims))
+    if case == "near ties":      # every query has many memory vectors within 1e-3 of each other
+        memory = centres[rng.integers(0, 6, 900)] + 1e-3 * rng.standard_normal((900, dims))
+        queries = centres[rng.integers(0, 6, len(queries))] + 0.05 * rng.standard_normal((len(queries), dims))
+    elif case == "far from the origin":  # ReLU-like features: large norms, small differences
+        memory, queries = memory + 500.0, queries + 500.0
+    elif case == "norms apart":
+        memory = memory * np.exp(rng.uniform(-3, 3, (900, 1)))
+    elif case == "duplicates":
+        memory = np.concatenate([memory, memory[:300]])
+        queries[:50] = memory[:50]
+    memory, queries = memory.astype(np.float32), queries.astype(np.float32)
+    model = PatchCore(memory, PatchCoreConfig(map_dims=16))
+    scores, rows, map_scores = model.nearest(queries)
+    expected, expected_rows, gap = brute_force(queries, memory)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5 * expected.max())
+    clear = gap > 1e-4 * expected.max()  # not a float32 tie
+    np.testing.assert_array_equal(rows[clear], expected_rows[clear])
+    expected_map, _, _ = brute_force(queries[:, :16], memory[:, :16])
+    np.testing.assert_allclose(map_scores, expected_map, rtol=1e-5, atol=1e-5 * expected_map.max())
+    if case == "duplicates":     # a patch equal to a memory vector: distance 0, the lower of equal rows
+        np.testing.assert_array_equal(scores[:50], 0)
+        np.testing.assert_array_equal(rows[:50], np.arange(50))
