@@ -128,16 +128,27 @@ class Unusable(Exception):
     """One image that cannot be scored, with the reason for its error row."""
 
 
-def score_image(record: ImageRecord, image, extractor, detector, out: ResultStore, model: ModelRef) -> dict:
+def _unusable(error: Exception) -> Unusable:
+    """A shape or value that only this image has: its row, not the batch."""
+    return Unusable(f"cannot score it ({type(error).__name__}: {' '.join(str(error).split())[:60]})")
+
+
+def score_image(record: ImageRecord, image, extractor, detector, out: ResultStore, model: ModelRef,
+                features=None, grid: tuple[float, np.ndarray] | None = None) -> dict:
     """Score one decoded image and write its map; :class:`Unusable` if this image cannot be,
-    anything else (storage trouble) propagates to the task's retries."""
+    anything else (storage trouble) propagates to the task's retries. ``features`` and ``grid``
+    (PatchCore's image score and patch-score grid): already computed, see :func:`score_images`."""
     try:
-        features = extractor.extract([image])[0]
-        score, amap = detector.score(features)
+        if features is None:
+            features = extractor.extract([image])[0]
+        if grid is None:
+            score, amap = detector.score(features)
+        else:
+            score, amap = grid[0], detector.render(grid[1], features)
     except MemoryError:
         raise
-    except Exception as error:  # a shape or value that only this image has: its row, not the batch
-        raise Unusable(f"cannot score it ({type(error).__name__}: {' '.join(str(error).split())[:60]})") from error
+    except Exception as error:
+        raise _unusable(error) from error
     if not np.isfinite(score) or not np.isfinite(amap).all():
         raise Unusable("its score is not finite (NaN or infinite values)")
     try:
@@ -147,6 +158,44 @@ def score_image(record: ImageRecord, image, extractor, detector, out: ResultStor
             raise
         raise Unusable(f"cannot write its map ({os.strerror(error.errno)})") from error
     return score_row(record, score, amap.shape, url, model)
+
+
+def score_images(records: list[ImageRecord], images: list, extractor, detector, out: ResultStore,
+                 model: ModelRef) -> tuple[list[dict], list[dict]]:
+    """(score rows, error rows) of :func:`score_image` on each image, in order. PatchCore finds the
+    nearest memory vectors of all the batch's patches in one pass: its matrix product is several
+    times faster per row on a batch's ~1,500 rows than on one MTD image's ~100."""
+    features: dict[int, object] = {}
+    outcomes: dict[int, dict | Unusable] = {}
+    for number, image in enumerate(images):
+        try:
+            features[number] = extractor.extract([image])[0]
+        except MemoryError:
+            raise
+        except Exception as error:
+            outcomes[number] = _unusable(error)
+    grids: dict[int, tuple[float, np.ndarray]] = {}
+    if isinstance(detector, PatchCore) and len(features) > 1:
+        try:
+            grids = dict(zip(features, detector.image_scores_and_grids(list(features.values()))))
+        except MemoryError:
+            raise
+        except Exception:  # e.g. one image's odd features: each image on its own, for its own error row
+            grids = {}
+    for number, item in features.items():
+        try:
+            outcomes[number] = score_image(records[number], images[number], extractor, detector, out, model,
+                                           features=item, grid=grids.get(number))
+        except Unusable as unusable:
+            outcomes[number] = unusable
+    rows, errors = [], []
+    for number in sorted(outcomes):
+        outcome = outcomes[number]
+        if isinstance(outcome, Unusable):
+            errors.append({"image_id": records[number].image_id, "uri": records[number].uri, "reason": str(outcome)})
+        else:
+            rows.append(outcome)
+    return rows, errors
 
 
 def _content(context, parameters: dict) -> str:
@@ -175,12 +224,8 @@ def score_batch_task(model: ModelRef, results: str, part: int, records: list[Ima
     good, images, errors, large = load_images(records, tiling)
     good, images = drop_too_small(extractor, good, images, errors)
     large = drop_too_small_large(extractor, large, errors)
-    rows = []
-    for record, image in zip(good, images):
-        try:
-            rows.append(score_image(record, image, extractor, detector, out, model))
-        except Unusable as unusable:
-            errors.append({"image_id": record.image_id, "uri": record.uri, "reason": str(unusable)})
+    rows, unusable = score_images(good, images, extractor, detector, out, model)
+    errors.extend(unusable)
     # the parts are written after every map of the batch (the score part marks it complete), and
     # only into a root that still exists: a deleted bucket is a failed run, not one re-created
     out.require()

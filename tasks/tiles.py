@@ -10,6 +10,7 @@ from prefect import task
 from patchwatch.anomaly.detectors import score_grid
 from patchwatch.anomaly.features import FeatureConfig
 from patchwatch.anomaly.maps import StitchedMap, heatmap_overlay
+from patchwatch.anomaly.patchcore import PatchCore
 from patchwatch.anomaly.tiling import Tile, blocks, stitch_grids, tile_sigma
 from patchwatch.storage.images import TIFF_SUFFIXES, ImageReadError, LargeImage, remove_staged, stage_image, staged_location
 from patchwatch.storage.model_store import FeatureBank
@@ -98,16 +99,16 @@ def score_tiles_task(model: ModelRef, uri: str, tiles: list[Tile], staged: str |
     """Patch-score grids of some tiles of one image (small: 1/stride^2 of the tile's pixels);
     ``staged``: its decoded pixels (see :func:`stage_large_image_task`)."""
     extractor, detector = load_model(model.root, model.fingerprint)
-    scored = []
     with LargeImage(uri, staged) as image:
-        for tile in tiles:
-            features = extractor.extract([image.read(tile.top, tile.left, tile.bottom, tile.right)])[0]
-            tile_score, grid = score_grid(detector, features)
-            scored.append({"tile": tile, "grid": grid.astype(np.float32), "max": float(grid.max()),
-                           "weighted": tile_score, "input_shape": features.input_shape,
-                           # the stitched map records the version's thresholds: stitch-map sees no model
-                           "map_description": model.map_description()})
-    return scored
+        features = [extractor.extract([image.read(tile.top, tile.left, tile.bottom, tile.right)])[0] for tile in tiles]
+    # PatchCore: one nearest-neighbour pass over all the task's tiles (fewer, larger matrix products)
+    grids = (detector.image_scores_and_grids(features) if isinstance(detector, PatchCore)
+             else [score_grid(detector, item) for item in features])
+    return [{"tile": tile, "grid": grid.astype(np.float32), "max": float(grid.max()), "weighted": tile_score,
+             "input_shape": item.input_shape,
+             # the stitched map records the version's thresholds: stitch-map sees no model
+             "map_description": model.map_description()}
+            for tile, item, (tile_score, grid) in zip(tiles, features, grids)]
 
 
 # transient() refuses to retry a vanished results root too (ResultsRootGoneError is a FileNotFoundError)

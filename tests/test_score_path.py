@@ -124,3 +124,43 @@ def test_the_nearest_memory_vector_is_the_float64_one_where_no_float32_tie(case)
     if case == "duplicates":     # a patch equal to a memory vector: distance 0, the lower of equal rows
         np.testing.assert_array_equal(scores[:50], 0)
         np.testing.assert_array_equal(rows[:50], np.arange(50))
+
+
+# ---- a score batch's images share one pass ------------------------------------------------------
+class FeaturesOf:
+    """An extractor stand-in: each 'image' is already its patch features, or an exception to raise."""
+
+    def extract(self, images):
+        if isinstance(images[0], Exception):
+            raise images[0]
+        return images
+
+
+def test_a_batch_scored_together_gives_each_images_own_score_map_and_error_rows(store):
+    from patchwatch.anomaly.features import PatchFeatures
+    from patchwatch.anomaly.patchcore import PatchCore, PatchCoreConfig
+    from patchwatch.storage.images import ImageRecord
+    from patchwatch.tasks.scoring import ModelRef, score_images
+
+    rng = np.random.default_rng(2)
+    model = PatchCore.fit(rng.standard_normal((2000, 32)).astype(np.float32),
+                          PatchCoreConfig(coreset_ratio=0.2, projection_dim=8, map_dims=16))
+    ref = ModelRef(root="unused", version="v0001", fingerprint="f", threshold=6.0)
+
+    def features(rows, cols):
+        return PatchFeatures(rng.standard_normal((rows * cols, 32)).astype(np.float32) * rng.uniform(0.5, 3),
+                             (rows, cols), (rows * 8, cols * 8), (rows * 8, cols * 8))
+
+    nan = features(5, 5)
+    nan.vectors[3] = np.nan
+    images = [features(6, 9), ValueError("an odd image"), features(4, 4), nan, features(12, 7)]
+    records = [ImageRecord(image_id=f"i{n}.png", uri=f"/src/i{n}.png") for n in range(len(images))]
+    rows, errors = score_images(records, images, FeaturesOf(), model, store, ref)
+    assert [row["image_id"] for row in rows] == ["i0.png", "i2.png", "i4.png"]
+    assert [(e["image_id"], e["reason"]) for e in errors] == [
+        ("i1.png", "cannot score it (ValueError: an odd image)"),
+        ("i3.png", "its score is not finite (NaN or infinite values)")]
+    for row, image in zip(rows, [images[0], images[2], images[4]]):   # as each image alone
+        score, amap = model.score(image)
+        assert row["score"] == pytest.approx(score, rel=1e-6) and row["is_anomalous"] == (score > 6.0)
+        np.testing.assert_allclose(store.read_map(row["map"]), amap, rtol=1e-6, atol=1e-6)
