@@ -16,6 +16,7 @@ from patchwatch.storage.model_store import ModelRegistry
 from patchwatch.storage.results_store import NightlyResults, ResultStore
 from patchwatch.tasks.listing import list_images_task
 from patchwatch.tasks.scoring import ModelRef
+from patchwatch.tasks.tiles import remove_staged_copies
 
 from .defaults import HOLDOUT_FRACTION, THRESHOLD_QUANTILE
 from .fit import fit_flow
@@ -77,7 +78,11 @@ def score_new_flow(archive: str, root: str, results: str, night: str | None = No
         # publish_scores merged every run of the night: its counts and quantiles are the night's,
         # one per image (from its newest version's row)
         title = f"Nightly scoring {night}"
-        summary, overlays = publish_scores(logger, out, summary, scored["errors"], title, previews=previews)
+        try:
+            summary, overlays = publish_scores(logger, out, summary, scored["errors"], title, previews=previews,
+                                               staged=scored["staged"])
+        finally:
+            remove_staged_copies(scored["staged"])
         out.require()
         nightly.write_history(night, {
             "night": night, "model_version": model.version, "threshold": model.threshold,

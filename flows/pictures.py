@@ -7,10 +7,11 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
-from patchwatch.anomaly.pictures import MapScale, overlay_png
-from patchwatch.storage.images import ImageReadError, read_image, read_mask
+from patchwatch.anomaly.pictures import DRAW_SIDE, MapScale, overlay_png
+from patchwatch.storage.images import ImageReadError, LargeImage, read_image, read_mask
 from patchwatch.storage.results_store import ResultStore, picture_name
 
 OVERLAY_FOLDER = "overlays"
@@ -37,19 +38,32 @@ def _text(value) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
+def read_for_overlay(store: ResultStore, row, staged: str | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(image, map, step): a large image at the size its overlay is drawn (every step-th pixel),
+    read from its staged copy or tiled TIFF (decoding a 12k x 12k PNG again cost as much as
+    staging it), a small one whole."""
+    amap = store.read_map(row.map)
+    step = max(1, math.ceil(max(amap.shape) / DRAW_SIDE))
+    if step == 1:
+        return read_image(row.uri), amap, step
+    with LargeImage(row.uri, staged) as large:
+        return large.strided(step), amap[::step, ::step], step
+
+
 def render_overlays(store: ResultStore, picks: list[tuple[str, object]], scale: MapScale,
-                    logger: logging.Logger | logging.LoggerAdapter) -> list[Overlay]:
+                    logger: logging.Logger | logging.LoggerAdapter, staged: dict | None = None) -> list[Overlay]:
     """Render one overlay per (kind, score-table row) of ``picks`` (ranked within each kind) and
-    write them all into RESULTS/overlays, replacing what an earlier run left there. An image that
-    cannot be read any more is logged and left out."""
+    write them all into RESULTS/overlays, replacing what an earlier run left there. ``staged``:
+    {image_id: staged copy} of the run's large non-TIFF images. An image that cannot be read any
+    more is logged and left out."""
     rendered, ranks = [], {}
     for kind, row in picks:
         rank = ranks[kind] = ranks.get(kind, -1) + 1
         label, defect_type = _text(getattr(row, "label", "")), _text(getattr(row, "defect_type", ""))
         mask_uri = _text(getattr(row, "mask_uri", ""))
         try:
-            image, amap = read_image(row.uri), store.read_map(row.map)
-            mask = read_mask(mask_uri, amap.shape) if mask_uri else None
+            image, amap, step = read_for_overlay(store, row, (staged or {}).get(row.image_id))
+            mask = read_mask(mask_uri, (int(row.height), int(row.width)))[::step, ::step] if mask_uri else None
         except (ImageReadError, OSError, KeyError) as error:
             logger.warning("no overlay for %s: %s", row.uri, error)
             continue

@@ -34,7 +34,9 @@ class NothingScoredError(RuntimeError):
 def score_records(records: list[ImageRecord], model: ModelRef, manifest: dict, out: ResultStore, first_part: int,
                   batch_size: int, tiles_per_task: int) -> dict:
     """Score ``records`` into ``out``: score/error parts numbered from ``first_part``, one per
-    batch (and one per tiled image). Returns {"parts": parts used, "errors": [...]}."""
+    batch (and one per tiled image). Returns {"parts": parts used, "errors": [...], "staged":
+    {image_id: staged copy}}: the caller draws the previews from those copies, then removes them
+    (:func:`remove_staged_copies`)."""
     tiling = TilingConfig(**manifest.get("tiling_config", {}))
     batches = chunk(records, batch_size)
     written = out.written_parts("scores")  # cached batches whose parts are gone run again
@@ -67,13 +69,14 @@ def score_records(records: list[ImageRecord], model: ModelRef, manifest: dict, o
             out.require()
             out.write_errors(part_name(part), error_table([failed[record.image_id]] if not rows else [], model))
             out.write_scores(part_name(part), pd.DataFrame(rows, columns=SCORE_COLUMNS))
-    finally:
+    except BaseException:
         remove_staged_copies(staged)
-    return {"parts": len(batches) + len(large), "errors": errors + unreadable}
+        raise
+    return {"parts": len(batches) + len(large), "errors": errors + unreadable, "staged": staged}
 
 
 def publish_scores(logger, out: ResultStore, summary: dict, errors: list[dict], title: str, key_prefix: str = "",
-                   previews: int = PREVIEWS) -> tuple[dict, list[Overlay]]:
+                   previews: int = PREVIEWS, staged: dict | None = None) -> tuple[dict, list[Overlay]]:
     """Merge the parts into one table, log the skipped files, write the summary, overlays of the
     ``previews`` most anomalous images (RESULTS/overlays) and the artifacts (those images with
     links to their overlays, the summary). Returns (summary, overlays)."""
@@ -98,7 +101,7 @@ def publish_scores(logger, out: ResultStore, summary: dict, errors: list[dict], 
                         **{f"score_p{q}": float(latest.score.quantile(q / 100)) for q in (50, 90, 99)},
                         "score_max": float(latest.score.max())})
         scale = MapScale.around(summary.get("threshold"), latest.score, summary.get("pixel_threshold"))
-        overlays = render_overlays(out, most_anomalous(latest, previews), scale, logger) if previews else []
+        overlays = render_overlays(out, most_anomalous(latest, previews), scale, logger, staged) if previews else []
         summary["report"] = join(out.root, REPORT)
         pictures = {o.image_id: out.link(o.url) for o in overlays}
         top = latest.nlargest(10, "score")
@@ -145,12 +148,16 @@ def score_flow(images: str, root: str, results: str, split: str | None = None, b
     out = ResultStore(results)
     out.prepare()  # a missing bucket fails here, before any work
     done = score_records(records, model, manifest, out, 0, batch_size, tiles_per_task)
-    drop_parts_from(out, done["parts"])  # leftovers of an earlier, larger run
-    summary = {"results": results, "model_version": model.version, "model": model.fingerprint,
-               "threshold": model.threshold, "pixel_threshold": model.pixel_threshold, "skipped": len(done["errors"]),
-               "score_s": time.perf_counter() - started}
-    title = f"Scoring with {model.version}"
-    summary, overlays = publish_scores(logger, out, summary, done["errors"], title, previews=previews)
+    try:
+        drop_parts_from(out, done["parts"])  # leftovers of an earlier, larger run
+        summary = {"results": results, "model_version": model.version, "model": model.fingerprint,
+                   "threshold": model.threshold, "pixel_threshold": model.pixel_threshold,
+                   "skipped": len(done["errors"]), "score_s": time.perf_counter() - started}
+        title = f"Scoring with {model.version}"
+        summary, overlays = publish_scores(logger, out, summary, done["errors"], title, previews=previews,
+                                           staged=done["staged"])
+    finally:
+        remove_staged_copies(done["staged"])
     if summary["images"] and previews:  # evaluate (previews=0) writes a report of its own
         write_scoring_report(out, summary, overlays, f"{title}: {results}")
     if records and not summary["images"]:

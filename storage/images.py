@@ -522,6 +522,14 @@ class LargeImage:
         except Exception as error:
             raise ImageReadError(self.uri, f"cannot read region {top}:{bottom}, {left}:{right} ({error})") from error
 
+    def strided(self, step: int) -> np.ndarray:
+        """Every ``step``-th pixel of every ``step``-th row, for a preview: read from the staged
+        copy or the tiled TIFF chunk by chunk, never decoded whole again."""
+        try:
+            return np.asarray(self._pixels[::step, ::step])
+        except Exception as error:
+            raise ImageReadError(self.uri, f"cannot read it at 1/{step} ({error})") from error
+
     def close(self) -> None:
         if self._tiff is not None:
             self._tiff.close()

@@ -80,9 +80,11 @@ def test_a_large_png_is_decoded_once_per_run_and_maps_as_its_tiff(tmp_path, monk
     decoded.clear()
     summary = score_flow(images=str(images), root=str(root), results=str(results), tiles_per_task=4)
     assert summary["images"] == 2 and not summary["errors"]
-    # once to score it (staged, then read by region by every tile task) and once more for its
-    # preview overlay (the two most anomalous images of the run get one): never per tile task
-    assert decoded.count("same.png") == 2
+    # once, to stage it: every tile task reads its regions and its preview overlay (the two most
+    # anomalous images of the run get one) every 2nd pixel from that copy
+    assert decoded.count("same.png") == 1
+    previews = sorted((results / "overlays").glob("most-anomalous-*-same-*.png"))  # same.png's and same.tif's
+    assert len(previews) == 2 and Image.open(previews[0]).size == Image.open(previews[1]).size
     decoded.clear()
     score_flow(images=str(images), root=str(root), results=str(tmp_path / "no-previews"), tiles_per_task=4,
                previews=0)
