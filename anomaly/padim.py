@@ -28,6 +28,15 @@ class PadimConfig:
     # regulariser of each covariance (cov + epsilon * I): keeps it invertible when there are
     # fewer images than channels, as in the paper's reference code
     epsilon: float = 0.01
+    # "oas": each position's covariance shrunk towards a multiple of the identity by the Oracle
+    # Approximating Shrinkage amount (Chen et al. 2010, as sklearn.covariance.OAS), which is
+    # large when there are few images per channel (a covariance of 256 channels from 100 images)
+    # and vanishes with many; "none": the sample covariance (+ epsilon) as in the paper
+    shrinkage: str = "none"
+
+    def __post_init__(self):
+        if self.shrinkage not in SHRINKAGES:
+            raise ValueError(f"unknown PaDiM shrinkage {self.shrinkage!r}; choose one of {', '.join(SHRINKAGES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -35,6 +44,25 @@ class PadimConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "PadimConfig":
         return cls(**data)
+
+
+SHRINKAGES = ("none", "oas")
+
+
+def oas_shrunk(cov: np.ndarray, samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shrunk covariances, shrinkage per position) of (P, C, C) unbiased covariances from
+    ``samples`` images, by OAS: the same amount sklearn.covariance.OAS gives (it works on the
+    biased estimate, so that is what is shrunk; the result is rescaled back to unbiased)."""
+    channels = cov.shape[-1]
+    biased = cov * ((samples - 1) / samples)
+    mu = np.trace(biased, axis1=1, axis2=2) / channels                        # (P,)
+    alpha = np.einsum("pij,pij->p", biased, biased) / channels ** 2          # mean of squared entries
+    numerator = alpha + mu ** 2
+    denominator = (samples + 1) * (alpha - mu ** 2 / channels)
+    shrinkage = np.where(denominator > 0, np.minimum(numerator / np.where(denominator > 0, denominator, 1), 1.0), 1.0)
+    shrunk = (1 - shrinkage)[:, None, None] * biased
+    shrunk[:, np.arange(channels), np.arange(channels)] += (shrinkage * mu)[:, None]
+    return shrunk * (samples / (samples - 1)), shrinkage
 
 
 def channel_subset(dim: int, channels: int, seed: int) -> np.ndarray:
@@ -98,6 +126,8 @@ class PadimFitter:
 
     def finish(self) -> "Padim":
         mean, cov = self.mean_and_covariance()
+        if self.config.shrinkage == "oas":
+            cov, _ = oas_shrunk(cov, self.count)
         cov += self.config.epsilon * np.eye(cov.shape[-1])[None]
         inv_cov = np.linalg.inv(cov)
         return Padim(mean, inv_cov, self.channel_index, self.grid, self.config, dim=self.dim)

@@ -59,6 +59,11 @@ def configurations() -> dict:
         Candidate.make("fine-context", "patchcore", {"layers": (2, 3), "input_scale": 1.0, "context_scales": (0.25,)},
                        {"coreset_ratio": 0.02}),
         Candidate.make("spade", "spade"),
+        # PaDiM's defaults with OAS-shrunk covariances: does one PaDiM hold up with few images
+        # (padim-local's strength) and many (padim's)?
+        Candidate.make("padim-oas", "padim", None, {"shrinkage": "oas"}),
+        Candidate.make("padim-local-oas", "padim", {"square_side": 256, "context_scales": ()},
+                       {"channels": 100, "shrinkage": "oas"}),
     ]
     configs.update({c.name: c for c in extra})
     return configs

@@ -152,6 +152,30 @@ def test_arrays_round_trip_gives_identical_scores(scene):
 
 def test_config_dict_round_trip():
     assert PadimConfig.from_dict(CONFIG.to_dict()) == CONFIG
+    old_manifest = {k: v for k, v in CONFIG.to_dict().items() if k != "shrinkage"}  # written before shrinkage
+    assert PadimConfig.from_dict(old_manifest).shrinkage == "none"
+    with pytest.raises(ValueError, match="unknown PaDiM shrinkage 'ledoit'"):
+        PadimConfig(shrinkage="ledoit")
+
+
+@pytest.mark.parametrize("images, channels", [(30, 40), (300, 16)])
+def test_oas_shrinks_each_position_as_sklearn_does(images, channels):
+    """Few images per channel: strong shrinkage; many: little. Each position's estimate is
+    sklearn.covariance.OAS's on that position's vectors."""
+    from sklearn.covariance import OAS
+
+    rng = np.random.default_rng(images)
+    grid = (1, 3)
+    mixing = rng.normal(size=(3, channels, channels))
+    stack = np.einsum("npc,pcd->npd", rng.normal(size=(images, 3, channels)), mixing).astype(np.float32)
+    fitter = PadimFitter(grid, channels, PadimConfig(channels=0, shrinkage="oas", epsilon=0.0))
+    fitter.update(stack, grid)
+    model = fitter.finish()
+    for position in range(3):
+        reference = OAS().fit(stack[:, position].astype(np.float64))
+        unbiased = reference.covariance_ * images / (images - 1)
+        np.testing.assert_allclose(np.linalg.inv(model.inv_cov[position]), unbiased, rtol=1e-6, atol=1e-8)
+    assert (reference.shrinkage_ > 0.3) if images < channels else (reference.shrinkage_ < 0.1)
 
 
 # ---- real backbone ------------------------------------------------------------------------------
