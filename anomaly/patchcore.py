@@ -74,6 +74,8 @@ def reweight_image_score(patch_vectors: np.ndarray, patch_scores: np.ndarray, ne
 # query rows per distance block: bounds the (queries x memory) matrix (256 x 8k rows, bfloat16: 4 MiB)
 QUERY_BLOCK = 256
 
+ROW_MULTIPLE = 64
+
 # unit roundoff of bfloat16 (8 significant bits)
 BF16_ROUNDOFF = 2.0 ** -8
 
@@ -111,8 +113,11 @@ class _Ranking:
         """(the bfloat16 squared distances' bit patterns as int16, ||q||) for centred queries."""
         part = centred[:, self.columns].astype(np.float64)
         squared = (part ** 2).sum(1)
-        query = np.concatenate([-2 * part, _split_bf16(squared).T, np.ones((len(part), 2))], axis=1)
-        product = torch.from_numpy(query.astype(np.float32)).to(torch.bfloat16) @ self.operand
+        # rows padded to a multiple of 64: oneDNN compiles a kernel for each new shape (~5 ms each
+        # time a batch's last block had another size), so only a few shapes ever reach it
+        query = np.zeros((-(-len(part) // ROW_MULTIPLE) * ROW_MULTIPLE, self.dims + 4), np.float32)
+        query[:len(part)] = np.concatenate([-2 * part, _split_bf16(squared).T, np.ones((len(part), 2))], axis=1)
+        product = (torch.from_numpy(query).to(torch.bfloat16) @ self.operand)[:len(part)]
         return product.view(torch.int16).numpy(), np.sqrt(squared)
 
     def error(self, query_norms: np.ndarray, memory_norms: np.ndarray) -> np.ndarray:

@@ -38,7 +38,6 @@ Nightly scoring keeps one such result root per night, and a history of nightly s
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -82,15 +81,27 @@ MAPS_ABOUT = ("anomaly maps, one subgroup per model version, one array per image
               "say its source image, model version, thresholds and units")
 
 
-@functools.lru_cache(maxsize=64)
 def _map_metadata(height: int, width: int, chunk_h: int, chunk_w: int) -> dict:
-    """zarr's metadata document of a map of this size (attributes aside): written by zarr itself,
-    once per size, into memory."""
-    objects: dict = {}
-    zarr.create_array(zarr.storage.MemoryStore(objects), **_map_settings(height, width, chunk_h, chunk_w))
-    metadata = json.loads(objects["zarr.json"].to_bytes())
-    metadata.pop("attributes", None)
-    return metadata
+    """zarr's metadata document of a map of this size, attributes aside: the one zarr writes for a
+    1 x 1 map, with the size's shape, chunks and dimension names (MTD images have as many sizes
+    as images: zarr itself, each time, took ~3 ms)."""
+    metadata = _map_template()
+    metadata["chunk_grid"]["configuration"]["chunk_shape"] = [chunk_h, chunk_w]
+    return {**metadata, "shape": [height, width], "dimension_names": [f"y_{height}", f"x_{width}"]}
+
+
+def _map_template() -> dict:
+    global _TEMPLATE
+    if _TEMPLATE is None:
+        objects: dict = {}
+        zarr.create_array(zarr.storage.MemoryStore(objects), **_map_settings(1, 1, 1, 1))
+        template = json.loads(objects["zarr.json"].to_bytes())
+        template.pop("attributes", None)
+        _TEMPLATE = json.dumps(template)
+    return json.loads(_TEMPLATE)  # a fresh copy
+
+
+_TEMPLATE: str | None = None
 
 
 @dataclass(frozen=True)
@@ -244,7 +255,8 @@ class ResultStore:
                 objects[f"c/{row // chunk_h}/{col // chunk_w}"] = codec.encode(np.ascontiguousarray(block))
         metadata = {**_map_metadata(height, width, chunk_h, chunk_w),
                     "attributes": self._map_attributes(image_id, uri, version, height, width)}
-        objects["zarr.json"] = json.dumps(metadata, indent=2).encode()  # last: never metadata without its chunks
+        # last: never metadata without its chunks; no indent: json's C encoder (~0.3 ms less)
+        objects["zarr.json"] = json.dumps(metadata).encode()
         fs, path = filesystem(url)
         if is_local(url):
             if os.path.lexists(path):
