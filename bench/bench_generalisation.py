@@ -55,6 +55,7 @@ def configurations() -> dict:
     configs = {c.name: c for c in default_candidates()}
     extra = [
         Candidate.make("coarse", "patchcore", {"context_scales": ()}),
+        Candidate.make("full-size", "patchcore", {"input_scale": 1.0}),  # a candidate of --auto until 2026-11-30
         Candidate.make("mid", "patchcore", {"layers": (2, 3), "input_scale": 0.5, "context_scales": ()}),
         Candidate.make("fine-context", "patchcore", {"layers": (2, 3), "input_scale": 1.0, "context_scales": (0.25,)},
                        {"coreset_ratio": 0.02}),
