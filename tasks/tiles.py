@@ -125,10 +125,10 @@ def stitch_map_task(results: str, image_id: str, uri: str, version: str, shape: 
     out.require()
     if first.get("map_description") is not None:  # absent from tile results cached before it was added
         out.describe_maps(version, first["map_description"])
-    array = out.create_map(image_id, uri, version, shape, MAP_CHUNK)
+    writer = out.open_map(image_id, uri, version, shape)
     rendered = StitchedMap(grid, stitcher.stride, shape, sigma_px)
     for block in blocks(shape[0], shape[1], MAP_CHUNK):
-        array[block.top:block.bottom, block.left:block.right] = rendered.block(block.top, block.left, block.bottom, block.right)
+        writer.write_block(block.top, block.left, rendered.block(block.top, block.left, block.bottom, block.right))
     best = max(tile_scores, key=lambda item: item["max"])  # the image's max patch, eq. 7 weighted
     preview = _preview(grid, float(np.percentile(grid, 50)), float(grid.max()))
     preview_url = out.write_file(f"previews/{map_key(image_id, uri, version)}.png", preview)
@@ -139,8 +139,11 @@ def stitch_map_task(results: str, image_id: str, uri: str, version: str, shape: 
 def _preview(grid: np.ndarray, low: float, high: float) -> bytes:
     """A small PNG of the stitched map (the grid itself, enlarged to at most PREVIEW_SIDE)."""
     scale = max(1, PREVIEW_SIDE // max(grid.shape))
-    enlarged = np.kron(grid, np.ones((scale, scale), np.float32)) if scale > 1 else grid
-    rgb = heatmap_overlay(np.zeros(enlarged.shape, np.float32), enlarged, low, high, opacity=1.0)
+    # coloured, then enlarged: each cell's colour depends on its value alone, so this is the
+    # enlarged grid's overlay, from scale^2 fewer pixels
+    rgb = heatmap_overlay(np.zeros(grid.shape, np.float32), grid, low, high, opacity=1.0)
+    if scale > 1:
+        rgb = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return buffer.getvalue()

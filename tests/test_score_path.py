@@ -8,6 +8,7 @@ memory vectors tie within float32 rounding, checked against float64 brute force 
 """
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -165,3 +166,30 @@ def test_a_batch_scored_together_gives_each_images_own_score_map_and_error_rows(
         score, amap = model.score(image)
         assert row["score"] == pytest.approx(score, rel=1e-6) and row["is_anomalous"] == (score > 6.0)
         np.testing.assert_allclose(store.read_map(row["map"]), amap, rtol=1e-6, atol=1e-6)
+
+
+def test_a_map_opened_for_blocks_reads_nan_where_no_block_came_and_takes_only_whole_chunks(store):
+    writer = store.open_map("big.tif", "/src/big.tif", "v0001", (1100, 700))
+    writer.write_block(512, 512, np.full((512, 188), 3.0, np.float32))
+    writer.write_block(1024, 0, np.full((76, 512), 4.0, np.float32))
+    for top, left, shape in ((0, 100, (512, 512)), (0, 0, (512, 188)), (1024, 512, (76, 189))):
+        with pytest.raises(ValueError, match="not one chunk"):
+            writer.write_block(top, left, np.zeros(shape, np.float32))
+    written = store.read_map(writer.url)
+    assert (written[512:1024, 512:] == 3.0).all() and (written[1024:, :512] == 4.0).all()
+    assert np.isnan(written[:512]).all() and np.isnan(written[512:1024, :512]).all() and np.isnan(written[1024:, 512:]).all()
+    zarr_written = store.create_map("b.tif", "/src/b.tif", "v0001", (1100, 700)).metadata.to_dict()
+    opened = zarr.open_array(writer.url, mode="r", zarr_format=3).metadata.to_dict()
+    assert {**opened, "attributes": None} == {**zarr_written, "attributes": None}
+
+
+def test_the_stitched_maps_preview_is_the_enlarged_grids_overlay():
+    from PIL import Image
+
+    from patchwatch.anomaly.maps import heatmap_overlay
+    from patchwatch.tasks.tiles import _preview
+
+    grid = np.random.default_rng(3).random((37, 52)).astype(np.float32) * 9
+    enlarged = np.kron(grid, np.ones((19, 19), np.float32))       # 1024 // 52 = 19
+    expected = heatmap_overlay(np.zeros(enlarged.shape, np.float32), enlarged, 2.0, 8.0, opacity=1.0)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(_preview(grid, 2.0, 8.0)))), expected)
