@@ -114,11 +114,20 @@ def tile_sigma(sigma: float, tile_shape: tuple[int, int], input_shape: tuple[int
 
 def render_block(grid: np.ndarray, stride: int, image_shape: tuple[int, int], block: Tile,
                  sigma: float) -> np.ndarray:
-    """One block of the full-resolution map: the grid bilinearly upsampled and smoothed.
+    """One block of the full-resolution map: the grid bilinearly upsampled and smoothed (the
+    reference that :class:`anomaly.maps.StitchedMap` equals; its two steps apart for the bench).
 
     The block is rendered with a margin of 4 sigma so the Gaussian sees its true neighbourhood:
     blocks rendered separately join without seams.
     """
+    upsampled, window = upsample_block(grid, stride, image_shape, block, sigma)
+    return smooth_block(upsampled, window, block, sigma)
+
+
+def upsample_block(grid: np.ndarray, stride: int, image_shape: tuple[int, int], block: Tile,
+                   sigma: float) -> tuple[np.ndarray, Tile]:
+    """The grid bilinearly upsampled over ``block`` and a margin of 4 sigma (clipped to the
+    image): the upsampled pixels and the window they cover."""
     margin = int(np.ceil(4 * sigma)) + stride
     top, left = max(block.top - margin, 0), max(block.left - margin, 0)
     bottom, right = min(block.bottom + margin, image_shape[0]), min(block.right + margin, image_shape[1])
@@ -135,8 +144,13 @@ def render_block(grid: np.ndarray, stride: int, image_shape: tuple[int, int], bl
     wy, wx = (ry - y0)[:, None], (cx - x0)[None, :]
     upsampled = ((1 - wy) * ((1 - wx) * patch[np.ix_(y0, x0)] + wx * patch[np.ix_(y0, x1)])
                  + wy * ((1 - wx) * patch[np.ix_(y1, x0)] + wx * patch[np.ix_(y1, x1)]))
+    return upsampled, Tile(top, left, bottom, right)
+
+
+def smooth_block(upsampled: np.ndarray, window: Tile, block: Tile, sigma: float) -> np.ndarray:
+    """:func:`upsample_block`'s pixels Gaussian-smoothed ('nearest' ends), cut to ``block``."""
     smoothed = gaussian_filter(upsampled.astype(np.float32), sigma=sigma, mode="nearest") if sigma > 0 else upsampled
-    inner = smoothed[block.top - top: block.bottom - top, block.left - left: block.right - left]
+    inner = smoothed[block.top - window.top: block.bottom - window.top, block.left - window.left: block.right - window.left]
     return inner.astype(np.float32)
 
 
