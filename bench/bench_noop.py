@@ -60,8 +60,10 @@ def measure(split: str, images: int = 6, repeats: int = 3, old: str | None = OLD
             shutil.copy(record.uri, folder / f"{i}-{Path(record.uri).name}")
         root = tmp / "model"
         with running_prefect_server(tmp / "prefect") as server:
+            # PatchCore's fixed defaults (no --auto probe): the old code has no --auto, and the root's
+            # configuration is then the same whatever --auto would choose for these few images
             env = {**os.environ, "PREFECT_API_URL": server.api_url, "PREFECT_HOME": str(tmp / "home"),
-                   "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+                   "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PATCHWATCH_AUTO": "0"}
             run(REPO, ["fit", "--images", str(folder), "--root", str(root), "--workers", "1"], env)
             commands = {"fit, nothing new": ["fit", "--images", str(folder), "--root", str(root), "--workers", "1"],
                         "models": ["models", "--root", str(root)],
@@ -83,6 +85,7 @@ def measure(split: str, images: int = 6, repeats: int = 3, old: str | None = OLD
     notes = ([f"old: the code of commit {old} (git archive), new: this tree; same virtualenv, same root"] if old else
              ["this tree's code only (no old commit)"])
     notes += ["each time: a fresh `python -m patchwatch.cli ...` process from start to exit (imports included)",
+              "PATCHWATCH_AUTO=0: the root is fitted with PatchCore's fixed defaults, without the --auto probe",
               "runs reported to one Prefect server started for the benchmark (PREFECT_API_URL), as with a user's server",
               *(["fit, nothing new: old starts a local Dask cluster (1 worker) first; new lists the source and reads "
                  "the bank in the command's process and runs the flow without a cluster"] if old else

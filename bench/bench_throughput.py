@@ -50,7 +50,7 @@ PARTS = ("runtime", "score", "metrics", "png", "noop")
 # part sizes: this run's reduced ones, and (--full) each benchmark's own full run
 REDUCED = {"runtime_rounds": 3, "runtime_images": 40, "runtime_train": 20, "runtime_passes": 2,
            "score_train": "all", "score_test": 20, "large_side": 8192,
-           "metrics_train": 100, "metrics_test": 100, "metrics_scales": "1,4",
+           "metrics_train": 0, "metrics_test": 0, "metrics_scales": "1,4",
            "png_side": 12000, "png_repeats": 1, "noop_images": 6, "noop_repeats": 3}
 FULL = {"runtime_rounds": 7, "runtime_images": 0, "runtime_train": 100, "runtime_passes": 2,
         "score_train": "30,all", "score_test": 40, "large_side": 8192,
@@ -150,51 +150,67 @@ def runtime_rows(result: dict, sizes: dict) -> list[dict]:
     return rows
 
 
+def _count(value) -> int | None:
+    """A row count as bench_score_profile writes it (8021, "8,021"; "-" or None: none)."""
+    text = str(value).replace(",", "").strip() if value is not None else ""
+    return int(text) if text.isdigit() else None
+
+
 def _memory_rows(section: dict) -> int | None:
     if section.get("memory_rows") is not None:
-        return int(section["memory_rows"])
+        return _count(section["memory_rows"])
     found = re.search(r"memory of ([\d,]+) rows", section["title"])
-    return int(found.group(1).replace(",", "")) if found else None
+    return _count(found.group(1)) if found else None
 
 
-def _score_figures(data: dict) -> dict:
-    """From bench_score_profile's JSON, per (memory rows, image set): the current path's score ms
-    per image and backbone share (its 'after' columns where it also shows a 'before' path)."""
-    figures = {}
+def _score_figures(data: dict) -> list[dict]:
+    """From bench_score_profile's JSON, one entry per row of its backbone-share table (detector,
+    memory rows, image set): the current path's backbone share and score ms per image (its 'after'
+    columns where it also shows a 'before' path)."""
     shares = next(s for s in data["sections"] if any("backbone share" in key for key in s["rows"][0]))
+    figures = []
     for row in shares["rows"]:
         key = "backbone share after" if "backbone share after" in row else next(k for k in row if "backbone share" in k)
-        figures[(row.get("memory rows"), row["images"])] = {"share": row[key]}
+        figures.append({"detector": row.get("detector", "PatchCore"), "memory": _count(row.get("memory rows")),
+                        "images": str(row["images"]), "share": row[key], "ms": None})
     for section in data["sections"]:
         total = next((r for r in section["rows"] if str(r.get("stage", "")).startswith("score time")), None)
         if total is None:
             continue
         memory = _memory_rows(section)
-        for (rows, name), entry in figures.items():
-            if rows is not None and memory is not None and rows != memory:
+        columns = {}
+        for key, value in total.items():
+            found = re.fullmatch(r"(.+?) (?:after )?ms/image", key)
+            if found and not key.endswith("before ms/image"):
+                columns[found.group(1)] = value
+        for entry in figures:
+            if entry["memory"] != memory:
                 continue
-            ms = next((total[k] for k in (f"{name} after ms/image", f"{name} ms/image") if k in total), None)
-            if ms is not None:
-                entry["ms"] = ms
+            for name in (f"{entry['detector'].split()[0]} {entry['images']}", entry["images"]):
+                if columns.get(name) is not None:
+                    entry["ms"] = columns[name]
+                    break
     return figures
 
 
 def score_rows(data: dict, sizes: dict) -> list[dict]:
-    side = sizes["large_side"]
     rows = []
-    for (memory, name), entry in _score_figures(data).items():
-        large = name != "MTD"
-        what = f"one {side} x {side} mosaic (512 px tiles)" if large else "MTD test images, whole"
-        on = ("memory of " + (f"{memory:,}" if memory is not None else "?") + " rows; "
-              + (f"1 image of {side}^2 px" if large else f"{sizes['score_test']} test images"))
-        ms = entry.get("ms")
-        if ms is not None and large:
-            rows.append(target_row(f"score throughput, {what}", side * side / 1e6 / (ms / 1000), None, None,
-                                   "Mpx/s", on + f"; {ms / 1000:.1f} s per image"))
+    for entry in _score_figures(data):
+        side = re.fullmatch(r"(\d+)px", entry["images"])
+        what = (f"one {side.group(1)} x {side.group(1)} mosaic (512 px tiles)" if side
+                else f"{entry['images']} test images, whole")
+        on = ((f"memory of {entry['memory']:,} rows; " if entry["memory"] is not None else "")
+              + (f"1 image of {side.group(1)}^2 px" if side else f"{sizes['score_test']} test images"))
+        label = f"{entry['detector']}, {what}"
+        ms = entry["ms"]
+        if ms is not None and side:
+            pixels = int(side.group(1)) ** 2
+            rows.append(target_row(f"score throughput, {label}", pixels / 1e6 / (ms / 1000), None, None, "Mpx/s",
+                                   on + f"; {ms / 1000:.1f} s per image"))
         elif ms is not None:
-            rows.append(target_row(f"score throughput, {what}", 1000 / ms, None, None, "images/s",
+            rows.append(target_row(f"score throughput, {label}", 1000 / ms, None, None, "images/s",
                                    on + f"; {ms:.1f} ms per image"))
-        rows.append(target_row(f"backbone share of score time, {what}", entry["share"], ">=", 0.80, "%", on))
+        rows.append(target_row(f"backbone share of score time, {label}", entry["share"], ">=", 0.80, "%", on))
     return rows
 
 
@@ -238,7 +254,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="each part at its own benchmark's full size")
     for key, value in REDUCED.items():
         parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
-                            help=f"(default {value}; --full: {FULL[key]})")
+                            help=f"(default {value}; --full: {FULL[key]}; images 0: every row of the split)")
     parser.add_argument("--tmp", default=None, help="parent folder of the run's scratch folder")
     args = parser.parse_args()
     if args.limit is not None:
