@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .servers import stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,13 +38,5 @@ def dask_cluster(work: Path, env: dict, worker_prefix: tuple[str, ...] = (), nan
                 time.sleep(0.2)
         yield json.loads(scheduler_file.read_text())["address"]
     finally:
-        for process in processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        for process in reversed(processes):  # the workers, then their scheduler
+            stop_process_group(process)

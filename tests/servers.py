@@ -94,21 +94,25 @@ class ServerProcess:
             return "(no log)"
 
     def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM the process group, then SIGKILL it if it has not exited after ``grace`` s."""
-        if self.process is None:
-            return
-        pgid = self.process.pid  # start_new_session: the group id is the leader's pid
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, sig)
-            try:
-                self.process.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            # the leader is gone; children of the group (uvicorn workers...) may linger
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-            break
+        if self.process is not None:
+            stop_process_group(self.process, grace)
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group of ``process`` (started with start_new_session), then SIGKILL
+    it if it has not exited after ``grace`` s; children left in the group are killed too."""
+    pgid = process.pid  # start_new_session: the group id is the leader's pid
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # the leader is gone; children of the group (uvicorn workers...) may linger
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        break
 
 
 def wait_until(check, timeout: float, server: ServerProcess, what: str, interval: float = 0.5):

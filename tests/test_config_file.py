@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import uuid
 
@@ -22,7 +21,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from patchwatch.cli import fit_parameters, parse_arguments
 from tests.synthetic import SIDE, blob_mask, stripes
 
-from .servers import patchwatch_command, patchwatch_env, run_patchwatch
+from .servers import patchwatch_command, patchwatch_env, run_patchwatch, stop_process_group
 from .test_deploy import _wait_for
 
 # enough images for a hold-out (flows.fit.MIN_IMAGES_FOR_HOLDOUT) and so a threshold
@@ -220,11 +219,7 @@ def test_the_nightly_refit_deployed_with_the_file_fits_as_the_tested_fit_did(lin
             run = asyncio.run(_wait_for(triggered.id, RUN_TIMEOUT))
         assert run.state.is_completed(), f"{run.state}\n" + (work / "serve.log").read_text()[-6000:]
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
+        stop_process_group(serve, grace=30)
 
     def manifest(root):
         return json.loads((root / "versions" / "v0001" / "manifest.json").read_text())

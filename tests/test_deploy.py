@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import time
 import uuid
@@ -20,7 +18,7 @@ from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from .conftest import copy_mtd_images, mtd_available
-from .servers import patchwatch_command, patchwatch_env, run_patchwatch
+from .servers import patchwatch_command, patchwatch_env, run_patchwatch, stop_process_group
 
 RUN_TIMEOUT = 400
 
@@ -103,11 +101,7 @@ def test_serve_runs_a_triggered_refit_and_scoring(deployed):
             refit_artifacts = asyncio.run(_artifacts_of(finished["nightly-refit"].id))
             score_artifacts = asyncio.run(_artifacts_of(finished["nightly-score"].id))
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
+        stop_process_group(serve, grace=30)
         log.close()
 
     # the re-fit made the first version; the scoring run wrote tonight's partition with it
