@@ -1,6 +1,6 @@
 """Scoring's work around the backbone (issue 15, item 2, second round): maps written without zarr's
-per-call round trips, and the nearest-neighbour pass ranked by a bfloat16 matrix product whose
-candidates are re-ranked exactly.
+per-call round trips, and the nearest-neighbour pass ranked by a bfloat16 (or, on CPUs without it,
+float32) matrix product whose candidates are re-ranked exactly.
 
 Tolerances: maps are float32 and written exactly (equal arrays); the kNN's distances and rows equal
 those of the float32 pass it replaced (the same sum((q - m)^2) of the same rows) wherever no two
@@ -95,8 +95,9 @@ def test_the_bfloat16_distances_stay_within_their_stated_bound():
         assert (np.abs(computed - exact) / allowed).max() > 0.05  # the bound is not vacuous
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
 @pytest.mark.parametrize("case", ["near ties", "far from the origin", "norms apart", "duplicates"])
-def test_the_nearest_memory_vector_is_the_float64_one_where_no_float32_tie(case):
+def test_the_nearest_memory_vector_is_the_float64_one_where_no_float32_tie(case, precision):
     from patchwatch.anomaly.patchcore import QUERY_BLOCK, PatchCore, PatchCoreConfig
 
     rng = np.random.default_rng(1)
@@ -115,9 +116,16 @@ def test_the_nearest_memory_vector_is_the_float64_one_where_no_float32_tie(case)
         memory = np.concatenate([memory, memory[:300]])
         queries[:50] = memory[:50]
     memory, queries = memory.astype(np.float32), queries.astype(np.float32)
-    model = PatchCore(memory, PatchCoreConfig(map_dims=16))
+    model = PatchCore(memory, PatchCoreConfig(map_dims=16), precision=precision)
     scores, rows, map_scores = model.nearest(queries)
     expected, expected_rows, gap = brute_force(queries, memory)
+    if case == "near ties" and precision == "float32":
+        # the float32 ranking (CPUs without native bfloat16) picks by ||m||^2 - 2 q.m without a bound:
+        # another row where squared distances tie within its rounding (relative to the centred norms)
+        centred = lambda x: np.linalg.norm(x - memory.mean(0), axis=1)  # noqa: E731
+        rounding = 1e-5 * (centred(queries) + centred(memory).max()) ** 2
+        assert (np.abs(scores.astype(np.float64) ** 2 - expected ** 2) <= rounding).all()
+        return
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5 * expected.max())
     clear = gap > 1e-4 * expected.max()  # not a float32 tie
     np.testing.assert_array_equal(rows[clear], expected_rows[clear])
@@ -193,3 +201,21 @@ def test_the_stitched_maps_preview_is_the_enlarged_grids_overlay():
     enlarged = np.kron(grid, np.ones((19, 19), np.float32))       # 1024 // 52 = 19
     expected = heatmap_overlay(np.zeros(enlarged.shape, np.float32), enlarged, 2.0, 8.0, opacity=1.0)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(_preview(grid, 2.0, 8.0)))), expected)
+
+
+def test_a_large_memory_gets_smaller_query_blocks_and_the_same_answers():
+    from patchwatch.anomaly import patchcore
+    from patchwatch.anomaly.patchcore import PatchCore, PatchCoreConfig
+
+    rng = np.random.default_rng(4)
+    memory, queries = rng.standard_normal((3000, 16)).astype(np.float32), rng.standard_normal((700, 16)).astype(np.float32)
+    whole = PatchCore(memory, PatchCoreConfig(map_dims=8)).nearest(queries)
+    saved = patchcore.BLOCK_BYTES
+    try:
+        patchcore.BLOCK_BYTES = 4 * 3000 * 100          # 100 query rows: 64 (a multiple of 64)
+        small = PatchCore(memory, PatchCoreConfig(map_dims=8))
+        assert small._block == 64
+        for got, expected in zip(small.nearest(queries), whole):
+            np.testing.assert_array_equal(got, expected)
+    finally:
+        patchcore.BLOCK_BYTES = saved
