@@ -63,6 +63,31 @@ def test_the_probe_measures_what_a_configuration_sees():
     assert missed.pixel_auroc < seen.pixel_auroc - 0.25
 
 
+def test_a_few_large_images_give_the_probe_many_tile_sized_crops_and_never_share_one_image():
+    """16 images of 1536 x 1536 (the tiling threshold is 1024 px): before, 12 crops to fit on and 4
+    probes to score, whose image AUROC is noise; now up to 80 and 32 crops of distinct tiles, and
+    no probe comes from an image the candidates were fitted on."""
+    from patchwatch.anomaly.tiling import TilingConfig
+
+    rng = np.random.default_rng(2)
+    # each image's pixels say which image it is (the mean of a crop gives it back)
+    images = [np.full((1536, 1536), 8 * i + 4, np.uint8) + rng.integers(0, 3, (1536, 1536), dtype=np.uint8)
+              for i in range(16)]
+    probe = make_probe_set(images, seed=0, tiling=TilingConfig())
+    assert len(probe.train) == 80 and len(probe.clean) == len(probe.defective) == 32
+    assert {view.shape[:2] for view in probe.train + probe.clean} == {(512, 512)}
+
+    def source(view):
+        return int(round((float(np.mean(view)) * (255 if view.dtype != np.uint8 else 1) - 5) / 8))
+
+    train_sources = {source(v) for v in probe.train}
+    probe_sources = {source(v) for v in probe.clean}
+    assert len(train_sources) == 12 and len(probe_sources) == 4 and not train_sources & probe_sources
+    for index in probe_sources:  # distinct tiles of one image: no crop scored twice
+        crops = [v for v in probe.clean if source(v) == index]
+        assert len({v.tobytes() for v in crops}) == len(crops) == 8
+
+
 def run_cli(*args, timeout=600, env=None):
     return subprocess.run([sys.executable, "-m", "patchwatch.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
