@@ -411,7 +411,9 @@ def main() -> None:
             notes = [f"MTD: {whole['images']} test images scored whole, per image; {args.large_side}px: one mosaic of "
                      f"MTD test images in {tiled['tiles']} tiles of 512 px (overlap 128), per image",
                      "share: of the path's own score time (the sum of its stages); before and after ran on the same "
-                     "features, image by image (tile by tile), alternating which went first",
+                     "features, task by task (16 images or tiles), alternating which went first",
+                     f"after: kNN ranked in {model.precision} (anomaly.patchcore.default_precision on this CPU), "
+                     "candidates re-ranked exactly in float32",
                      f"after vs before, largest |difference|: image score MTD {whole['score_diff']:.2g}, "
                      f"{args.large_side}px {tiled['score_diff']:.2g}; map MTD {whole['map_diff']:.2g} "
                      f"(map values up to {whole['map_scale']:.3g}), {args.large_side}px {tiled['map_diff']:.2g} "
