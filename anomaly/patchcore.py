@@ -49,21 +49,24 @@ def build_index(memory: np.ndarray) -> faiss.Index:
 
 
 def reweight_image_score(patch_vectors: np.ndarray, patch_scores: np.ndarray, nearest: np.ndarray,
-                         memory: np.ndarray, index: faiss.Index, num_neighbors: int) -> float:
+                         memory: np.ndarray, index: faiss.Index, num_neighbors: int,
+                         support: np.ndarray | None = None) -> float:
     """Eq. 7: s = (1 - softmax over the b neighbours of m*) * max patch score.
 
     m_test* is the patch with the largest score, m* its nearest memory vector; the weight
     compares its distance to m* with its distances to m*'s b nearest memory vectors (m* among
     them), so an anomaly far from a dense memory region keeps its score and one next to a rare
-    memory vector is down-weighted.
+    memory vector is down-weighted. ``support``: m*'s neighbours if already found (m* first),
+    else a faiss search finds them.
     """
     worst = int(np.argmax(patch_scores))
     max_score = float(patch_scores[worst])
     neighbours = min(num_neighbors, index.ntotal)
     if neighbours < 2:
         return max_score
-    _, support = index.search(memory[nearest[worst]][None], neighbours)
-    distances = np.sqrt(((memory[support[0]] - patch_vectors[worst]) ** 2).sum(1)).astype(np.float64)
+    if support is None:
+        support = index.search(memory[nearest[worst]][None], neighbours)[1][0]
+    distances = np.sqrt(((memory[support] - patch_vectors[worst]) ** 2).sum(1)).astype(np.float64)
     # m* itself is its own nearest neighbour; make sure it sits first
     distances[0] = patch_scores[worst]
     softmax = np.exp(distances - distances.max())
@@ -305,14 +308,45 @@ class PatchCore:
         if not features:
             return []
         scores, nearest, map_scores = self.nearest(np.concatenate([f.vectors for f in features]))
-        results, start = [], 0
-        for item in features:
-            part = slice(start, start + len(item.vectors))
-            start = part.stop
-            image_score = reweight_image_score(item.vectors, scores[part], nearest[part], self.memory, self.index,
-                                               self.config.num_neighbors)
-            results.append((image_score, map_scores[part].reshape(item.grid)))
-        return results
+        parts = np.cumsum([0] + [len(item.vectors) for item in features])
+        parts = [slice(start, stop) for start, stop in zip(parts[:-1], parts[1:])]
+        # eq. 7's m* of every image, their neighbourhoods in one ranked pass (a faiss search each
+        # took ~0.6 ms)
+        stars = np.array([nearest[part][np.argmax(scores[part])] for part in parts])
+        count = min(self.config.num_neighbors, len(self.memory))
+        supports = (self.neighbourhoods(stars, count) if self.precision == "bfloat16" and count >= 2
+                    else [None] * len(features))
+        return [(reweight_image_score(item.vectors, scores[part], nearest[part], self.memory, self.index,
+                                      self.config.num_neighbors, support),
+                 map_scores[part].reshape(item.grid))
+                for item, part, support in zip(features, parts, supports)]
+
+    def neighbourhoods(self, rows: np.ndarray, count: int) -> np.ndarray:
+        """(len(rows), count): the ``count`` nearest memory rows of each memory row in ``rows``,
+        nearest first (itself, at distance 0; ties: the lower row), as faiss's flat search finds
+        them but for ties within float32 rounding. Candidates: every vector the bfloat16 ranking's
+        bound cannot place beyond the count-th nearest; their distances computed exactly."""
+        vectors = self.memory[rows]
+        bits, query_norms = self._full.distances(vectors - self._centre)
+        u, norms = BF16_ROUNDOFF, self._full.norms
+        # the count smallest results (negative ones, rounding of 0, first in int16 order) each have a
+        # true distance at most their result plus its bound: so has the count-th nearest vector
+        kth = np.maximum(_as_float(np.partition(bits, count - 1, axis=1)[:, count - 1]), 0)
+        ceiling = kth / (1 - u) + self._full.error(query_norms, norms.max())
+        ceiling += np.abs(ceiling) * 2.0 ** -20 + 2.0 ** -20
+        loose = (ceiling + self._full.error(query_norms, norms.max())) / (1 - 2 * u)
+        flat = np.flatnonzero(bits <= _bits_at_least(loose)[:, None])
+        line, row = np.divmod(flat, bits.shape[1])
+        value = _as_float(bits.ravel()[flat])
+        kept = value - np.abs(value) * u / (1 - u) - self._full.error(query_norms[line], norms[row]) <= ceiling[line]
+        line, row = line[kept], row[kept]
+        squared = ((vectors[line] - self.memory[row]) ** 2).sum(1, dtype=np.float32)
+        order = np.lexsort((row, squared, line))  # by query, distance, row
+        line, row = line[order], row[order]
+        rank = np.arange(len(line)) - np.searchsorted(line, line)  # place within its query's candidates
+        support = np.empty((len(rows), count), np.int64)
+        support[line[rank < count], rank[rank < count]] = row[rank < count]
+        return support
 
     def render(self, grid: np.ndarray, features: PatchFeatures) -> np.ndarray:
         """The anomaly map of an image's patch-score grid, at the original image size."""

@@ -164,19 +164,21 @@ def before_write_map(store, name: str, amap: np.ndarray) -> None:
 
 # ---- the code after ----------------------------------------------------------------------------------
 def after_grids(clock: dict, model, features: list) -> list[tuple[float, np.ndarray]]:
-    """``PatchCore.image_scores_and_grids``, its kNN pass and eq. 7 timed apart."""
+    """``PatchCore.image_scores_and_grids``, its kNN pass and eq. 7 (m*'s neighbourhoods, the
+    re-weighting) timed apart."""
     from patchwatch.anomaly.patchcore import reweight_image_score
 
     scores, nearest, map_scores = timed(clock, "knn_once", lambda: model.nearest(
         np.concatenate([item.vectors for item in features])))
-    results, start = [], 0
-    for item in features:
-        part = slice(start, start + len(item.vectors))
-        start = part.stop
-        score = timed(clock, "eq7", reweight_image_score, item.vectors, scores[part], nearest[part], model.memory,
-                      model.index, model.config.num_neighbors)
-        results.append((score, map_scores[part].reshape(item.grid)))
-    return results
+    bounds = np.cumsum([0] + [len(item.vectors) for item in features])
+    parts = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
+    stars = np.array([nearest[part][np.argmax(scores[part])] for part in parts])
+    count = min(model.config.num_neighbors, len(model.memory))
+    supports = (timed(clock, "eq7", model.neighbourhoods, stars, count) if model.precision == "bfloat16" and count >= 2
+                else [None] * len(features))
+    return [(timed(clock, "eq7", reweight_image_score, item.vectors, scores[part], nearest[part], model.memory,
+                   model.index, model.config.num_neighbors, support), map_scores[part].reshape(item.grid))
+            for item, part, support in zip(features, parts, supports)]
 
 
 # ---- whole images --------------------------------------------------------------------------------------

@@ -219,3 +219,36 @@ def test_a_large_memory_gets_smaller_query_blocks_and_the_same_answers():
             np.testing.assert_array_equal(got, expected)
     finally:
         patchcore.BLOCK_BYTES = saved
+
+
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_eq7_neighbourhoods_from_the_ranking_equal_the_faiss_searches(duplicates):
+    from patchwatch.anomaly.patchcore import PatchCore, PatchCoreConfig, reweight_image_score
+
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((8, 40)) * 3 + 20      # far from the origin, clustered
+    memory = (centres[rng.integers(0, 8, 1500)] + 0.4 * rng.standard_normal((1500, 40))).astype(np.float32)
+    if duplicates:
+        memory[1000:1100] = memory[:100]
+    model = PatchCore(memory, PatchCoreConfig(map_dims=20, num_neighbors=9), precision="bfloat16")
+    rows = np.arange(0, 1500, 7)
+    support = model.neighbourhoods(rows, 9)
+    _, expected = model.index.search(memory[rows], 9)
+    exact = ((memory[rows][:, None] - memory[None]) ** 2).sum(-1)
+    for line in range(len(rows)):
+        got, want = exact[line, support[line]], exact[line, expected[line]]
+        np.testing.assert_allclose(np.sort(got), np.sort(want), rtol=1e-5, atol=1e-5)  # the same neighbourhood
+        assert exact[line, support[line][0]] == 0                                      # m* (or its copy) first
+    # the image score with them: as with the faiss search
+    queries = (centres[rng.integers(0, 8, 300)] + 0.6 * rng.standard_normal((300, 40))).astype(np.float32)
+    features = [PatchFeatures_(queries[i:i + 60]) for i in range(0, 300, 60)]
+    for (score, _), item in zip(model.image_scores_and_grids(features), features):
+        scores, nearest, _ = model.nearest(item.vectors)
+        expected_score = reweight_image_score(item.vectors, scores, nearest, model.memory, model.index, 9)
+        assert score == pytest.approx(expected_score, rel=1e-6)
+
+
+def PatchFeatures_(vectors):
+    from patchwatch.anomaly.features import PatchFeatures
+
+    return PatchFeatures(vectors, (6, 10), (48, 80), (48, 80))
