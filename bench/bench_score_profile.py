@@ -127,7 +127,7 @@ def before_render_block(clock: dict, grid, stride, shape, block, sigma) -> np.nd
     return timed(clock, "smoothing", smooth_block, upsampled, window, block, sigma)
 
 
-def before_create_map(store, name: str, shape) -> "zarr.Array":
+def before_create_map(store, name: str, shape):
     """``ResultStore.create_map`` as it was: through zarr, with zarr's default codec (zstd level 0)."""
     import zarr
 

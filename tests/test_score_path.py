@@ -241,14 +241,14 @@ def test_eq7_neighbourhoods_from_the_ranking_equal_the_faiss_searches(duplicates
         assert exact[line, support[line][0]] == 0                                      # m* (or its copy) first
     # the image score with them: as with the faiss search
     queries = (centres[rng.integers(0, 8, 300)] + 0.6 * rng.standard_normal((300, 40))).astype(np.float32)
-    features = [PatchFeatures_(queries[i:i + 60]) for i in range(0, 300, 60)]
+    features = [_features(queries[i:i + 60]) for i in range(0, 300, 60)]
     for (score, _), item in zip(model.image_scores_and_grids(features), features):
         scores, nearest, _ = model.nearest(item.vectors)
         expected_score = reweight_image_score(item.vectors, scores, nearest, model.memory, model.index, 9)
         assert score == pytest.approx(expected_score, rel=1e-6)
 
 
-def PatchFeatures_(vectors):
+def _features(vectors):
     from patchwatch.anomaly.features import PatchFeatures
 
     return PatchFeatures(vectors, (6, 10), (48, 80), (48, 80))
