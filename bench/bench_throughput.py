@@ -31,6 +31,7 @@ import os
 for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_variable] = "1"
 
+import argparse  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
@@ -250,6 +251,9 @@ PLANNED = {"runtime": ["backbone, CPU default vs torch eager", "backbone, torch 
 # ---- the run -----------------------------------------------------------------------------------------
 def main() -> None:
     parser = common.base_parser(__doc__.split("\n\n")[0], "throughput")
+    for action in parser._actions:  # base_parser's --limit: each part has its own size options here
+        if action.dest == "limit":
+            action.help = argparse.SUPPRESS
     parser.add_argument("--parts", default=",".join(PARTS), help="parts to run (default %(default)s)")
     parser.add_argument("--full", action="store_true", help="each part at its own benchmark's full size")
     for key, value in REDUCED.items():
