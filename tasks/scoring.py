@@ -137,14 +137,16 @@ def score_image(record: ImageRecord, image, extractor, detector, out: ResultStor
                 features=None, grid: tuple[float, np.ndarray] | None = None) -> dict:
     """Score one decoded image and write its map; :class:`Unusable` if this image cannot be,
     anything else (storage trouble) propagates to the task's retries. ``features`` and ``grid``
-    (PatchCore's image score and patch-score grid): already computed, see :func:`score_images`."""
+    (the detector's image score and patch-score grid): already computed, see :func:`score_images`;
+    an image score of None is the map's maximum (PaDiM)."""
     try:
         if features is None:
             features = extractor.extract([image])[0]
         if grid is None:
             score, amap = detector.score(features)
         else:
-            score, amap = grid[0], detector.render(grid[1], features)
+            amap = detector.render(grid[1], features)
+            score = float(amap.max()) if grid[0] is None else grid[0]
     except MemoryError:
         raise
     except Exception as error:
@@ -164,7 +166,8 @@ def score_images(records: list[ImageRecord], images: list, extractor, detector, 
                  model: ModelRef) -> tuple[list[dict], list[dict]]:
     """(score rows, error rows) of :func:`score_image` on each image, in order. PatchCore finds the
     nearest memory vectors of all the batch's patches in one pass: its matrix product is several
-    times faster per row on a batch's ~1,500 rows than on one MTD image's ~100."""
+    times faster per row on a batch's ~1,500 rows than on one MTD image's ~100; PaDiM reads each
+    position's inverse covariance once for the batch."""
     features: dict[int, object] = {}
     outcomes: dict[int, dict | Unusable] = {}
     for number, image in enumerate(images):
@@ -175,7 +178,7 @@ def score_images(records: list[ImageRecord], images: list, extractor, detector, 
         except Exception as error:
             outcomes[number] = _unusable(error)
     grids: dict[int, tuple[float, np.ndarray]] = {}
-    if isinstance(detector, PatchCore) and len(features) > 1:
+    if isinstance(detector, (PatchCore, Padim)) and len(features) > 1:
         try:
             grids = dict(zip(features, detector.image_scores_and_grids(list(features.values()))))
         except MemoryError:

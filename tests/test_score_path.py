@@ -176,6 +176,37 @@ def test_a_batch_scored_together_gives_each_images_own_score_map_and_error_rows(
         np.testing.assert_allclose(store.read_map(row["map"]), amap, rtol=1e-6, atol=1e-6)
 
 
+def test_a_padim_batch_scored_together_gives_each_image_its_own_score_map_and_error_rows(store):
+    """PaDiM's batch reads each position's inverse covariance once for all images; a wrong-grid
+    image makes the shared pass fail, and every image is then scored alone (its own error row)."""
+    from patchwatch.anomaly.features import PatchFeatures
+    from patchwatch.anomaly.padim import Padim, PadimConfig
+    from patchwatch.storage.images import ImageRecord
+    from patchwatch.tasks.scoring import ModelRef, score_images
+
+    rng = np.random.default_rng(3)
+    grid = (5, 6)
+    model = Padim.fit([rng.standard_normal((30, 24)).astype(np.float32) for _ in range(40)], grid,
+                      PadimConfig(channels=16))
+    ref = ModelRef(root="unused", version="v0001", fingerprint="f", threshold=6.0)
+
+    def features(shape=grid):
+        return PatchFeatures(rng.standard_normal((shape[0] * shape[1], 24)).astype(np.float32) * rng.uniform(0.5, 3),
+                             shape, (40, 48), (40, 48))
+
+    for images, failing in (([features(), features(), features()], []),
+                            ([features(), features((6, 5)), features()], ["i1.png"])):
+        records = [ImageRecord(image_id=f"i{n}.png", uri=f"/src/i{n}.png") for n in range(len(images))]
+        rows, errors = score_images(records, images, FeaturesOf(), model, store, ref)
+        assert [e["image_id"] for e in errors] == failing
+        for row in rows:
+            score, amap = model.score(images[int(row["image_id"][1])])
+            assert row["score"] == pytest.approx(score, rel=1e-9)
+            np.testing.assert_allclose(store.read_map(row["map"]), amap, rtol=1e-6, atol=1e-6)
+    stack = np.stack([features().vectors for _ in range(4)])
+    np.testing.assert_allclose(model.patch_scores_many(stack), [model.patch_scores(v) for v in stack], rtol=1e-12)
+
+
 def test_a_map_opened_for_blocks_reads_nan_where_no_block_came_and_takes_only_whole_chunks(store):
     writer = store.open_map("big.tif", "/src/big.tif", "v0001", (1100, 700))
     writer.write_block(512, 512, np.full((512, 188), 3.0, np.float32))
