@@ -213,7 +213,8 @@ class Padim:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "Padim":
+        # a model written before a setting existed was fitted with that setting's default
         config = PadimConfig(**{f.name: np.asarray(arrays[f"config_{f.name}"]).item()
-                                for f in fields(PadimConfig)})
+                                for f in fields(PadimConfig) if f"config_{f.name}" in arrays})
         return cls(arrays["mean"], arrays["inv_cov"], arrays["channel_index"],
                    tuple(int(v) for v in arrays["grid"]), config, dim=int(arrays["dim"]))

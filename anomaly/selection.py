@@ -46,18 +46,19 @@ class Candidate:
 
 
 def default_candidates() -> list[Candidate]:
-    """The configurations ``--auto`` compares, cheapest to fit first: when the probe cannot tell
-    two apart, the earlier is kept. They span what the quality benchmark found to matter on
-    unseen data (bench/bench_generalisation.py): a per-position model (PaDiM: best on most of its
-    sets) as it defaults (every channel and a context scale: best on MTD's 763 images) and a local
-    one (100 channels, whose covariances a hundred images estimate better; no context: small
-    defects on regular textures), PatchCore's default (coarse grid with context) and a fine
+    """The configurations ``--auto`` compares; the first is kept unless another clearly beats it
+    on the probe (:func:`anomaly.probe_choice.choose_candidate`). They span what the quality
+    benchmark found to matter on unseen data (bench/bench_generalisation.py): PaDiM as a new fit
+    defaults (every channel, a context scale and OAS-shrunk covariances: the most robust across the
+    benchmark's sets), a local PaDiM (100 channels, no context, no shrinkage: small defects on
+    regular textures), PatchCore's default (coarse grid with context) and a fine
     stride-8 grid (best on aligned parts with thin cracks). The default's features at full size
     are no longer compared: never the best on any set beyond the benchmark's noise, at 15x
     PaDiM's scoring time on MTD (bench/results/generalisation.md)."""
     return [
         Candidate.make("padim", "padim"),
-        Candidate.make("padim-local", "padim", {"square_side": 256, "context_scales": ()}, {"channels": 100}),
+        Candidate.make("padim-local", "padim", {"square_side": 256, "context_scales": ()},
+                       {"channels": 100, "shrinkage": "none"}),
         Candidate.make("coarse-context", "patchcore"),
         Candidate.make("fine", "patchcore", {"layers": (2, 3), "input_scale": 1.0, "context_scales": ()},
                        {"coreset_ratio": 0.02}),

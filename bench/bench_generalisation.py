@@ -60,9 +60,9 @@ def configurations() -> dict:
         Candidate.make("fine-context", "patchcore", {"layers": (2, 3), "input_scale": 1.0, "context_scales": (0.25,)},
                        {"coreset_ratio": 0.02}),
         Candidate.make("spade", "spade"),
-        # PaDiM's defaults with OAS-shrunk covariances: does one PaDiM hold up with few images
-        # (padim-local's strength) and many (padim's)?
-        Candidate.make("padim-oas", "padim", None, {"shrinkage": "oas"}),
+        # PaDiM's new-fit defaults before OAS shrinkage (the 'padim' candidate until 2026-11-30),
+        # and the local PaDiM with it
+        Candidate.make("padim-plain", "padim", None, {"shrinkage": "none"}),
         Candidate.make("padim-local-oas", "padim", {"square_side": 256, "context_scales": ()},
                        {"channels": 100, "shrinkage": "oas"}),
     ]
@@ -362,6 +362,8 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="image counts of the built sets x this")
     parser.add_argument("--mtd-limit", type=int, default=None, help="MTD: N train and N test images (default all)")
     parser.add_argument("--no-auto", action="store_true", help="skip --auto's probe")
+    parser.add_argument("--probe-only", action="store_true",
+                        help="only --auto's probe and its picks (no test rows): writes NAME-probe.md")
     args = parser.parse_args()
     started = time.perf_counter()
     work = Path(args.work)
@@ -370,7 +372,7 @@ def main() -> None:
     wanted = args.configs.split(",") if args.configs else list(configs)
     # --auto is scored by the test metrics of the candidate it picks: all candidates are measured
     required = [default_name] + ([] if args.no_auto else [c.name for c in default_candidates()])
-    wanted = list(dict.fromkeys([*required, *wanted]))
+    wanted = [] if args.probe_only else list(dict.fromkeys([*required, *wanted]))
     tiling = TilingConfig()
     sets = load_sets(args.sets.split(","), work, args.scale, args.mtd_limit)
     digest, auto_digest = source_digest(ROW_SOURCES), source_digest(AUTO_SOURCES)
@@ -397,6 +399,13 @@ def main() -> None:
             "wall_s": time.perf_counter() - started, "measures_memory": False,
             "parameters": {"sets": [d.name for d in sets], "scale": args.scale, "mtd_limit": args.mtd_limit,
                            "configs": {n: configs[n].describe() for n in wanted}}}
+    if args.probe_only:
+        picks = [{"set": name, "picks": auto["chosen"], "reason": auto["reason"], "probe images": auto["probe_images"],
+                  "probe s": auto["seconds"]} for name, auto in autos.items()]
+        probes = [{"set": name, **row} for name, auto in autos.items() for row in auto["probe"]]
+        common.report(args.out, f"{args.name}-probe", "--auto's probe and its picks (no test rows)", meta,
+                      [{"title": "--auto's pick per set", "rows": picks}, {"title": "Probe per candidate", "rows": probes}])
+        return
     common.report(args.out, args.name, "Detection quality across kinds of data", meta,
                   summarise(sets, rows, autos, default_name))
 

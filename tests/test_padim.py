@@ -192,3 +192,19 @@ def test_real_backbone_finds_a_bright_blob():
     assert amap.shape == (SIDE, SIDE)
     assert blob_score > max(clean_scores)
     assert blob_mask()[np.unravel_index(np.argmax(amap), amap.shape)]
+
+
+def test_a_new_fit_shrinks_and_a_model_or_manifest_from_before_shrinkage_keeps_fitting_as_it_was(scene):
+    """New fits use OAS; a version written before the setting existed loads (its detector.npz has
+    no config_shrinkage) and its root's re-fits go on without shrinkage (its manifest's record)."""
+    from patchwatch.anomaly.detectors import detector_config
+
+    assert detector_config("padim").shrinkage == "oas"
+    old_record = {k: v for k, v in PadimConfig().to_dict().items() if k != "shrinkage"}
+    assert detector_config("padim", old_record).shrinkage == "none"
+    train, clean, _ = scene
+    model = Padim.fit(train, GRID, CONFIG)
+    arrays = {k: v for k, v in model.to_arrays().items() if k != "config_shrinkage"}
+    loaded = Padim.from_arrays(arrays)
+    assert loaded.config.shrinkage == "none"
+    np.testing.assert_array_equal(loaded.patch_scores(clean[0]), model.patch_scores(clean[0]))
