@@ -208,3 +208,22 @@ def test_a_new_fit_shrinks_and_a_model_or_manifest_from_before_shrinkage_keeps_f
     loaded = Padim.from_arrays(arrays)
     assert loaded.config.shrinkage == "none"
     np.testing.assert_array_equal(loaded.patch_scores(clean[0]), model.patch_scores(clean[0]))
+
+
+def test_every_setting_a_fit_records_is_one_the_stored_model_checks_know():
+    """A new setting must be known to storage.model_checks, or every model fitted with it is
+    refused on load ('detector_config.shrinkage is not a setting this patchwatch knows')."""
+    from dataclasses import fields as dataclass_fields
+
+    from patchwatch.anomaly.detectors import CONFIGS, default_features, detector_config
+    from patchwatch.anomaly.tiling import TilingConfig
+    from patchwatch.storage.model_checks import (DETECTOR_FIELDS, FEATURE_FIELDS, TILING_FIELDS,
+                                                 check_manifest)
+
+    assert {f.name for f in dataclass_fields(FeatureConfig)} <= set(FEATURE_FIELDS)
+    assert {f.name for f in dataclass_fields(TilingConfig)} <= set(TILING_FIELDS)
+    for name, config in CONFIGS.items():
+        assert {f.name for f in dataclass_fields(config)} <= set(DETECTOR_FIELDS[name]), name
+        check_manifest({"detector": name, "feature_config": default_features(name).to_dict(),
+                        "detector_config": detector_config(name).to_dict(),
+                        "tiling_config": TilingConfig().to_dict()}, f"/models/{name}")
