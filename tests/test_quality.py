@@ -11,7 +11,8 @@ from scipy.ndimage import gaussian_filter
 
 from patchwatch.anomaly.engine import extract_views, fit_detector, score_features
 from patchwatch.anomaly.features import PatchFeatureExtractor
-from patchwatch.anomaly.selection import choose, default_candidates, make_probe_set, probe_candidate
+from patchwatch.anomaly.probe_choice import choose_candidate
+from patchwatch.anomaly.selection import default_candidates, make_probe_set, probe_candidate
 
 torch.set_num_threads(1)
 
@@ -64,8 +65,9 @@ def test_auto_finds_a_four_pixel_defect_on_a_fine_texture_that_the_coarse_defaul
     nominal, clean, defective, centres = fine_case
     candidates = {c.name: c for c in default_candidates()}
     # the probe sees only the nominal images
-    results = [probe_candidate(c, make_probe_set(nominal, probe_images=8)) for c in candidates.values()]
-    chosen, reason = choose(results)
+    probe = make_probe_set(nominal, probe_images=8)
+    results = [probe_candidate(c, probe) for c in candidates.values()]
+    chosen, reason = choose_candidate(results, len(probe.clean))  # the rule a fit applies (flows/choice.py)
     assert chosen.name != "coarse-context", reason
 
     scored = fit_and_score(candidates[chosen.name], nominal, clean + defective)
