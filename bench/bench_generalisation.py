@@ -10,7 +10,7 @@ no hold-out, so the memory holds every train image); ``--auto`` runs the label-f
 ``anomaly.selection`` on each set's train images only and is scored by the test metrics of the
 configuration it picks.
 
-    python bench/bench_generalisation.py                           # everything (about an hour on 2 cores)
+    python bench/bench_generalisation.py                           # everything (hours on 2 cores: its rows are cached)
     python bench/bench_generalisation.py --sets fine-texture,mtd --configs coarse-context,fine
     python bench/bench_generalisation.py --scale 0.3 --mtd-limit 120 --out /tmp/bench   # a quick check
 
@@ -322,7 +322,7 @@ def summarise(sets: list[DataSet], rows: dict, autos: dict, default_name: str) -
                                "and 32 probes with their synthetic-defect twins), on top of the chosen fit"]})
     def over_sets(label: str, picks: dict) -> dict:
         """How the configuration picked on each set (``picks``: set name -> config name) fared."""
-        values, gaps, verdicts_ = [], [], []
+        values, gaps, set_verdicts = [], [], []
         for d in sets:
             results = rows[d.name]
             best = max(results, key=lambda n: results[n]["image_auroc"])
@@ -330,10 +330,10 @@ def summarise(sets: list[DataSet], rows: dict, autos: dict, default_name: str) -
             gap = results[best]["image_auroc"] - picked["image_auroc"]
             values.append(picked["image_auroc"])
             gaps.append(gap)
-            verdicts_.append(verdict(gap, gap_interval(d.labels, results[best], picked, draws[d.name])))
+            set_verdicts.append(verdict(gap, gap_interval(d.labels, results[best], picked, draws[d.name])))
         return {"config": label, "worst image AUROC": min(values), "mean": float(np.mean(values)),
-                "worst gap": max(gaps), "sets within gap": verdicts_.count("yes"),
-                "sets within gap or noise": verdicts_.count("yes") + verdicts_.count("no, within noise")}
+                "worst gap": max(gaps), "sets within gap": set_verdicts.count("yes"),
+                "sets within gap or noise": set_verdicts.count("yes") + set_verdicts.count("no, within noise")}
 
     worst = [over_sets(name, {d.name: name for d in sets}) for name in rows[sets[0].name]]
     if autos and len(autos) == len(sets):

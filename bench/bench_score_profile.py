@@ -235,7 +235,7 @@ def profile_whole(extractor, model, images: list[np.ndarray], store) -> dict:
 
 def profile_padim(extractor, model, images: list[np.ndarray], store) -> dict:
     """PaDiM's score path: 'before' image by image (``Padim.patch_scores``), 'after' as the
-    score-batch task does now (``Padim.image_scores_and_grids``: a task's 16 images in one stacked
+    score-batch task does now (``Padim.scores``: a task's 16 images in one stacked
     pass), both on the same features, then the map, its maximum and ``ResultStore.write_map``."""
     from patchwatch.anomaly.maps import anomaly_map
 
@@ -254,7 +254,8 @@ def profile_padim(extractor, model, images: list[np.ndarray], store) -> dict:
             if path == "before":
                 grids[path] = [timed(clock, "mahalanobis", model.patch_scores, item.vectors) for item in features]
             else:
-                grids[path] = [grid for _, grid in timed(clock, "mahalanobis", model.image_scores_and_grids, features)]
+                stack = np.stack([item.vectors for item in features])
+                grids[path] = list(timed(clock, "mahalanobis", model.patch_scores_many, stack))
             for number, (item, grid) in enumerate(zip(features, grids[path])):
                 amap = timed(clock, "render", anomaly_map, np.reshape(grid, model.grid), item.image_shape,
                              model.config.sigma, item.input_shape)
@@ -463,7 +464,7 @@ def main() -> None:
                          "rows": rows,
                          "notes": [f"{profile['images']} MTD test images scored whole; before: Mahalanobis distances "
                                    f"image by image; after: as the score-batch task does now, {TASK_BATCH} images in one "
-                                   f"stacked pass (Padim.image_scores_and_grids), the same features for both, alternating "
+                                   f"stacked pass (Padim.patch_scores_many, as Padim.scores does), the same features for both, alternating "
                                    f"which went first; then the map and ResultStore.write_map; model fitted on "
                                    f"{padim_train} train images",
                                    f"largest |patch score difference| after vs before: {profile['patch_score_diff']:.1e}"]})

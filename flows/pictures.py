@@ -39,15 +39,15 @@ def _text(value) -> str:
 
 
 def read_for_overlay(store: ResultStore, row, staged: str | None) -> tuple[np.ndarray, np.ndarray, int]:
-    """(image, map, step): a large image at the size its overlay is drawn (every step-th pixel),
-    read from its staged copy or tiled TIFF (decoding a 12k x 12k PNG again cost as much as
-    staging it), a small one whole."""
-    amap = store.read_map(row.map)
-    step = max(1, math.ceil(max(amap.shape) / DRAW_SIDE))
+    """(image, map, step): a large image and its map at the size the overlay is drawn (every
+    step-th pixel), the image read from its staged copy or tiled TIFF (decoding a 12k x 12k PNG
+    again cost as much as staging it); a small one whole."""
+    step = max(1, math.ceil(max(int(row.height), int(row.width)) / DRAW_SIDE))
+    amap = store.read_map(row.map, step)
     if step == 1:
         return read_image(row.uri), amap, step
     with LargeImage(row.uri, staged) as large:
-        return large.strided(step), amap[::step, ::step], step
+        return large.strided(step), amap, step
 
 
 def render_overlays(store: ResultStore, picks: list[tuple[str, object]], scale: MapScale,

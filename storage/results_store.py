@@ -65,6 +65,10 @@ MARKER = "results.json"
 MAPS_GROUP = "maps"  # earlier roots: bare arrays at maps/<map_key>, no group metadata
 
 
+# the maps' chunk codec (byte shuffling too): zarr's metadata names it, MapWriter encodes with it
+MAP_BLOSC = {"cname": "lz4", "clevel": 5}
+
+
 def _map_settings(height: int, width: int, chunk_h: int, chunk_w: int) -> dict:
     """zarr.create_array's settings of a map. Blosc LZ4 with byte shuffling: on MTD maps and 512 x
     512 chunks of stitched maps it compresses better than zarr's default (zstd level 0: ratio 1.7
@@ -73,7 +77,7 @@ def _map_settings(height: int, width: int, chunk_h: int, chunk_w: int) -> dict:
     Dimensions are named by size: maps of one size share them, maps of different sizes never clash
     when xarray opens a version's group as one Dataset."""
     return {"shape": (height, width), "dtype": "float32", "chunks": (chunk_h, chunk_w), "fill_value": np.nan,
-            "compressors": [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
+            "compressors": [zarr.codecs.BloscCodec(**MAP_BLOSC, shuffle="shuffle")],
             "dimension_names": [f"y_{height}", f"x_{width}"], "zarr_format": 3}
 
 
@@ -133,7 +137,7 @@ class MapWriter:
         self.url, self.shape, self.chunks, self.metadata = url, shape, chunks, metadata
         self._fs, self._path = filesystem(url)
         self._local = is_local(url)
-        self._codec = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+        self._codec = numcodecs.Blosc(**MAP_BLOSC, shuffle=numcodecs.Blosc.SHUFFLE)
 
     def remove_earlier(self) -> None:
         """An earlier array of this name goes whole (its chunks could outnumber the new ones)."""
@@ -343,9 +347,10 @@ class ResultStore:
             write_bytes_atomically(meta, _group_json(wanted))
         self._ready_groups.add(version)
 
-    def read_map(self, location: str) -> np.ndarray:
+    def read_map(self, location: str, step: int = 1) -> np.ndarray:
         """The map at ``location``: a score row's ``map`` (either layout), or an image id that
-        has exactly one row in the score table."""
+        has exactly one row in the score table; every ``step``-th pixel of every ``step``-th row
+        (a preview of a large map, never held whole)."""
         if not location.startswith(self.maps_url() + "/"):
             if self._maps_by_id is None:
                 table = self.scores()
@@ -355,7 +360,7 @@ class ResultStore:
             if location not in self._maps_by_id:
                 raise KeyError(f"{location}: not one row of the score table in {self.root} (use the row's map)")
             location = self._maps_by_id[location]
-        return zarr.open_array(location, mode="r", zarr_format=3)[...]
+        return zarr.open_array(location, mode="r", zarr_format=3)[::step, ::step]
 
     def _write_part(self, table: str, name: str, frame: pd.DataFrame) -> None:
         write_parquet(join(self.root, table, f"{name}.parquet"), frame)

@@ -23,16 +23,15 @@ def fit_detector_task(root: str, model_root: str, name: str, config: PadimConfig
     fitter = SpadeFitter(config) if name == "spade" else None
     for batch, vectors in bank.iter_batches(batches):
         rows = index[index.batch == batch]
-        if name == "padim":
-            # a batch's images of one grid in one stacked update: ~3x faster than image by image
-            for (grid_h, grid_w), same_grid in rows.groupby(["grid_h", "grid_w"], sort=False):
-                grid = (int(grid_h), int(grid_w))
-                fitter = fitter or PadimFitter(grid, vectors.shape[1], config)
-                fitter.update(np.stack([vectors[r.row_start:r.row_stop] for r in same_grid.itertuples(index=False)]),
-                              grid)
+        if name != "padim":
+            for row in rows.itertuples(index=False):
+                fitter.update(vectors[row.row_start:row.row_stop])
             continue
-        for row in rows.itertuples(index=False):
-            fitter.update(vectors[row.row_start:row.row_stop])
+        # a batch's images of one grid in one stacked update: ~3x faster than image by image
+        for (grid_h, grid_w), same_grid in rows.groupby(["grid_h", "grid_w"], sort=False):
+            grid = (int(grid_h), int(grid_w))
+            fitter = fitter or PadimFitter(grid, vectors.shape[1], config)
+            fitter.update(np.stack([vectors[r.row_start:r.row_stop] for r in same_grid.itertuples(index=False)]), grid)
     if fitter is None:
         raise ValueError(f"the feature bank at {root} is empty: no usable nominal image")
     ModelStore(model_root).write_arrays("detector", fitter.finish().to_arrays())

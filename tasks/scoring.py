@@ -134,19 +134,14 @@ def _unusable(error: Exception) -> Unusable:
 
 
 def score_image(record: ImageRecord, image, extractor, detector, out: ResultStore, model: ModelRef,
-                features=None, grid: tuple[float, np.ndarray] | None = None) -> dict:
+                features=None, scored: tuple[float, np.ndarray] | None = None) -> dict:
     """Score one decoded image and write its map; :class:`Unusable` if this image cannot be,
-    anything else (storage trouble) propagates to the task's retries. ``features`` and ``grid``
-    (the detector's image score and patch-score grid): already computed, see :func:`score_images`;
-    an image score of None is the map's maximum (PaDiM)."""
+    anything else (storage trouble) propagates to the task's retries. ``features``, ``scored``
+    (its image score and map): already computed, see :func:`score_images`."""
     try:
-        if features is None:
-            features = extractor.extract([image])[0]
-        if grid is None:
-            score, amap = detector.score(features)
-        else:
-            amap = detector.render(grid[1], features)
-            score = float(amap.max()) if grid[0] is None else grid[0]
+        if scored is None:
+            scored = detector.score(features if features is not None else extractor.extract([image])[0])
+        score, amap = scored
     except MemoryError:
         raise
     except Exception as error:
@@ -164,8 +159,9 @@ def score_image(record: ImageRecord, image, extractor, detector, out: ResultStor
 
 def score_images(records: list[ImageRecord], images: list, extractor, detector, out: ResultStore,
                  model: ModelRef) -> tuple[list[dict], list[dict]]:
-    """(score rows, error rows) of :func:`score_image` on each image, in order. PatchCore finds the
-    nearest memory vectors of all the batch's patches in one pass: its matrix product is several
+    """(score rows, error rows) of :func:`score_image` on each image, in order, the batch scored by
+    the detector's ``scores`` where it has one. PatchCore finds the nearest memory vectors of all
+    the batch's patches in one pass: its matrix product is several
     times faster per row on a batch's ~1,500 rows than on one MTD image's ~100; PaDiM reads each
     position's inverse covariance once for the batch."""
     features: dict[int, object] = {}
@@ -177,18 +173,18 @@ def score_images(records: list[ImageRecord], images: list, extractor, detector, 
             raise
         except Exception as error:
             outcomes[number] = _unusable(error)
-    grids: dict[int, tuple[float, np.ndarray]] = {}
+    batch: dict[int, tuple[float, np.ndarray]] = {}
     if isinstance(detector, (PatchCore, Padim)) and len(features) > 1:
         try:
-            grids = dict(zip(features, detector.image_scores_and_grids(list(features.values()))))
+            batch = dict(zip(features, detector.scores(list(features.values()))))
         except MemoryError:
             raise
         except Exception:  # e.g. one image's odd features: each image on its own, for its own error row
-            grids = {}
+            batch = {}
     for number, item in features.items():
         try:
             outcomes[number] = score_image(records[number], images[number], extractor, detector, out, model,
-                                           features=item, grid=grids.get(number))
+                                           features=item, scored=batch.get(number))
         except Unusable as unusable:
             outcomes[number] = unusable
     rows, errors = [], []

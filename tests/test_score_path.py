@@ -32,6 +32,7 @@ def test_a_written_map_reads_back_exactly_with_zarrs_own_metadata_and_edge_chunk
     values = np.random.default_rng(0).random(shape).astype(np.float32) * 27
     url = store.write_map("scans/a.png", "/src/scans/a.png", "v0001", values)
     np.testing.assert_array_equal(store.read_map(url), values)
+    np.testing.assert_array_equal(store.read_map(url, step=3), values[::3, ::3])  # a preview's read
     array = zarr.open_array(url, mode="r", zarr_format=3)
     assert array.chunks == (min(512, shape[0]), min(512, shape[1])) and array.dtype == np.float32
     # the same document zarr writes for the map of create_map (the tiled path), attributes aside
