@@ -146,10 +146,16 @@ class PixelCurves:
     # ---- filling
     def add(self, amap, mask=None, group=None) -> None:
         """Add one image: its anomaly map, its mask (None: all normal) and its group key."""
-        mask, amap = _pixel_pair(mask, amap)
-        # scores as float32 (as maps are stored and as the exact reference takes them), then
-        # float64: x / width is exact (width is a power of two), so bins are exact intervals
-        scores = amap.astype(np.float32, copy=False).astype(np.float64).ravel()
+        if mask is None:  # all normal: no mask to build or label
+            amap = np.asarray(amap)
+            if amap.ndim != 2:
+                raise ValueError(f"mask {amap.shape} and map {amap.shape} must be equal 2-D shapes")
+        else:
+            mask, amap = _pixel_pair(mask, amap)
+            if not mask.any():
+                mask = None
+        # scores as float32, as maps are stored and as the exact reference takes them
+        scores = amap.astype(np.float32, copy=False)
         low, high = (float(scores.min()), float(scores.max())) if scores.size else (0.0, 0.0)
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError("anomaly maps must be finite")
@@ -160,26 +166,45 @@ class PixelCurves:
             return
         self._cover(low, high)
         histogram = self._histograms[group]  # _cover may have re-binned it
-        np.divide(scores, self.width, out=scores)
-        np.floor(scores, out=scores)
-        index = scores.astype(np.intp)
-        index -= self.first
+        index = self._bin_index(scores, low)
         del scores
         counts = np.bincount(index, minlength=self.bins)
-        labeled, regions = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-        if regions:
-            flat = labeled.ravel()
-            defect = flat > 0
-            defect_index = index[defect]
-            defect_counts = np.bincount(defect_index, minlength=self.bins)
-            region_size = np.bincount(flat, minlength=regions + 1)
-            histogram[0] += counts - defect_counts
-            histogram[1] += defect_counts
-            histogram[2] += np.bincount(defect_index, weights=1.0 / region_size[flat[defect]],
-                                        minlength=self.bins)
-            self._regions[group] += regions
-        else:
+        if mask is None:
             histogram[0] += counts
+            return
+        # label the defects' bounding box only: the same regions, in the same (row-major) pixel order
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        labeled, regions = ndimage.label(mask[box], structure=_EIGHT_CONNECTED)
+        defect = labeled > 0
+        defect_index = index.reshape(mask.shape)[box][defect]
+        defect_counts = np.bincount(defect_index, minlength=self.bins)
+        region_size = np.bincount(labeled.ravel(), minlength=regions + 1)
+        histogram[0] += counts - defect_counts
+        histogram[1] += defect_counts
+        histogram[2] += np.bincount(defect_index, weights=1.0 / region_size[labeled[defect]], minlength=self.bins)
+        self._regions[group] += regions
+
+    def _bin_index(self, scores: np.ndarray, low: float) -> np.ndarray:
+        """The bin of each score (float32, min ``low``) in the current grid, flat: floor(score / width) - first.
+
+        width is a power of two, 2^-k: for scores >= 0 (``low``) and 2^k a normal float32, score * 2^k in
+        float32 is exact (a normal result; a subnormal one is below 1, its floor 0 either way) and truncation
+        is its floor, so this is floor(float64(score) / width) without the float64 copy. Otherwise (negative
+        scores, or a grid beyond float32's exponents) the division in float64, which is exact.
+        """
+        exponent = 1 - math.frexp(self.width)[1]  # width = 2^-exponent
+        if low >= 0 and -126 <= exponent <= 127:
+            scaled = np.multiply(scores, np.float32(math.ldexp(1.0, exponent)), dtype=np.float32)
+            index = scaled.astype(np.intp).ravel()
+        else:
+            scaled = scores.astype(np.float64).ravel()
+            np.divide(scaled, self.width, out=scaled)
+            np.floor(scaled, out=scaled)
+            index = scaled.astype(np.intp)
+        del scaled
+        index -= self.first
+        return index
 
     def _width_for(self, low: float, high: float) -> float:
         """The smallest power of two >= the current width for which [low, high] fits in the bins."""

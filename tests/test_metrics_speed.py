@@ -1,0 +1,119 @@
+"""The fast path of the streamed metrics gives exactly what the plain arithmetic gives.
+
+``PixelCurves.add`` bins float32 maps by scaling in float32 (no float64 copy), skips masks without
+defect pixels and labels only the defects' bounding box: checked here bit for bit against the
+arithmetic it replaced (speed itself is measured in bench/bench_metrics.py, never asserted)."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from patchwatch.anomaly.metrics import PixelCurves, _pixel_pair
+
+EIGHT = np.ones((3, 3), bool)
+
+
+# --------------------------------------------------------------------------- binning
+
+
+class PlainCurves(PixelCurves):
+    """PixelCurves with the add of before the fast path, verbatim: float32 -> float64, divide by the
+    width, floor, the whole mask (a zero one for None) labelled. The grid code is shared."""
+
+    def add(self, amap, mask=None, group=None) -> None:
+        mask, amap = _pixel_pair(mask, amap)
+        scores = amap.astype(np.float32, copy=False).astype(np.float64).ravel()
+        low, high = (float(scores.min()), float(scores.max())) if scores.size else (0.0, 0.0)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError("anomaly maps must be finite")
+        self._images[group] += 1
+        if group not in self._histograms:
+            self._histograms[group] = np.zeros((3, self.bins))
+        if not scores.size:
+            return
+        self._cover(low, high)
+        histogram = self._histograms[group]
+        np.divide(scores, self.width, out=scores)
+        np.floor(scores, out=scores)
+        index = scores.astype(np.intp)
+        index -= self.first
+        counts = np.bincount(index, minlength=self.bins)
+        labeled, regions = ndimage.label(mask, structure=EIGHT)
+        if regions:
+            flat = labeled.ravel()
+            defect = flat > 0
+            defect_index = index[defect]
+            defect_counts = np.bincount(defect_index, minlength=self.bins)
+            region_size = np.bincount(flat, minlength=regions + 1)
+            histogram[0] += counts - defect_counts
+            histogram[1] += defect_counts
+            histogram[2] += np.bincount(defect_index, weights=1.0 / region_size[flat[defect]],
+                                        minlength=self.bins)
+            self._regions[group] += regions
+        else:
+            histogram[0] += counts
+
+
+def assert_same(ours: PixelCurves, plain: PixelCurves) -> None:
+    assert (ours.width, ours.first, ours.low, ours.high) == (plain.width, plain.first, plain.low, plain.high)
+    assert ours._histograms.keys() == plain._histograms.keys()
+    for key, histogram in plain._histograms.items():
+        np.testing.assert_array_equal(ours._histograms[key], histogram, err_msg=f"group {key}")
+    assert +ours._regions == +plain._regions and ours._images == plain._images
+
+
+def _blobs(rng, shape, count) -> np.ndarray:
+    """A mask of ``count`` rectangles (touching ones merge into one 8-connected region)."""
+    mask = np.zeros(shape, bool)
+    for _ in range(count):
+        top, left = rng.integers(0, shape[0] - 2), rng.integers(0, shape[1] - 2)
+        mask[top:top + rng.integers(1, 6), left:left + rng.integers(1, 6)] = True
+    return mask
+
+
+def _maps(seed: int):
+    """(map, mask) pairs: positive and negative scores, values exactly on bin edges, float64 input,
+    tiny and subnormal scores, masks with several regions, empty masks and None."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(12):
+        shape = (int(rng.integers(8, 40)), int(rng.integers(8, 40)))
+        amap = rng.gamma(2.0, 1.5, shape).astype(np.float32)
+        if i % 3 == 1:
+            amap -= np.float32(2.0)  # negative scores
+        if i % 4 == 2:  # ties on dyadic values: exactly on the edges of any power-of-two grid this fine
+            amap = (np.round(amap * 64) / 64).astype(np.float32)
+        if i == 5:
+            amap = amap.astype(np.float64) * 1.000001  # float64 input: rounded to float32 first
+        if i == 7:
+            amap[0, :3] = [0.0, -0.0, np.float32(1e-42)]  # zeros and a subnormal
+        mask = None if i % 5 == 0 else (_blobs(rng, shape, int(rng.integers(1, 6))) if i % 5 != 4 else
+                                         np.zeros(shape, np.uint8))
+        out.append((amap, mask))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("bins", [16, 1 << 10, 1 << 16])
+def test_add_equals_the_plain_arithmetic(seed, bins):
+    """After every image (the grid widening as maps arrive) the histograms, region counts and grid
+    equal those of the plain arithmetic bit for bit."""
+    ours, plain = PixelCurves(bins), PlainCurves(bins)
+    for i, (amap, mask) in enumerate(_maps(seed)):
+        group = ("a", "b", None)[i % 3]
+        ours.add(amap, mask, group=group)
+        plain.add(amap, mask, group=group)
+        assert_same(ours, plain)
+
+
+@pytest.mark.parametrize("scale", [2.0 ** -140, 1e-30, 1e-3, 1e3, 1e30, 2.0 ** 120])
+def test_add_equals_the_plain_arithmetic_at_any_magnitude(scale):
+    """Grids whose 1 / width is no float32 (the float64 route) and ones near float32's limits."""
+    ours, plain = PixelCurves(1 << 12), PlainCurves(1 << 12)
+    for i, (amap, mask) in enumerate(_maps(99)[:6]):
+        amap = (np.asarray(amap, np.float64) * scale).astype(np.float32)
+        ours.add(amap, mask, group=i % 2)
+        plain.add(amap, mask, group=i % 2)
+        assert_same(ours, plain)
