@@ -1,16 +1,20 @@
-"""The fast path of the streamed metrics gives exactly what the plain arithmetic gives.
+"""The fast paths of the streamed metrics give exactly what the plain code gives.
 
 ``PixelCurves.add`` bins float32 maps by scaling in float32 (no float64 copy), skips masks without
-defect pixels and labels only the defects' bounding box: checked here bit for bit against the
-arithmetic it replaced (speed itself is measured in bench/bench_metrics.py, never asserted)."""
+defect pixels and labels only the defects' bounding box; ``read_map_array`` (``ResultStore.read_map``)
+reads a local map's chunks itself instead of through zarr. Each is checked here bit for bit against
+what it replaced (speed itself is measured in bench/bench_metrics.py, never asserted)."""
 
 import math
 
 import numpy as np
 import pytest
+import zarr
+import zarr.codecs
 from scipy import ndimage
 
 from patchwatch.anomaly.metrics import PixelCurves, _pixel_pair
+from patchwatch.storage.results_store import ResultStore, _read_plain_map, read_map_array
 
 EIGHT = np.ones((3, 3), bool)
 
@@ -117,3 +121,63 @@ def test_add_equals_the_plain_arithmetic_at_any_magnitude(scale):
         ours.add(amap, mask, group=i % 2)
         plain.add(amap, mask, group=i % 2)
         assert_same(ours, plain)
+
+
+# --------------------------------------------------------------------------- reading maps
+
+
+def _zarr_read(location: str, step: int = 1) -> np.ndarray:
+    return zarr.open_array(location, mode="r", zarr_format=3)[::step, ::step]
+
+
+def _assert_read_as_zarr(location: str, step: int = 1) -> None:
+    ours, theirs = read_map_array(location, step), _zarr_read(location, step)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (512, 300), (700, 1100), (1024, 512)])
+def test_read_map_array_reads_the_stores_maps_as_zarr_does(tmp_path, shape):
+    store = ResultStore(str(tmp_path / "results"))
+    store.prepare()
+    amap = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    location = store.write_map("a/b.png", "/data/a/b.png", "v0001", amap)
+    assert _read_plain_map(location) is not None  # the direct path, not zarr's
+    np.testing.assert_array_equal(read_map_array(location), amap)
+    np.testing.assert_array_equal(store.read_map(location), amap)
+    _assert_read_as_zarr(location)
+    _assert_read_as_zarr("file://" + location)
+    _assert_read_as_zarr(location, step=3)  # a preview: through zarr
+
+
+def test_read_map_array_unwritten_chunks_read_as_the_fill_value(tmp_path):
+    store = ResultStore(str(tmp_path / "results"))
+    store.prepare()
+    writer = store.open_map("big.tif", "/data/big.tif", "v0001", (600, 1030))
+    writer.write_block(0, 512, np.ones((512, 512), np.float32))
+    _assert_read_as_zarr(writer.url)
+    found = read_map_array(writer.url)
+    assert np.isnan(found[:, :512]).all() and (found[:512, 512:1024] == 1).all() and np.isnan(found[512:]).all()
+
+
+@pytest.mark.parametrize(("settings", "direct"), [
+    ({}, True),                                                           # zarr's defaults (zstd)
+    ({"compressors": None}, True),                                        # raw bytes
+    ({"compressors": [zarr.codecs.GzipCodec()]}, True),
+    ({"dtype": "float64", "fill_value": -1.5}, True),
+    ({"chunk_key_encoding": {"name": "default", "separator": "."}}, True),
+    ({"chunk_key_encoding": {"name": "v2", "separator": "."}}, False),    # the rest through zarr
+    ({"serializer": zarr.codecs.BytesCodec(endian="big")}, False),
+    ({"compressors": [zarr.codecs.ZstdCodec(), zarr.codecs.GzipCodec()]}, False),
+    ({"filters": [zarr.codecs.TransposeCodec(order=(1, 0))]}, False),
+    ({"shards": (64, 64)}, False),
+    ({"dtype": "int32", "fill_value": 0}, False),
+])
+def test_read_map_array_equals_zarr_for_other_layouts(tmp_path, settings, direct):
+    settings = {"dtype": "float32", "fill_value": np.nan, **settings}
+    values = np.random.default_rng(1).normal(size=(70, 90)) * 100
+    location = str(tmp_path / "map")
+    array = zarr.create_array(location, shape=values.shape, chunks=(32, 32), zarr_format=3, **settings)
+    array[:40, :] = values[:40].astype(array.dtype)  # the lower chunks never written: the fill value
+    assert (_read_plain_map(location) is not None) == direct
+    _assert_read_as_zarr(location)
