@@ -79,9 +79,25 @@ def reweight_image_score(patch_vectors: np.ndarray, patch_scores: np.ndarray, ne
 # larger memory: the matrix stays within BLOCK_BYTES
 QUERY_BLOCK = 512
 BLOCK_BYTES = 64 << 20
-# rows of a product padded to a multiple of this: oneDNN compiles a kernel for each new shape (~5 ms
-# each time a batch's last block had another size), so only a few shapes ever reach it
+# rows of a product padded to a multiple of this: oneDNN compiles a kernel for each new shape (6-27 ms
+# each, measured with AMX at 8k memory rows), so only a few shapes ever reach it: a block's rows are
+# padded to the next of ROW_MULTIPLE, twice that, ... up to the block (query_rows), and a model
+# compiles those few shapes when it is made (PatchCore.warm_up), not in its first tasks
 ROW_MULTIPLE = 64
+
+
+def query_rows(count: int, block: int) -> int:
+    """Rows of the product for ``count`` (<= ``block``) queries: the smallest of ROW_MULTIPLE,
+    2 ROW_MULTIPLE, 4 ROW_MULTIPLE, ... below ``block``, or ``block`` itself, that holds them."""
+    rows = ROW_MULTIPLE
+    while rows < count and rows < block:
+        rows *= 2
+    return min(rows, block) if count <= block else -(-count // ROW_MULTIPLE) * ROW_MULTIPLE
+
+
+def query_row_sizes(block: int) -> list[int]:
+    """Every value :func:`query_rows` takes for 1..``block`` queries."""
+    return sorted({query_rows(count, block) for count in range(1, block + 1)})
 
 
 def default_precision() -> str:
@@ -119,23 +135,29 @@ class _Ranking:
     operand: torch.Tensor     # (dims + 4, rows) bfloat16
     norms: np.ndarray         # ||m|| of the centred rows
     dims: int
+    block: int = QUERY_BLOCK  # most queries in one product (the model's query block)
 
     @classmethod
-    def of(cls, centred: np.ndarray, columns: slice) -> "_Ranking":
+    def of(cls, centred: np.ndarray, columns: slice, block: int = QUERY_BLOCK) -> "_Ranking":
         part = centred[:, columns]
         squared = (part ** 2).sum(1)
         operand = np.concatenate([part.T, np.ones((2, len(part))), _two_parts(squared)]).astype(np.float32)
         return cls(columns, torch.from_numpy(np.ascontiguousarray(operand)).to(torch.bfloat16),
-                   np.sqrt(squared).astype(np.float32), part.shape[1])
+                   np.sqrt(squared).astype(np.float32), part.shape[1], block)
 
     def distances(self, centred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the bfloat16 squared distances' bit patterns as int16, ||q||) for centred queries."""
         part = centred[:, self.columns].astype(np.float64)
         squared = (part ** 2).sum(1)
-        query = np.zeros((-(-len(part) // ROW_MULTIPLE) * ROW_MULTIPLE, self.dims + 4), np.float32)
+        query = np.zeros((query_rows(len(part), self.block), self.dims + 4), np.float32)
         query[:len(part)] = np.concatenate([-2 * part, _two_parts(squared).T, np.ones((len(part), 2))], axis=1)
         product = (torch.from_numpy(query).to(torch.bfloat16) @ self.operand)[:len(part)]
         return product.view(torch.int16).numpy(), np.sqrt(squared)
+
+    def warm_up(self) -> None:
+        """One product of each shape :meth:`distances` can use (oneDNN compiles each once a process)."""
+        for rows in query_row_sizes(self.block):
+            torch.zeros((rows, self.dims + 4), dtype=torch.bfloat16) @ self.operand
 
     def error(self, query_norms: np.ndarray, memory_norms: np.ndarray) -> np.ndarray:
         """A bound on |computed - exact| squared distance, less the result's own rounding (at most
@@ -190,8 +212,9 @@ class PatchCore:
         self._block = max(ROW_MULTIPLE, min(QUERY_BLOCK, BLOCK_BYTES // (4 * len(self.memory)))
                           // ROW_MULTIPLE * ROW_MULTIPLE)
         if self.precision == "bfloat16":
-            self._full = _Ranking.of(centred, slice(None))
-            self._head = _Ranking.of(centred, slice(0, self.map_split)) if self.map_split else None
+            self._full = _Ranking.of(centred, slice(None), self._block)
+            self._head = _Ranking.of(centred, slice(0, self.map_split), self._block) if self.map_split else None
+            self.warm_up()
         else:
             # float32 (no native bfloat16): each half transposed into its own contiguous (dims, rows)
             # product operand, and its squared norms; the full ranking is the head's plus the tail's
@@ -200,6 +223,15 @@ class PatchCore:
             self._tail_t = torch.from_numpy(np.ascontiguousarray(centred[:, split:].T, dtype=np.float32))
             self._head_sq = (self._head_t.double() ** 2).sum(0).float()
             self._tail_sq = (self._tail_t.double() ** 2).sum(0).float()
+
+    def warm_up(self) -> None:
+        """Compile the few product shapes scoring uses (:func:`query_rows`), ~10 ms each at 8k
+        memory rows, once a process: a model is made once per worker (tasks.scoring.load_model),
+        so its first tasks no longer pay them (they had been ~half the kNN time of a 20-image run)."""
+        if self.precision == "bfloat16":
+            for ranking in (self._full, self._head):
+                if ranking is not None:
+                    ranking.warm_up()
 
     @classmethod
     def fit(cls, bank: np.ndarray, config: PatchCoreConfig = PatchCoreConfig()) -> "PatchCore":

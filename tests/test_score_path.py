@@ -253,6 +253,47 @@ def test_a_large_memory_gets_smaller_query_blocks_and_the_same_answers():
         patchcore.BLOCK_BYTES = saved
 
 
+def test_query_blocks_are_padded_to_a_few_row_counts():
+    from patchwatch.anomaly.patchcore import query_row_sizes, query_rows
+
+    assert query_row_sizes(512) == [64, 128, 256, 512]
+    assert query_row_sizes(448) == [64, 128, 256, 448]
+    assert query_row_sizes(64) == [64]
+    for block in (64, 448, 512):
+        assert all(count <= query_rows(count, block) <= block for count in range(1, block + 1))
+    assert query_rows(1, 512) == 64 and query_rows(129, 512) == 256 and query_rows(300, 448) == 448
+
+
+def test_scoring_multiplies_only_shapes_the_model_compiled_when_made(monkeypatch):
+    """oneDNN compiles a kernel per product shape (6-27 ms): a model makes them all when it is
+    made (warm_up), and any number of queries, eq. 7's neighbourhoods included, uses only those."""
+    import torch
+
+    from patchwatch.anomaly.patchcore import PatchCore, PatchCoreConfig
+
+    shapes = []
+    plain = torch.Tensor.__matmul__
+
+    def spy(left, right):
+        shapes.append((tuple(left.shape), tuple(right.shape), left.dtype))
+        return plain(left, right)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    rng = np.random.default_rng(6)
+    memory = rng.standard_normal((1200, 24)).astype(np.float32)
+    model = PatchCore(memory, PatchCoreConfig(map_dims=12, num_neighbors=5), precision="bfloat16")
+    compiled = set(shapes)
+    assert len(compiled) == 2 * 4                     # (full, head) x (64, 128, 256, 512 rows)
+    shapes.clear()
+    for count in (1, 63, 64, 65, 200, 511, 512, 513, 1100):
+        queries = rng.standard_normal((count, 24)).astype(np.float32)
+        scores, rows, _ = model.nearest(queries)
+        expected, _, _ = brute_force(queries, memory)
+        np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+        model.neighbourhoods(rows[:17], 5)
+    assert shapes and set(shapes) <= compiled
+
+
 @pytest.mark.parametrize("duplicates", [False, True])
 def test_eq7_neighbourhoods_from_the_ranking_equal_the_faiss_searches(duplicates):
     from patchwatch.anomaly.patchcore import PatchCore, PatchCoreConfig, reweight_image_score
