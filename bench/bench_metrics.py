@@ -230,7 +230,7 @@ def measure(split: str, limit: int | None = None, test_limit: int | None = None,
                 for done in repeats.values() for entry in done)
         for variant, done in repeats.items():
             for entry in done:
-                del entry["histograms"]
+                entry.pop("histograms", None)
             run = sorted(done, key=lambda entry: entry["total_s"])[(len(done) - 1) // 2]  # the median (lower)
             runs[(variant, scale)] = {**run, "totals_s": [entry["total_s"] for entry in done]}
         for variant in ("old",) if exact else ():
