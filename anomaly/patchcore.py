@@ -74,25 +74,30 @@ def reweight_image_score(patch_vectors: np.ndarray, patch_scores: np.ndarray, ne
     return float((1.0 - softmax[0]) * max_score)
 
 
-# query rows per distance block: bounds the (queries x memory) matrix (512 x 8k rows, bfloat16: 8 MiB);
+# query rows per distance block: bounds the (memory x queries) matrix (8k rows x 512, bfloat16: 8 MiB);
 # 512 measured a little faster than 256 or 1024 for a task's 16 tiles or MTD images. Fewer for a
 # larger memory: the matrix stays within BLOCK_BYTES
 QUERY_BLOCK = 512
 BLOCK_BYTES = 64 << 20
 # rows of a product padded to a multiple of this: oneDNN compiles a kernel for each new shape (6-27 ms
 # each, measured with AMX at 8k memory rows), so only a few shapes ever reach it: a block's rows are
-# padded to the next of ROW_MULTIPLE, twice that, ... up to the block (query_rows), and a model
-# compiles those few shapes when it is made (PatchCore.warm_up), not in its first tasks
+# padded to the next of 1, 2, 3, 4, 6, 8, 12, ... times ROW_MULTIPLE below the block, or the block
+# (query_rows: beyond 128 rows, at most half as many again as queries), and a model compiles those
+# few shapes when it is made (PatchCore.warm_up), not in its first tasks
 ROW_MULTIPLE = 64
 
 
 def query_rows(count: int, block: int) -> int:
-    """Rows of the product for ``count`` (<= ``block``) queries: the smallest of ROW_MULTIPLE,
-    2 ROW_MULTIPLE, 4 ROW_MULTIPLE, ... below ``block``, or ``block`` itself, that holds them."""
-    rows = ROW_MULTIPLE
-    while rows < count and rows < block:
-        rows *= 2
-    return min(rows, block) if count <= block else -(-count // ROW_MULTIPLE) * ROW_MULTIPLE
+    """Rows of the product for ``count`` queries: for at most ``block``, the smallest of
+    ROW_MULTIPLE x (1, 2, 3, 4, 6, 8, 12, ...) below ``block``, or ``block``, that holds them."""
+    if count > block:
+        return -(-count // ROW_MULTIPLE) * ROW_MULTIPLE
+    power = 1
+    while True:
+        for rows in (power * ROW_MULTIPLE, 3 * power * ROW_MULTIPLE // 2):
+            if rows >= count and rows % ROW_MULTIPLE == 0:
+                return min(rows, block)
+        power *= 2
 
 
 def query_row_sizes(block: int) -> list[int]:
@@ -125,14 +130,15 @@ def _two_parts(values: np.ndarray) -> np.ndarray:
 @dataclass
 class _Ranking:
     """Squared distances to the memory over some of its dimensions, as one bfloat16 matrix product:
-    [-2 q, ||q||^2, 1] . [m, 1, ||m||^2] (centred vectors; the squared norms each as a high and a
-    low bfloat16 part). The product's result is a distance, read as its int16 bit patterns (which
-    order positive floats as the floats), so argmin and the candidate test are the only passes over
-    the (queries x memory) matrix, on 2 bytes a pair: those passes, not the product, had become
-    the cost."""
+    [m, 1, ||m||^2] . [-2 q, ||q||^2, 1] (centred vectors; the squared norms each as a high and a
+    low bfloat16 part), memory rows by queries: oneDNN then packs only the queries' small operand
+    for AMX, not the memory's (25-30 % less time than queries by memory rows, measured at 8k rows).
+    The product's result is a distance, read as its int16 bit patterns (which order positive floats
+    as the floats), so the column minimum and the candidate test are the only passes over the
+    (memory x queries) matrix, on 2 bytes a pair: those passes and the product are the cost."""
 
     columns: slice
-    operand: torch.Tensor     # (dims + 4, rows) bfloat16
+    operand: torch.Tensor     # (rows, dims + 4) bfloat16
     norms: np.ndarray         # ||m|| of the centred rows
     dims: int
     block: int = QUERY_BLOCK  # most queries in one product (the model's query block)
@@ -141,23 +147,25 @@ class _Ranking:
     def of(cls, centred: np.ndarray, columns: slice, block: int = QUERY_BLOCK) -> "_Ranking":
         part = centred[:, columns]
         squared = (part ** 2).sum(1)
-        operand = np.concatenate([part.T, np.ones((2, len(part))), _two_parts(squared)]).astype(np.float32)
+        operand = np.concatenate([part, np.ones((len(part), 2)), _two_parts(squared).T], axis=1).astype(np.float32)
         return cls(columns, torch.from_numpy(np.ascontiguousarray(operand)).to(torch.bfloat16),
                    np.sqrt(squared).astype(np.float32), part.shape[1], block)
 
     def distances(self, centred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(the bfloat16 squared distances' bit patterns as int16, ||q||) for centred queries."""
+        """(the bfloat16 squared distances' bit patterns as int16, memory rows by queries, ||q||)
+        for centred queries; the matrix has a column for each of the product's padded query rows
+        (:func:`query_rows`), its first ``len(centred)`` those of the queries."""
         part = centred[:, self.columns].astype(np.float64)
         squared = (part ** 2).sum(1)
         query = np.zeros((query_rows(len(part), self.block), self.dims + 4), np.float32)
         query[:len(part)] = np.concatenate([-2 * part, _two_parts(squared).T, np.ones((len(part), 2))], axis=1)
-        product = (torch.from_numpy(query).to(torch.bfloat16) @ self.operand)[:len(part)]
+        product = self.operand @ torch.from_numpy(query).to(torch.bfloat16).t()
         return product.view(torch.int16).numpy(), np.sqrt(squared)
 
     def warm_up(self) -> None:
         """One product of each shape :meth:`distances` can use (oneDNN compiles each once a process)."""
         for rows in query_row_sizes(self.block):
-            torch.zeros((rows, self.dims + 4), dtype=torch.bfloat16) @ self.operand
+            self.operand @ torch.zeros((rows, self.dims + 4), dtype=torch.bfloat16).t()
 
     def error(self, query_norms: np.ndarray, memory_norms: np.ndarray) -> np.ndarray:
         """A bound on |computed - exact| squared distance, less the result's own rounding (at most
@@ -297,27 +305,36 @@ class PatchCore:
     def _nearest_over(self, ranking: _Ranking, queries: np.ndarray, centred: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray]:
         """(distance, row) of each query's nearest memory vector over ``ranking``'s dimensions."""
-        bits, query_norms = ranking.distances(centred)
-        u, lines = BF16_ROUNDOFF, np.arange(len(bits))
-        # any vector's computed distance plus its bound is at least the nearest one's true distance;
-        # the best ranked one gives the tightest (negative results, at most rounding, rank first:
-        # their bit patterns are negative integers, and among them any will do)
-        best = bits.argmin(1)
-        found = _as_float(bits[lines, best])
-        ceiling = found + np.abs(found) * u / (1 - u) + ranking.error(query_norms, ranking.norms[best])
-        # a vector is a candidate unless its distance less its bound exceeds the ceiling: first the
-        # whole matrix against the largest norm's bound (in bit patterns), then those few exactly
-        loose = (ceiling + ranking.error(query_norms, ranking.norms.max())) / (1 - 2 * u)
-        flat = np.flatnonzero(bits <= _bits_at_least(np.maximum(loose, 2.0 ** -100))[:, None])
-        line, row = np.divmod(flat, bits.shape[1])
+        bits, query_norms = ranking.distances(centred)   # the padding's columns too: contiguous passes
+        u, count, width = BF16_ROUNDOFF, len(queries), bits.shape[1]
+        # any vector's computed distance plus its bound is at least the nearest one's true distance:
+        # so is each query's smallest result plus the largest norm's bound (negative results, at most
+        # rounding, are the smallest bit patterns: negative integers; among them any will do)
+        found = _as_float(bits.min(0)[:count])
+        widest = ranking.error(query_norms, ranking.norms.max())
+        ceiling = found + np.abs(found) * u / (1 - u) + widest
+        # a vector is a candidate unless its distance less its bound exceeds that: first the whole
+        # matrix against the largest norm's bound (in bit patterns), then those few exactly, against
+        # the smallest distance plus bound among them (at most the ceiling: fewer candidates)
+        loose = (ceiling + widest) / (1 - 2 * u)
+        limit = np.full(width, np.iinfo(np.int16).min, np.int16)  # padding: -0.0 at most, dropped below
+        limit[:count] = _bits_at_least(np.maximum(loose, 2.0 ** -100))
+        flat = np.flatnonzero(bits <= limit)
+        row, line = np.divmod(flat, width)
+        flat, row, line = flat[line < count], row[line < count], line[line < count]
         value = _as_float(bits.ravel()[flat])
-        kept = value - np.abs(value) * u / (1 - u) - ranking.error(query_norms[line], ranking.norms[row]) <= ceiling[line]
-        # each query's best ranked vector too: a query without candidates (NaN features) still
-        # gets its (NaN) score in its own place
-        line, row = np.concatenate([line[kept], lines]), np.concatenate([row[kept], best])
+        slack = np.abs(value) * u / (1 - u) + ranking.error(query_norms[line], ranking.norms[row])
+        tight = np.full(count, np.inf, np.float32)
+        np.minimum.at(tight, line, value + slack)
+        kept = value - slack <= tight[line]
+        line, row = line[kept], row[kept]
+        # a query without candidates (NaN features) gets row 0, so its (NaN) score in its own place
+        lost = np.flatnonzero(np.bincount(line, minlength=count) == 0)
+        if len(lost):
+            line, row = np.concatenate([line, lost]), np.concatenate([row, np.zeros_like(lost)])
         columns = ranking.columns
         squared = ((queries[line, columns] - self.memory[row, columns]) ** 2).sum(1, dtype=np.float32)
-        order = np.lexsort((squared, line))  # by query, then distance; stable: the lower row first
+        order = np.lexsort((row, squared, line))  # by query, then distance, then the lower row
         first = order[np.r_[True, line[order][1:] != line[order][:-1]]]
         return np.sqrt(squared[first]), row[first]
 
@@ -360,6 +377,7 @@ class PatchCore:
         bound cannot place beyond the count-th nearest; their distances computed exactly."""
         vectors = self.memory[rows]
         bits, query_norms = self._full.distances(vectors - self._centre)
+        bits = np.ascontiguousarray(bits[:, :len(rows)].T)  # queries by memory rows: a partition along each
         u, norms = BF16_ROUNDOFF, self._full.norms
         # the count smallest results (negative ones, rounding of 0, first in int16 order) each have a
         # true distance at most their result plus its bound: so has the count-th nearest vector

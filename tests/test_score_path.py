@@ -87,8 +87,8 @@ def test_the_bfloat16_distances_stay_within_their_stated_bound():
         memory = (rng.standard_normal((500, dims)) * scale * rng.random((500, 1)) * 3).astype(np.float32)
         queries = (rng.standard_normal((200, dims)) * scale).astype(np.float32)
         ranking = _Ranking.of(memory.astype(np.float64), slice(None))
-        bits, query_norms = ranking.distances(queries.astype(np.float64))
-        computed = _as_float(bits).astype(np.float64)
+        bits, query_norms = ranking.distances(queries.astype(np.float64))   # memory rows by padded queries
+        computed = _as_float(bits[:, :len(queries)].T).astype(np.float64)
         exact = ((queries[:, None, :].astype(np.float64) - memory[None]) ** 2).sum(-1)
         u = BF16_ROUNDOFF
         allowed = ranking.error(query_norms[:, None], ranking.norms[None]) + np.abs(computed) * u / (1 - u)
@@ -97,7 +97,8 @@ def test_the_bfloat16_distances_stay_within_their_stated_bound():
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float32"])
-@pytest.mark.parametrize("case", ["near ties", "far from the origin", "norms apart", "duplicates"])
+@pytest.mark.parametrize("case", ["near ties", "far from the origin", "norms apart", "duplicates",
+                                  "queries far from everything", "a memory of 3 rows"])
 def test_the_nearest_memory_vector_is_the_float64_one_where_no_float32_tie(case, precision):
     from patchwatch.anomaly.patchcore import QUERY_BLOCK, PatchCore, PatchCoreConfig
 
@@ -116,6 +117,10 @@ def test_the_nearest_memory_vector_is_the_float64_one_where_no_float32_tie(case,
     elif case == "duplicates":
         memory = np.concatenate([memory, memory[:300]])
         queries[:50] = memory[:50]
+    elif case == "queries far from everything":  # large distances, small relative gaps between them
+        queries[::2] += 300.0 * rng.standard_normal((1, dims))
+    elif case == "a memory of 3 rows":   # fewer rows than eq. 7's neighbours, than any query block
+        memory = memory[:3]
     memory, queries = memory.astype(np.float32), queries.astype(np.float32)
     model = PatchCore(memory, PatchCoreConfig(map_dims=16), precision=precision)
     scores, rows, map_scores = model.nearest(queries)
@@ -256,12 +261,13 @@ def test_a_large_memory_gets_smaller_query_blocks_and_the_same_answers():
 def test_query_blocks_are_padded_to_a_few_row_counts():
     from patchwatch.anomaly.patchcore import query_row_sizes, query_rows
 
-    assert query_row_sizes(512) == [64, 128, 256, 512]
-    assert query_row_sizes(448) == [64, 128, 256, 448]
+    assert query_row_sizes(512) == [64, 128, 192, 256, 384, 512]
+    assert query_row_sizes(448) == [64, 128, 192, 256, 384, 448]
     assert query_row_sizes(64) == [64]
-    for block in (64, 448, 512):
-        assert all(count <= query_rows(count, block) <= block for count in range(1, block + 1))
-    assert query_rows(1, 512) == 64 and query_rows(129, 512) == 256 and query_rows(300, 448) == 448
+    for block in (64, 448, 512):   # room for every count; beyond 128 rows, at most half as many again
+        assert all(count <= query_rows(count, block) <= max(128, count * 3 // 2) for count in range(1, block + 1))
+    assert query_rows(1, 512) == 64 and query_rows(129, 512) == 192 and query_rows(300, 448) == 384
+    assert query_rows(600, 512) == 640   # more than a block (eq. 7's neighbourhoods of many images)
 
 
 def test_scoring_multiplies_only_shapes_the_model_compiled_when_made(monkeypatch):
@@ -283,7 +289,7 @@ def test_scoring_multiplies_only_shapes_the_model_compiled_when_made(monkeypatch
     memory = rng.standard_normal((1200, 24)).astype(np.float32)
     model = PatchCore(memory, PatchCoreConfig(map_dims=12, num_neighbors=5), precision="bfloat16")
     compiled = set(shapes)
-    assert len(compiled) == 2 * 4                     # (full, head) x (64, 128, 256, 512 rows)
+    assert len(compiled) == 2 * 6                     # (full, head) x (64, 128, 192, 256, 384, 512 rows)
     shapes.clear()
     for count in (1, 63, 64, 65, 200, 511, 512, 513, 1100):
         queries = rng.standard_normal((count, 24)).astype(np.float32)
