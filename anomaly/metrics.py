@@ -166,11 +166,15 @@ class PixelCurves:
             return
         self._cover(low, high)
         histogram = self._histograms[group]  # _cover may have re-binned it
-        index = self._bin_index(scores, low)
+        # this map's bins are [start, stop): only that slice of the histograms is counted and added to
+        start = math.floor(low / self.width) - self.first
+        stop = math.floor(high / self.width) - self.first + 1
+        index = self._bin_index(scores, low, high, self.first + start)  # 0 .. stop - start - 1
         del scores
-        counts = np.bincount(index, minlength=self.bins)
+        size, part = stop - start, np.s_[:, start:stop]
+        counts = np.bincount(index, minlength=size)
         if mask is None:
-            histogram[0] += counts
+            histogram[0, start:stop] += counts
             return
         # label the defects' bounding box only: the same regions, in the same (row-major) pixel order
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
@@ -178,32 +182,35 @@ class PixelCurves:
         labeled, regions = ndimage.label(mask[box], structure=_EIGHT_CONNECTED)
         defect = labeled > 0
         defect_index = index.reshape(mask.shape)[box][defect]
-        defect_counts = np.bincount(defect_index, minlength=self.bins)
+        defect_counts = np.bincount(defect_index, minlength=size)
         region_size = np.bincount(labeled.ravel(), minlength=regions + 1)
+        histogram = histogram[part]
         histogram[0] += counts - defect_counts
         histogram[1] += defect_counts
-        histogram[2] += np.bincount(defect_index, weights=1.0 / region_size[labeled[defect]], minlength=self.bins)
+        histogram[2] += np.bincount(defect_index, weights=1.0 / region_size[labeled[defect]], minlength=size)
         self._regions[group] += regions
 
-    def _bin_index(self, scores: np.ndarray, low: float) -> np.ndarray:
-        """The bin of each score (float32, min ``low``) in the current grid, flat: floor(score / width) - first.
+    def _bin_index(self, scores: np.ndarray, low: float, high: float, offset: int) -> np.ndarray:
+        """floor(score / width) - ``offset`` of each score (float32, within [``low``, ``high``]), flat.
 
-        width is a power of two, 2^-k: for scores >= 0 (``low``) and 2^k a normal float32, score * 2^k in
-        float32 is exact (a normal result; a subnormal one is below 1, its floor 0 either way) and truncation
-        is its floor, so this is floor(float64(score) / width) without the float64 copy. Otherwise (negative
-        scores, or a grid beyond float32's exponents) the division in float64, which is exact.
+        width is a power of two, 2^-k: for scores >= 0 and 2^k a normal float32, score * 2^k in float32
+        is exact (a normal result; a subnormal one is below 1, its floor 0 either way) and truncation is
+        its floor, so this is floor(float64(score) / width) without the float64 copy; in int32 where
+        the bins fit (bincount reads half the bytes). Otherwise (negative scores, or a grid beyond
+        float32's exponents) the division in float64, which is exact.
         """
         exponent = 1 - math.frexp(self.width)[1]  # width = 2^-exponent
         if low >= 0 and -126 <= exponent <= 127:
             scaled = np.multiply(scores, np.float32(math.ldexp(1.0, exponent)), dtype=np.float32)
-            index = scaled.astype(np.intp).ravel()
+            small = math.floor(high / self.width) < 2**31
+            index = scaled.astype(np.int32 if small else np.intp).ravel()
         else:
             scaled = scores.astype(np.float64).ravel()
             np.divide(scaled, self.width, out=scaled)
             np.floor(scaled, out=scaled)
             index = scaled.astype(np.intp)
         del scaled
-        index -= self.first
+        index -= offset
         return index
 
     def _width_for(self, low: float, high: float) -> float:

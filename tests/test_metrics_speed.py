@@ -181,3 +181,20 @@ def test_read_map_array_equals_zarr_for_other_layouts(tmp_path, settings, direct
     array[:40, :] = values[:40].astype(array.dtype)  # the lower chunks never written: the fill value
     assert (_read_plain_map(location) is not None) == direct
     _assert_read_as_zarr(location)
+
+
+@pytest.mark.parametrize("offset", [1.0, 1000.0, 3.0e6])
+@pytest.mark.parametrize("spread", [1e-2, 1e-6])
+def test_add_equals_the_plain_arithmetic_far_from_zero(offset, spread):
+    """Ranges narrow against their distance from 0: at a relative spread of 1e-6 the fine bins'
+    indices pass 2^31 (counted in int64, not int32)."""
+    rng = np.random.default_rng(7)
+    ours, plain = PixelCurves(), PlainCurves()
+    for i in range(5):
+        noise = rng.normal(0.0, spread * offset, (20, 30))
+        amap = (np.float32(offset) + noise.astype(np.float32)).astype(np.float32)
+        mask = _blobs(rng, amap.shape, 3) if i % 2 else None
+        ours.add(amap, mask, group=i % 2)
+        plain.add(amap, mask, group=i % 2)
+        assert_same(ours, plain)
+    assert (spread > 1e-4) == (math.floor(ours.high / ours.width) < 2**31)
