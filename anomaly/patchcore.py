@@ -190,6 +190,22 @@ def _bits_at_least(values: np.ndarray) -> np.ndarray:
     return ((bits + 0xFFFF) >> 16).astype(np.int16)
 
 
+# patches per image whose full-vector nearest neighbour PatchCore.worst_patches finds first
+FIRST_ROUND = 8
+
+
+@dataclass
+class WorstPatches:
+    """:meth:`PatchCore.worst_patches`: per image, its worst patch (an index into the vectors),
+    that patch's distance to its nearest memory vector and that vector's row; every patch's map
+    distance."""
+
+    map_scores: np.ndarray
+    patches: np.ndarray
+    scores: np.ndarray
+    rows: np.ndarray
+
+
 class PatchCore:
     """A fitted PatchCore model: the coreset memory and its faiss index.
 
@@ -343,32 +359,84 @@ class PatchCore:
         scores, rows, _ = self.nearest(vectors, with_map=False)
         return scores, rows
 
+    def worst_patches(self, vectors: np.ndarray, bounds) -> "WorstPatches":
+        """Each image's worst patch (the first with the largest distance to its nearest memory
+        vector; image ``k`` holds ``vectors[bounds[k]:bounds[k + 1]]``), that distance and row, and
+        every patch's map distance, as from :meth:`nearest` over every patch.
+
+        With a map over the primary ``map_dims`` (bfloat16 ranking), only the map's nearest-neighbour
+        pass covers every patch; a patch's full distance to its map-nearest row is at least its own
+        score, so the full vectors' exact pass runs on each image's FIRST_ROUND patches with the
+        largest such bounds, then on any other whose bound reaches the largest score found (MTD:
+        ~8 % of the patches in all)."""
+        bounds = np.asarray(bounds, np.int64)
+        if self.precision != "bfloat16" or self._head is None:
+            scores, rows, map_scores = self.nearest(vectors)
+            worst = np.array([start + int(np.argmax(scores[start:stop]))
+                              for start, stop in zip(bounds[:-1], bounds[1:])], np.int64)
+            return WorstPatches(map_scores, worst, scores[worst], rows[worst])
+        queries = np.ascontiguousarray(vectors, dtype=np.float32)
+        centred = queries - self._centre
+        map_scores, map_rows = self._nearest_blocks(self._head, queries, centred)
+        upper = np.sqrt(((queries - self.memory[map_rows]) ** 2).sum(1, dtype=np.float32))
+        image = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+        # by image, then the largest bound first (non-finite ones, NaN features, before all)
+        order = np.lexsort((np.where(np.isfinite(upper), -upper, -np.inf), image))
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order)) - bounds[image[order]]
+        scores = np.full(len(queries), -np.inf, np.float32)
+        rows = np.zeros(len(queries), np.int64)
+        chosen = (rank < FIRST_ROUND) | ~np.isfinite(upper)
+        for _ in range(2):
+            picked = np.flatnonzero(chosen)
+            if len(picked):
+                scores[picked], rows[picked] = self._nearest_blocks(self._full, queries[picked], centred[picked])
+            largest = np.full(len(bounds) - 1, -np.inf, np.float32)
+            with np.errstate(invalid="ignore"):  # NaN features: NaN scores, found in the first round
+                np.maximum.at(largest, image[picked], scores[picked])
+            # a patch's float32 bound is below its own float32 score by rounding at most (its map-nearest
+            # row, if not a candidate, is farther than the ceiling by more than the bfloat16 bound)
+            chosen = (scores == -np.inf) & (upper >= largest[image] * (1 - 2.0 ** -16))
+        worst = np.array([start + int(np.argmax(scores[start:stop])) for start, stop in zip(bounds[:-1], bounds[1:])],
+                         np.int64)
+        return WorstPatches(map_scores, worst, scores[worst], rows[worst])
+
+    def _nearest_blocks(self, ranking: _Ranking, queries: np.ndarray, centred: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_nearest_over` in query blocks."""
+        scores = np.empty(len(queries), np.float32)
+        rows = np.empty(len(queries), np.int64)
+        for start in range(0, len(queries), self._block):
+            done = slice(start, start + self._block)
+            scores[done], rows[done] = self._nearest_over(ranking, queries[done], centred[done])
+        return scores, rows
+
     def image_score_and_grid(self, features: PatchFeatures) -> tuple[float, np.ndarray]:
         """Image score (eq. 7) and the patch-score grid of the map."""
-        scores, nearest, map_scores = self.nearest(features.vectors)
-        image_score = reweight_image_score(features.vectors, scores, nearest, self.memory, self.index,
-                                           self.config.num_neighbors)
-        return image_score, map_scores.reshape(features.grid)
+        found = self.worst_patches(features.vectors, [0, len(features.vectors)])
+        worst = found.patches[:1]
+        image_score = reweight_image_score(features.vectors[worst], found.scores, found.rows, self.memory,
+                                           self.index, self.config.num_neighbors)
+        return image_score, found.map_scores.reshape(features.grid)
 
     def image_scores_and_grids(self, features: list[PatchFeatures]) -> list[tuple[float, np.ndarray]]:
         """:meth:`image_score_and_grid` of each, from one nearest-neighbour pass over all their
-        patches: the matrix product is several times faster per row on a few hundred rows than on
-        one MTD image's ~100 (bench/results/score_profile.md)."""
+        patches (:meth:`worst_patches`): the matrix product is several times faster per row on a
+        few hundred rows than on one MTD image's ~100 (bench/results/score_profile.md)."""
         if not features:
             return []
-        scores, nearest, map_scores = self.nearest(np.concatenate([f.vectors for f in features]))
-        parts = np.cumsum([0] + [len(item.vectors) for item in features])
-        parts = [slice(start, stop) for start, stop in zip(parts[:-1], parts[1:])]
+        vectors = np.concatenate([f.vectors for f in features])
+        bounds = np.cumsum([0] + [len(item.vectors) for item in features])
+        found = self.worst_patches(vectors, bounds)
         # eq. 7's m* of every image, their neighbourhoods in one ranked pass (a faiss search each
         # took ~0.6 ms)
-        stars = np.array([nearest[part][np.argmax(scores[part])] for part in parts])
         count = min(self.config.num_neighbors, len(self.memory))
-        supports = (self.neighbourhoods(stars, count) if self.precision == "bfloat16" and count >= 2
+        supports = (self.neighbourhoods(found.rows, count) if self.precision == "bfloat16" and count >= 2
                     else [None] * len(features))
-        return [(reweight_image_score(item.vectors, scores[part], nearest[part], self.memory, self.index,
-                                      self.config.num_neighbors, support),
-                 map_scores[part].reshape(item.grid))
-                for item, part, support in zip(features, parts, supports)]
+        return [(reweight_image_score(vectors[found.patches[k:k + 1]], found.scores[k:k + 1], found.rows[k:k + 1],
+                                      self.memory, self.index, self.config.num_neighbors, supports[k]),
+                 found.map_scores[bounds[k]:bounds[k + 1]].reshape(item.grid))
+                for k, item in enumerate(features)]
 
     def neighbourhoods(self, rows: np.ndarray, count: int) -> np.ndarray:
         """(len(rows), count): the ``count`` nearest memory rows of each memory row in ``rows``,

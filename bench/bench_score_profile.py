@@ -11,8 +11,8 @@ other (alternating which goes first), so "before" and "after" share the machine'
   ``anomaly.tiling.upsample_block`` and ``smooth_block``, i.e. ``render_block``, per Zarr chunk),
   maps written through zarr with its default codec (zstd);
 - after: as the score-batch and score-tiles tasks do now: a task's images (16) or tiles (16) share
-  one ``PatchCore.nearest`` pass (bfloat16-ranked candidates, exact distances: image score and map),
-  eq. 7, ``anomaly.maps`` (upsample and smooth as two small matrix products; tiles: ``StitchedMap``),
+  one ``PatchCore.worst_patches`` pass (bfloat16-ranked candidates, exact distances: every patch's
+  map distance, the full vectors' only where a patch can hold its image's score), eq. 7, ``anomaly.maps`` (upsample and smooth as two small matrix products; tiles: ``StitchedMap``),
   ``ResultStore.write_map`` / ``create_map`` (Blosc LZ4).
 
 A third path, PaDiM as scored now (``fit --auto`` picks it on MTD), is profiled on the MTD images
@@ -164,21 +164,21 @@ def before_write_map(store, name: str, amap: np.ndarray) -> None:
 
 # ---- the code after ----------------------------------------------------------------------------------
 def after_grids(clock: dict, model, features: list) -> list[tuple[float, np.ndarray]]:
-    """``PatchCore.image_scores_and_grids``, its kNN pass and eq. 7 (m*'s neighbourhoods, the
-    re-weighting) timed apart."""
+    """``PatchCore.image_scores_and_grids``, its kNN pass (``worst_patches``: every patch's map
+    distance, each image's worst patch's) and eq. 7 (m*'s neighbourhoods, the re-weighting) timed
+    apart."""
     from patchwatch.anomaly.patchcore import reweight_image_score
 
-    scores, nearest, map_scores = timed(clock, "knn_once", lambda: model.nearest(
-        np.concatenate([item.vectors for item in features])))
+    vectors = np.concatenate([item.vectors for item in features])
     bounds = np.cumsum([0] + [len(item.vectors) for item in features])
-    parts = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
-    stars = np.array([nearest[part][np.argmax(scores[part])] for part in parts])
+    found = timed(clock, "knn_once", model.worst_patches, vectors, bounds)
     count = min(model.config.num_neighbors, len(model.memory))
-    supports = (timed(clock, "eq7", model.neighbourhoods, stars, count) if model.precision == "bfloat16" and count >= 2
+    supports = (timed(clock, "eq7", model.neighbourhoods, found.rows, count) if model.precision == "bfloat16" and count >= 2
                 else [None] * len(features))
-    return [(timed(clock, "eq7", reweight_image_score, item.vectors, scores[part], nearest[part], model.memory,
-                   model.index, model.config.num_neighbors, support), map_scores[part].reshape(item.grid))
-            for item, part, support in zip(features, parts, supports)]
+    return [(timed(clock, "eq7", reweight_image_score, vectors[found.patches[k:k + 1]], found.scores[k:k + 1],
+                   found.rows[k:k + 1], model.memory, model.index, model.config.num_neighbors, supports[k]),
+             found.map_scores[bounds[k]:bounds[k + 1]].reshape(item.grid))
+            for k, item in enumerate(features)]
 
 
 # ---- whole images --------------------------------------------------------------------------------------

@@ -327,6 +327,75 @@ def test_eq7_neighbourhoods_from_the_ranking_equal_the_faiss_searches(duplicates
         assert score == pytest.approx(expected_score, rel=1e-6)
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
+@pytest.mark.parametrize("case", ["clusters", "near ties", "tied worst patches", "a patch far from everything",
+                                  "duplicates", "a NaN patch", "a memory of 3 rows", "one patch an image"])
+def test_image_scores_from_the_worst_patches_alone_equal_those_from_every_patchs_nearest(case, precision):
+    """image_scores_and_grids finds each image's full-vector nearest distances only where a patch
+    could hold the image's largest one (its distance to its map-nearest row is an upper bound):
+    the image score, its patch and m* must be those of a full pass over every patch."""
+    from patchwatch.anomaly.patchcore import PatchCore, PatchCoreConfig, reweight_image_score
+
+    rng = np.random.default_rng(7)
+    dims, rows = 40, 1200
+    centres = rng.standard_normal((8, dims)) * 3 + 10
+    memory = centres[rng.integers(0, 8, rows)] + 0.5 * rng.standard_normal((rows, dims))
+    sizes = [60, 1, 33, 140, 60, 7, 96, 60]
+    patches = centres[rng.integers(0, 8, sum(sizes))] + 0.6 * rng.standard_normal((sum(sizes), dims))
+    if case == "near ties":
+        memory = centres[rng.integers(0, 8, rows)] + 1e-3 * rng.standard_normal((rows, dims))
+        patches = centres[rng.integers(0, 8, sum(sizes))] + 0.05 * rng.standard_normal((sum(sizes), dims))
+    elif case == "tied worst patches":   # each image's worst patch repeated further on: the first one wins
+        patches[70:74] = patches[61:62] + 4.0
+        patches[80:83] = patches[70]
+    elif case == "a patch far from everything":
+        patches[100] += 200.0
+    elif case == "duplicates":
+        memory[600:] = memory[:600]
+        patches[::3] = memory[rng.integers(0, rows, len(patches[::3]))]
+    elif case == "a NaN patch":
+        patches[65] = np.nan
+    elif case == "a memory of 3 rows":
+        memory = memory[:3]
+    elif case == "one patch an image":
+        sizes = [1] * 40
+        patches = patches[:40]
+    memory, patches = memory.astype(np.float32), patches.astype(np.float32)
+    model = PatchCore(memory, PatchCoreConfig(map_dims=20, num_neighbors=9), precision=precision)
+    bounds = np.cumsum([0] + sizes)
+    features = [PatchFeatures_of(patches[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    got = model.image_scores_and_grids(features)
+    single = [model.image_score_and_grid(item) for item in features]
+    scores, nearest, map_scores = model.nearest(patches)
+    expected, _, _ = brute_force(patches, memory)
+    for (score, grid), (alone, alone_grid), a, b in zip(got, single, bounds[:-1], bounds[1:]):
+        reference = reweight_image_score(patches[a:b], scores[a:b], nearest[a:b], memory, model.index, 9)
+        np.testing.assert_array_equal(grid.ravel(), map_scores[a:b])
+        np.testing.assert_array_equal(alone_grid, grid)
+        if case == "a NaN patch" and a <= 65 < b:
+            assert np.isnan(score) and np.isnan(alone)
+            continue
+        assert score == pytest.approx(reference, rel=1e-6) and alone == pytest.approx(reference, rel=1e-6)
+        if precision == "bfloat16" or case != "near ties":   # the float32 ranking: ties within its rounding
+            worst = a + int(np.argmax(expected[a:b]))       # float64: the same largest distance
+            assert scores[a:b].max() == pytest.approx(expected[worst], rel=1e-5)
+    found = model.worst_patches(patches, bounds)
+    np.testing.assert_array_equal(found.map_scores, map_scores)
+    finite = [k for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if np.isfinite(patches[a:b]).all()]
+    for k in finite:
+        a, b = bounds[k], bounds[k + 1]
+        assert found.patches[k] == a + int(np.argmax(scores[a:b]))       # the first of tied worst patches
+        assert found.scores[k] == scores[found.patches[k]] and found.rows[k] == nearest[found.patches[k]]
+    if case == "tied worst patches":
+        assert found.patches[1] == 60 and found.patches[2] == 70         # 61+4 tied at 70..73 and 80..82
+
+
+def PatchFeatures_of(vectors):
+    from patchwatch.anomaly.features import PatchFeatures
+
+    return PatchFeatures(vectors, (1, len(vectors)), (8, 8 * len(vectors)), (8, 8 * len(vectors)))
+
+
 def _features(vectors):
     from patchwatch.anomaly.features import PatchFeatures
 
