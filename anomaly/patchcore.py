@@ -155,10 +155,13 @@ class _Ranking:
         """(the bfloat16 squared distances' bit patterns as int16, memory rows by queries, ||q||)
         for centred queries; the matrix has a column for each of the product's padded query rows
         (:func:`query_rows`), its first ``len(centred)`` those of the queries."""
-        part = centred[:, self.columns].astype(np.float64)
-        squared = (part ** 2).sum(1)
-        query = np.zeros((query_rows(len(part), self.block), self.dims + 4), np.float32)
-        query[:len(part)] = np.concatenate([-2 * part, _two_parts(squared).T, np.ones((len(part), 2))], axis=1)
+        part, count, dims = centred[:, self.columns], len(centred), self.dims
+        squared = np.einsum("ij,ij->i", part, part, dtype=np.float64)
+        query = np.empty((query_rows(count, self.block), dims + 4), np.float32)  # written in place: no temporaries
+        np.multiply(part, -2, out=query[:count, :dims], casting="unsafe")
+        query[:count, dims:dims + 2] = _two_parts(squared).T
+        query[:count, dims + 2:] = 1
+        query[count:] = 0
         product = self.operand @ torch.from_numpy(query).to(torch.bfloat16).t()
         return product.view(torch.int16).numpy(), np.sqrt(squared)
 
@@ -177,6 +180,15 @@ class _Ranking:
         cross = 2 * q * m
         sizes = (1 + u) ** 2 * cross + (1 + u) * (q * q + m * m)
         return 1.25 * ((2 * u + u * u) * cross + u * u * (q * q + m * m) + (self.dims + 4) * 2.0 ** -24 * sizes)
+
+
+def _flat_true(mask: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero(mask)`` for a boolean array of a multiple of 8 elements, found among its
+    8-byte words (0.3 against 0.5 ms on a 8k x 512 mask of a few true per column)."""
+    words = mask.reshape(-1).view(np.uint64)
+    hit = np.flatnonzero(words != 0)
+    byte = np.flatnonzero(words[hit].view(np.uint8))
+    return hit[byte >> 3] * 8 + (byte & 7)
 
 
 def _as_float(bits: np.ndarray) -> np.ndarray:
@@ -335,7 +347,7 @@ class PatchCore:
         loose = (ceiling + widest) / (1 - 2 * u)
         limit = np.full(width, np.iinfo(np.int16).min, np.int16)  # padding: -0.0 at most, dropped below
         limit[:count] = _bits_at_least(np.maximum(loose, 2.0 ** -100))
-        flat = np.flatnonzero(bits <= limit)
+        flat = _flat_true(bits <= limit)
         row, line = np.divmod(flat, width)
         flat, row, line = flat[line < count], row[line < count], line[line < count]
         value = _as_float(bits.ravel()[flat])

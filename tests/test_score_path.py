@@ -258,6 +258,15 @@ def test_a_large_memory_gets_smaller_query_blocks_and_the_same_answers():
         patchcore.BLOCK_BYTES = saved
 
 
+def test_true_places_found_among_words_are_flatnonzeros():
+    from patchwatch.anomaly.patchcore import _flat_true
+
+    rng = np.random.default_rng(8)
+    for shape, share in (((300, 64), 0.001), ((64, 128), 0.3), ((8, 64), 0.0), ((8, 64), 1.0)):
+        mask = rng.random(shape) < share
+        np.testing.assert_array_equal(_flat_true(mask), np.flatnonzero(mask))
+
+
 def test_query_blocks_are_padded_to_a_few_row_counts():
     from patchwatch.anomaly.patchcore import query_row_sizes, query_rows
 
