@@ -97,12 +97,19 @@ class PatchFeatureExtractor:
     """Backbone + local neighbourhood aggregation + adaptive pooling to a fixed dimension."""
 
     def __init__(self, config: FeatureConfig = FeatureConfig(), device: str | torch.device = "cpu",
-                 runtime: str | None = None, threads: int = 1, shapes: str = "fixed"):
+                 runtime: str | None = None, threads: int = 1, shapes: str = "fixed",
+                 batch_size: int | None = None):
         """``runtime``: what runs the backbone's forward pass (anomaly.runtime; None: the default
         for ``device``), with ``threads`` intra-op threads and the ``shapes`` policy. Not part of
-        ``config``: features from every runtime are the same within anomaly.runtime.MAP_TOLERANCE."""
+        ``config``: features from every runtime are the same within anomaly.runtime.MAP_TOLERANCE.
+        ``batch_size``: images of one input size per forward pass (None: :func:`default_batch_size`)."""
         self.config = config
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            strict_float32_on_gpus()
+        self.batch_size = default_batch_size(self.device) if batch_size is None else int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = create_backbone(config.backbone, features_only=True, out_indices=config.layers)
         self.model.to(self.device)
         self.stages = backbone_stages(self.model, config.backbone, config.layers, runtime, self.device, threads, shapes)
@@ -124,9 +131,10 @@ class PatchFeatureExtractor:
     def preprocess(self, images: list[np.ndarray], shape: tuple[int, int]) -> torch.Tensor:
         batch = []
         for image in images:
-            rgb = torch.from_numpy(to_float_rgb(image)).permute(2, 0, 1)[None]
+            # resized where the network runs: on a GPU the host would otherwise resize each image
+            rgb = torch.from_numpy(to_float_rgb(image)).permute(2, 0, 1)[None].to(self.device)
             batch.append(F.interpolate(rgb, size=shape, mode="bilinear", align_corners=False, antialias=True))
-        tensor = torch.cat(batch).to(self.device)
+        tensor = torch.cat(batch)
         return (tensor - self.mean) / self.std
 
     @torch.inference_mode()
@@ -164,20 +172,54 @@ class PatchFeatureExtractor:
         return embedded.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2)
 
     def extract(self, images: list[np.ndarray]) -> list[PatchFeatures]:
-        """Patch features of each image.
+        """Patch features of each image, in order.
 
-        Images go through the network one at a time: convolution results depend slightly on the
-        batch they are computed in, and an image's score must not depend on which other images
-        happened to share its work batch (on a CPU, batching gains little).
+        Images whose network inputs have the same size go through the network together,
+        ``batch_size`` at a time. On a CPU the default is one at a time: batching gains little
+        there, and convolution results depend slightly on the batch they are computed in. On a
+        GPU batches are what fills the device; an image's features then differ from its
+        unbatched ones by float32 rounding only (tests/test_gpu_batching.py, bench/bench_gpu.py).
         """
-        results = []
-        for image in images:
-            shape = self.input_shape(*image.shape[:2])
-            maps = self.local_maps(self.preprocess([image], shape))
-            for scale in self.config.context_scales:
-                maps += self.local_maps(self.preprocess([image], self.input_shape(*image.shape[:2], scale)))
-            fmap = self.combine(maps).cpu()[0]
-            grid = (fmap.shape[1], fmap.shape[2])
-            vectors = fmap.permute(1, 2, 0).reshape(-1, fmap.shape[0]).numpy().astype(np.float32)
-            results.append(PatchFeatures(vectors, grid, tuple(image.shape[:2]), shape))
+        results: list[PatchFeatures | None] = [None] * len(images)
+        by_inputs: dict[tuple, list[int]] = {}
+        for index, image in enumerate(images):
+            height, width = image.shape[:2]
+            shapes = tuple(self.input_shape(height, width, scale)
+                           for scale in (self.config.input_scale, *self.config.context_scales))
+            by_inputs.setdefault(shapes, []).append(index)
+        for shapes, indices in by_inputs.items():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                batch = [images[i] for i in chunk]
+                for index, features in zip(chunk, self._extract_batch(batch, shapes)):
+                    results[index] = features
         return results
+
+    def _extract_batch(self, images: list[np.ndarray], shapes: tuple) -> list[PatchFeatures]:
+        """Features of images that share the network input ``shapes`` (primary scale first)."""
+        maps = []
+        for shape in shapes:
+            maps += self.local_maps(self.preprocess(images, shape))
+        fmaps = self.combine(maps).cpu()
+        grid = (fmaps.shape[2], fmaps.shape[3])
+        return [PatchFeatures(fmap.permute(1, 2, 0).reshape(-1, fmap.shape[0]).numpy().astype(np.float32),
+                              grid, tuple(image.shape[:2]), shapes[0])
+                for image, fmap in zip(images, fmaps)]
+
+
+# images per forward pass on a GPU (bench/bench_gpu.py measures batch sizes 1 to 64)
+GPU_BATCH_SIZE = 32
+
+
+def default_batch_size(device: torch.device) -> int:
+    """1 on CPUs (one image at a time, as the workers' single thread runs best), GPU_BATCH_SIZE
+    on GPUs."""
+    return 1 if device.type == "cpu" else GPU_BATCH_SIZE
+
+
+def strict_float32_on_gpus() -> None:
+    """Convolutions and products in full float32 on GPUs: PyTorch lets cuDNN use TF32 by default,
+    whose 10-bit mantissa moves the maps ~1e-3 relative, far past what the CPU runtimes agree to
+    (anomaly.runtime.MAP_TOLERANCE); a map must not depend on which machine computed it."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False

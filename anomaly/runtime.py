@@ -29,6 +29,7 @@ CPU_DEFAULT_RUNTIME = "onnxruntime"
 AUTO = "auto"
 RUNTIME_ENV = "PATCHWATCH_RUNTIME"             # read where the backbone runs (tasks.runtime)
 THREADS_ENV = "PATCHWATCH_RUNTIME_THREADS"
+DEVICE_ENV = "PATCHWATCH_DEVICE"              # read where the backbone runs, like RUNTIME_ENV
 CACHE_ENV = "PATCHWATCH_CACHE_DIR"
 # stage maps of an exported runtime against torch eager: largest absolute difference measured
 # 6.4e-5 on maps of magnitude ~20 (bench/results/runtime.md); this bound leaves room for other CPUs
@@ -64,6 +65,33 @@ def configured_runtime() -> tuple[str, int]:
     """(runtime, threads) this process's backbone runs with: ``PATCHWATCH_RUNTIME`` (default
     auto) and ``PATCHWATCH_RUNTIME_THREADS`` (default 1, like torch on the workers)."""
     return os.environ.get(RUNTIME_ENV) or AUTO, int(os.environ.get(THREADS_ENV) or 1)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device the backbone runs on: "auto" (or None) is the first GPU where torch sees one,
+    else the CPU; "cpu", "cuda", "cuda:N" as torch names them, refused with a reason where this
+    machine has no such device."""
+    name = (name or AUTO).strip().lower()
+    if name == AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here "
+                             f"(torch {torch.__version__}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {name!r}; choose auto, cpu, cuda or cuda:N")
+    return device
+
+
+def configured_device() -> torch.device:
+    """The device this process's backbone runs on: ``PATCHWATCH_DEVICE`` (default auto)."""
+    return resolve_device(os.environ.get(DEVICE_ENV))
 
 
 def cache_dir() -> Path:

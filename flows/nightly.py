@@ -128,11 +128,11 @@ def nightly_refit_flow(images: str, root: str, split: str | None = None, feature
                        dask_address: str | None = None, workers: int | None = None, auto: bool = False,
                        holdout_fraction: float = HOLDOUT_FRACTION, threshold_quantile: float = THRESHOLD_QUANTILE,
                        full: bool = False, runtime: str | None = None, allow_sources: str | None = None,
-                       settings: dict | None = None, config_file: dict | None = None) -> dict:
+                       device: str | None = None, settings: dict | None = None, config_file: dict | None = None) -> dict:
     """The scheduled re-fit: absorb the nominal images that arrived since the last fit, with the
     settings ``patchwatch deploy`` was given (``settings``, ``config_file``: recorded in the
     manifest as ``patchwatch fit`` records them)."""
-    with one_nightly_run_per_root(root), workers_environment(runtime, allow_sources), \
+    with one_nightly_run_per_root(root), workers_environment(runtime, allow_sources, device), \
             dask_cluster(dask_address, workers) as address:
         return run_on_dask(fit_flow, address, images=images, root=root, split=split, feature_config=feature_config,
                            detector=detector, detector_config=detector_config, batch_size=batch_size, auto=auto,
@@ -143,24 +143,26 @@ def nightly_refit_flow(images: str, root: str, split: str | None = None, feature
 @flow(name="nightly-score", flow_run_name=run_name("nightly-score {results}"), log_prints=True)
 def nightly_score_flow(archive: str, root: str, results: str, batch_size: int = 16,
                        dask_address: str | None = None, workers: int | None = None, rescore: bool = False,
-                       runtime: str | None = None, allow_sources: str | None = None) -> dict:
+                       runtime: str | None = None, allow_sources: str | None = None,
+                       device: str | None = None) -> dict:
     """The scheduled scoring: what no model has scored yet (``rescore``: what the current model
     has not), into tonight's partition."""
-    with one_nightly_run_per_root(root), workers_environment(runtime, allow_sources), \
+    with one_nightly_run_per_root(root), workers_environment(runtime, allow_sources, device), \
             dask_cluster(dask_address, workers) as address:
         return run_on_dask(score_new_flow, address, archive=archive, root=root, results=results,
                            batch_size=batch_size, rescore=rescore)
 
 
 @contextlib.contextmanager
-def workers_environment(runtime: str | None, allow_sources: str | None):
-    """What the command's --runtime and --allow-sources set for its run (they are read where the
+def workers_environment(runtime: str | None, allow_sources: str | None, device: str | None = None):
+    """What the command's --runtime, --device and --allow-sources set for its run (they are read where the
     backbone runs and where the images are listed): set in this flow run's process for the run,
     so that the local Dask workers it starts inherit them; the previous values restored after."""
-    from patchwatch.anomaly.runtime import RUNTIME_ENV
+    from patchwatch.anomaly.runtime import DEVICE_ENV, RUNTIME_ENV
     from patchwatch.storage.images import ALLOW_SOURCES_ENV
 
-    wanted = {name: value for name, value in ((RUNTIME_ENV, runtime), (ALLOW_SOURCES_ENV, allow_sources))
+    wanted = {name: value for name, value in ((RUNTIME_ENV, runtime), (DEVICE_ENV, device),
+                                              (ALLOW_SOURCES_ENV, allow_sources))
               if value is not None}
     previous = {name: os.environ.get(name) for name in wanted}
     os.environ.update(wanted)

@@ -63,6 +63,10 @@ def _add_runtime_option(parser: argparse.ArgumentParser) -> None:
                              "there, torch on GPUs), torch, onnxruntime, openvino (pip install openvino). "
                              "Scores agree within 1e-4 whichever fitted or scores the model "
                              "(default: $PATCHWATCH_RUNTIME, else auto)")
+    parser.add_argument("--device", default=None, metavar="auto|cpu|cuda[:N]",
+                        help="where the backbone runs: auto (the first GPU torch sees, else the CPU), cpu, "
+                             "cuda, cuda:N; on a GPU images of one size share forward passes, in full float32 "
+                             "(default: $PATCHWATCH_DEVICE, else auto)")
 
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -341,6 +345,10 @@ def _prepare(args) -> None:
     if getattr(args, "runtime", None) is not None:
         from patchwatch.anomaly.runtime import RUNTIME_ENV
         os.environ[RUNTIME_ENV] = args.runtime  # read where the backbone runs: the workers inherit it
+    if getattr(args, "device", None) is not None:
+        from patchwatch.anomaly.runtime import DEVICE_ENV, resolve_device
+        resolve_device(args.device)  # no such GPU here: one line now, not a failure in every task
+        os.environ[DEVICE_ENV] = args.device
     if getattr(args, "allow_sources", None) is not None:
         os.environ[ALLOW_SOURCES_ENV] = args.allow_sources  # read where the listing runs (the flow)
     for name in PATH_ARGUMENTS:
@@ -440,7 +448,7 @@ def _run(args) -> int:
         # what the flows' own processes need: their cluster, and the settings the command sets as
         # environment variables for its workers (the runtime, the allowed sources)
         run = {"dask_address": args.dask_address, "workers": args.workers, "batch_size": args.batch_size,
-               "runtime": args.runtime, "allow_sources": args.allow_sources}
+               "runtime": args.runtime, "device": args.device, "allow_sources": args.allow_sources}
         parameters = {"refit": {"images": args.images, "root": args.root, "split": args.split, "full": args.full,
                                 **fit_parameters(args), **run},
                       "score": {"archive": args.archive or args.images, "root": args.root,

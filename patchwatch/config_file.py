@@ -20,7 +20,7 @@ import tomllib
 # Locations (--images, --root, ...) and one-off choices (--full, --split) stay on the command line.
 SETTING_KEYS = ("detector", "backbone", "layers", "input_scale", "square_side", "embed_dim", "context_scales",
                 "coreset_ratio", "auto", "holdout_fraction", "threshold_quantile", "batch_size", "runtime",
-                "workers", "dask_address", "allow_sources")
+                "device", "workers", "dask_address", "allow_sources")
 # options written comma-separated on the command line: a TOML list of numbers is accepted too
 LIST_KEYS = ("layers", "context_scales")
 

@@ -166,7 +166,11 @@ def score_images(records: list[ImageRecord], images: list, extractor, detector, 
     position's inverse covariance once for the batch."""
     features: dict[int, object] = {}
     outcomes: dict[int, dict | Unusable] = {}
+    if getattr(extractor, "batch_size", 1) > 1:  # a GPU: the batch's images in shared forward passes
+        features = _extract_together(extractor, images)
     for number, image in enumerate(images):
+        if number in features:
+            continue
         try:
             features[number] = extractor.extract([image])[0]
         except MemoryError:
@@ -195,6 +199,17 @@ def score_images(records: list[ImageRecord], images: list, extractor, detector, 
         else:
             rows.append(outcome)
     return rows, errors
+
+
+def _extract_together(extractor, images: list) -> dict[int, object]:
+    """Features of all ``images`` from batched forward passes, by position; empty where any
+    image fails, so that each image is then extracted on its own, for its own error row."""
+    try:
+        return dict(enumerate(extractor.extract(list(images))))
+    except MemoryError:
+        raise
+    except Exception:
+        return {}
 
 
 def _content(context, parameters: dict) -> str:

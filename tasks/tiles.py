@@ -75,8 +75,9 @@ def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, t
     extractor = feature_extractor(config)
     rows, index_rows, start = [], [], 0
     with LargeImage(uri, staged) as image:
-        for tile in tiles:
-            features = extractor.extract([image.read(tile.top, tile.left, tile.bottom, tile.right)])[0]
+        # one call: on a GPU the task's tiles share forward passes (one at a time on CPUs)
+        tile_features = extractor.extract([image.read(tile.top, tile.left, tile.bottom, tile.right) for tile in tiles])
+        for tile, features in zip(tiles, tile_features):
             index_rows.append(bank_index_row(f"{image_id}#{tile.top},{tile.left}", uri, batch, start, features))
             rows.append(features.vectors)
             start += len(features.vectors)
@@ -100,7 +101,7 @@ def score_tiles_task(model: ModelRef, uri: str, tiles: list[Tile], staged: str |
     ``staged``: its decoded pixels (see :func:`stage_large_image_task`)."""
     extractor, detector = load_model(model.root, model.fingerprint)
     with LargeImage(uri, staged) as image:
-        features = [extractor.extract([image.read(tile.top, tile.left, tile.bottom, tile.right)])[0] for tile in tiles]
+        features = extractor.extract([image.read(tile.top, tile.left, tile.bottom, tile.right) for tile in tiles])
     # PatchCore: one nearest-neighbour pass over all the task's tiles (fewer, larger matrix products)
     grids = (detector.image_scores_and_grids(features) if isinstance(detector, PatchCore)
              else [score_grid(detector, item) for item in features])
