@@ -147,7 +147,28 @@ def runtime_rows(result: dict, sizes: dict) -> list[dict]:
                                "MTD extraction", mtd["torch cuda"]["torch ÷ runtime (all passes)"], None, None, "x", on))
     else:
         rows.append(target_row("backbone, torch on CUDA", None, None, None, "", "-",
-                               "not measured: no GPU here (torch.cuda.is_available() is False)"))
+                               "not measured in this run: no GPU here (torch.cuda.is_available() is False)"))
+        rows += recorded_gpu_rows()
+    return rows
+
+
+def recorded_gpu_rows(path: Path = common.DEFAULT_OUT / "gpu.json") -> list[dict]:
+    """Where this machine has no GPU: bench_gpu.py's last recorded run on one (bench/results/gpu.*),
+    labelled as such: its 8192 px tiles and 256 px images, batch 32, against CPU torch there."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not recorded.get("gpu"):
+        return []
+    wanted = {("patchcore", "256 x 256"), ("patchcore", "8192 x 8192 in 441 tiles of 512")}
+    rows = []
+    for row in recorded["sections"][0]["rows"]:
+        if (row["features"], row["input"]) in wanted and row["variant"] == "cuda b32":
+            rows.append(target_row(f"backbone, torch on CUDA batch 32 vs torch on one CPU thread: {row['input']} "
+                                   f"(recorded, not this run)", row["÷ cpu torch (1 thread)"], None, None, "x",
+                                   f"{recorded['gpu']}, {recorded['date']}, {path.name}: {row['images/s']} images/s, "
+                                   f"{row['Mpx/s']} Mpx/s"))
     return rows
 
 
