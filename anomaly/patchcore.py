@@ -221,12 +221,16 @@ class WorstPatches:
 class PatchCore:
     """A fitted PatchCore model: the coreset memory and its faiss index.
 
-    Patch scores come from one exact nearest-neighbour pass (:meth:`nearest`) that serves both the
-    image score and the map (over the primary ``map_dims``). Candidates are ranked by bfloat16
+    Patch scores come from exact nearest-neighbour passes (:meth:`nearest`: every patch's distance
+    over the full vectors and over the map's primary ``map_dims``). Candidates are ranked by bfloat16
     matrix products (on CPUs with AMX ~5x a float32 one) whose error is bounded, so every memory
-    vector that could be the nearest stays a candidate (~3 per patch on MTD) and the candidates'
-    distances are then computed exactly. CPUs without native bfloat16 rank in float32 as before
-    (:func:`default_precision`). The faiss index still serves eq. 7's neighbourhood search.
+    vector that could be the nearest stays a candidate (~2 per patch on MTD) and the candidates'
+    distances are then computed exactly. Scoring images (:meth:`image_scores_and_grids`) needs the
+    full vectors' distance only of each image's worst patch: :meth:`worst_patches` runs that pass
+    only on patches that can be it (~8 % on MTD). A model compiles its product shapes when made
+    (:meth:`warm_up`). CPUs without native bfloat16 rank in float32 as before
+    (:func:`default_precision`), every patch in both passes. The faiss index still serves eq. 7's
+    neighbourhood search for a single image (:meth:`image_score_and_grid`).
     """
 
     def __init__(self, memory: np.ndarray, config: PatchCoreConfig = PatchCoreConfig(),
