@@ -402,17 +402,17 @@ class PatchCore:
         rank[order] = np.arange(len(order)) - bounds[image[order]]
         scores = np.full(len(queries), -np.inf, np.float32)
         rows = np.zeros(len(queries), np.int64)
-        chosen = (rank < FIRST_ROUND) | ~np.isfinite(upper)
-        for _ in range(2):
-            picked = np.flatnonzero(chosen)
-            if len(picked):
-                scores[picked], rows[picked] = self._nearest_blocks(self._full, queries[picked], centred[picked])
-            largest = np.full(len(bounds) - 1, -np.inf, np.float32)
-            with np.errstate(invalid="ignore"):  # NaN features: NaN scores, found in the first round
-                np.maximum.at(largest, image[picked], scores[picked])
-            # a patch's float32 bound is below its own float32 score by rounding at most (its map-nearest
-            # row, if not a candidate, is farther than the ceiling by more than the bfloat16 bound)
-            chosen = (scores == -np.inf) & (upper >= largest[image] * (1 - 2.0 ** -16))
+        first = np.flatnonzero((rank < FIRST_ROUND) | ~np.isfinite(upper))
+        scores[first], rows[first] = self._nearest_blocks(self._full, queries[first], centred[first])
+        largest = np.full(len(bounds) - 1, -np.inf, np.float32)
+        with np.errstate(invalid="ignore"):  # NaN features: NaN scores, all found in the first round
+            np.maximum.at(largest, image[first], scores[first])
+        # a patch's float32 bound is below its own float32 score by rounding at most (its map-nearest
+        # row, if not a candidate, is farther than the ceiling by more than the bfloat16 bound); the
+        # largest score found only grows, so one more round leaves no patch that could exceed it
+        second = np.flatnonzero((scores == -np.inf) & (upper >= largest[image] * (1 - 2.0 ** -16)))
+        if len(second):
+            scores[second], rows[second] = self._nearest_blocks(self._full, queries[second], centred[second])
         worst = np.array([start + int(np.argmax(scores[start:stop])) for start, stop in zip(bounds[:-1], bounds[1:])],
                          np.int64)
         return WorstPatches(map_scores, worst, scores[worst], rows[worst])
