@@ -12,7 +12,8 @@ other (alternating which goes first), so "before" and "after" share the machine'
   maps written through zarr with its default codec (zstd);
 - after: as the score-batch and score-tiles tasks do now: a task's images (16) or tiles (16) share
   one ``PatchCore.worst_patches`` pass (bfloat16-ranked candidates, exact distances: every patch's
-  map distance, the full vectors' only where a patch can hold its image's score), eq. 7, ``anomaly.maps`` (upsample and smooth as two small matrix products; tiles: ``StitchedMap``),
+  map distance, the full vectors' only where a patch can hold its image's score), eq. 7,
+  ``anomaly.maps`` (upsample and smooth as two small matrix products; tiles: ``StitchedMap``),
   ``ResultStore.write_map`` / ``create_map`` (Blosc LZ4).
 
 A third path, PaDiM as scored now (``fit --auto`` picks it on MTD), is profiled on the MTD images
