@@ -79,11 +79,12 @@ def reweight_image_score(patch_vectors: np.ndarray, patch_scores: np.ndarray, ne
 # larger memory: the matrix stays within BLOCK_BYTES
 QUERY_BLOCK = 512
 BLOCK_BYTES = 64 << 20
-# rows of a product padded to a multiple of this: oneDNN compiles a kernel for each new shape (6-27 ms
-# each, measured with AMX at 8k memory rows), so only a few shapes ever reach it: a block's rows are
-# padded to the next of 1, 2, 3, 4, 6, 8, 12, ... times ROW_MULTIPLE below the block, or the block
-# (query_rows: beyond 128 rows, at most half as many again as queries), and a model compiles those
-# few shapes when it is made (PatchCore.warm_up), not in its first tasks
+# rows of a product padded to a multiple of this: oneDNN compiles a kernel for each new shape (~3 ms
+# each with AMX at 8k memory rows, 6-27 ms for a process's first ones), so only a few shapes ever
+# reach it: a block's rows are padded to the next of 1, 2, 3, 4, 6, 8, 12, ... times ROW_MULTIPLE
+# below the block, or the block (query_rows: beyond 128 rows, at most half as many again as
+# queries), and a model compiles those few shapes when it is made (PatchCore.warm_up), not in its
+# first tasks
 ROW_MULTIPLE = 64
 
 
@@ -265,9 +266,10 @@ class PatchCore:
             self._tail_sq = (self._tail_t.double() ** 2).sum(0).float()
 
     def warm_up(self) -> None:
-        """Compile the few product shapes scoring uses (:func:`query_rows`), ~10 ms each at 8k
-        memory rows, once a process: a model is made once per worker (tasks.scoring.load_model),
-        so its first tasks no longer pay them (they had been ~half the kNN time of a 20-image run)."""
+        """Compile the few product shapes scoring uses (:func:`query_rows`), once a process: ~40 ms
+        for a model of 8k memory rows (12 shapes; more in a process's first bfloat16 product). A
+        model is made once per worker (tasks.scoring.load_model), so its first tasks no longer pay
+        them: they had been about half the kNN time of a fresh model's first 20 MTD images."""
         if self.precision == "bfloat16":
             for ranking in (self._full, self._head):
                 if ranking is not None:
