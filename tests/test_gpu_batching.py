@@ -77,6 +77,22 @@ def test_an_images_score_does_not_depend_on_its_batch(detector):
         assert float(np.abs(amap - expected_map).max()) <= SCORE_RELATIVE_TOLERANCE * float(expected_map.max())
 
 
+@pytest.mark.skipif(NO_GPU, reason="no CUDA GPU here (bench/bench_gpu.py measured one: bench/results/gpu.md)")
+def test_on_a_gpu_batched_features_equal_unbatched_and_the_cpus_in_full_float32():
+    config = default_features("patchcore")
+    images = textures(SIZES)
+    on_cpu = PatchFeatureExtractor(config, runtime="torch").extract(images)
+    alone = PatchFeatureExtractor(config, device="cuda", batch_size=1).extract(images)
+    batched_extractor = PatchFeatureExtractor(config, device="cuda")
+    assert batched_extractor.runtime == "torch" and batched_extractor.batch_size == GPU_BATCH_SIZE
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    batched = batched_extractor.extract(images)
+    for cpu, one, many in zip(on_cpu, alone, batched):
+        assert many.grid == one.grid == cpu.grid and many.image_shape == cpu.image_shape
+        assert float(np.abs(many.vectors - one.vectors).max()) <= MAP_TOLERANCE
+        assert float(np.abs(many.vectors - cpu.vectors).max()) <= MAP_TOLERANCE
+
+
 def test_default_batch_size_is_one_on_cpus_and_larger_on_gpus():
     assert default_batch_size(torch.device("cpu")) == 1
     assert default_batch_size(torch.device("cuda")) == GPU_BATCH_SIZE > 1
