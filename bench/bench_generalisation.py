@@ -65,6 +65,8 @@ def configurations() -> dict:
         Candidate.make("padim-plain", "padim", None, {"shrinkage": "none"}),
         Candidate.make("padim-local-oas", "padim", {"square_side": 256, "context_scales": ()},
                        {"channels": 100, "shrinkage": "oas"}),
+        # the default PaDiM at 512 px instead of 320: does input resolution find faint small defects?
+        Candidate.make("padim-512", "padim", {"square_side": 512}),
     ]
     configs.update({c.name: c for c in extra})
     return configs
