@@ -364,6 +364,9 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="image counts of the built sets x this")
     parser.add_argument("--mtd-limit", type=int, default=None, help="MTD: N train and N test images (default all)")
     parser.add_argument("--no-auto", action="store_true", help="skip --auto's probe")
+    parser.add_argument("--probe-extra", default=None, metavar="CONFIG[,CONFIG]",
+                        help="configurations the probe also compares, after --auto's own candidates (what --auto "
+                             "would pick if they were candidates; the product's candidates are unchanged)")
     parser.add_argument("--probe-only", action="store_true",
                         help="only --auto's probe and its picks (no test rows): writes NAME-probe.md")
     args = parser.parse_args()
@@ -375,6 +378,11 @@ def main() -> None:
     # --auto is scored by the test metrics of the candidate it picks: all candidates are measured
     required = [default_name] + ([] if args.no_auto else [c.name for c in default_candidates()])
     wanted = [] if args.probe_only else list(dict.fromkeys([*required, *wanted]))
+    extra_probe = [name for name in (args.probe_extra.split(",") if args.probe_extra else [])
+                   if name not in {c.name for c in default_candidates()}]
+    unknown = [name for name in extra_probe if name not in configs]
+    if unknown:
+        raise SystemExit(f"--probe-extra: unknown configuration(s) {', '.join(unknown)}; known: {', '.join(configs)}")
     tiling = TilingConfig()
     sets = load_sets(args.sets.split(","), work, args.scale, args.mtd_limit)
     digest, auto_digest = source_digest(ROW_SOURCES), source_digest(AUTO_SOURCES)
@@ -390,7 +398,8 @@ def main() -> None:
                   f"AUPRO {row['aupro']:.3f} fit {row['fit_s']:.0f} s{' (cached)' if row['cached'] else ''}",
                   flush=True)
         if not args.no_auto:
-            candidates = default_candidates()
+            # --probe-extra: more configurations after --auto's own, to see what the probe makes of them
+            candidates = default_candidates() + [configs[name] for name in extra_probe]
             autos[data.name] = cached(work, [CACHE_VERSION, "auto", "fit's sample", data.key, [c.describe() for c in candidates],
                                              tiling.to_dict(), auto_digest],
                                       lambda: run_auto(data, candidates, tiling))
