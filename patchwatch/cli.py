@@ -446,7 +446,7 @@ def _run(args) -> int:
         from patchwatch.flows.deployments import deploy
         from patchwatch.storage.locations import join
         # what the flows' own processes need: their cluster, and the settings the command sets as
-        # environment variables for its workers (the runtime, the allowed sources)
+        # environment variables for its workers (the runtime, the device, the allowed sources)
         run = {"dask_address": args.dask_address, "workers": args.workers, "batch_size": args.batch_size,
                "runtime": args.runtime, "device": args.device, "allow_sources": args.allow_sources}
         parameters = {"refit": {"images": args.images, "root": args.root, "split": args.split, "full": args.full,
