@@ -167,7 +167,7 @@ def score_images(records: list[ImageRecord], images: list, extractor, detector, 
     features: dict[int, object] = {}
     outcomes: dict[int, dict | Unusable] = {}
     if getattr(extractor, "batch_size", 1) > 1:  # a GPU: the batch's images in shared forward passes
-        features = _extract_together(extractor, images)
+        features = _shared_pass(lambda: extractor.extract(list(images)), range(len(images)))
     for number, image in enumerate(images):
         if number in features:
             continue
@@ -179,12 +179,7 @@ def score_images(records: list[ImageRecord], images: list, extractor, detector, 
             outcomes[number] = _unusable(error)
     batch: dict[int, tuple[float, np.ndarray]] = {}
     if isinstance(detector, (PatchCore, Padim)) and len(features) > 1:
-        try:
-            batch = dict(zip(features, detector.scores(list(features.values()))))
-        except MemoryError:
-            raise
-        except Exception:  # e.g. one image's odd features: each image on its own, for its own error row
-            batch = {}
+        batch = _shared_pass(lambda: detector.scores(list(features.values())), list(features))
     for number, item in features.items():
         try:
             outcomes[number] = score_image(records[number], images[number], extractor, detector, out, model,
@@ -201,11 +196,12 @@ def score_images(records: list[ImageRecord], images: list, extractor, detector, 
     return rows, errors
 
 
-def _extract_together(extractor, images: list) -> dict[int, object]:
-    """Features of all ``images`` from batched forward passes, by position; empty where any
-    image fails, so that each image is then extracted on its own, for its own error row."""
+def _shared_pass(compute, keys) -> dict:
+    """{key: result} of one computation over a batch (``compute()`` gives a result per key, in
+    order), or {} if it fails (e.g. one image's odd input): each item is then done on its own,
+    for its own error row."""
     try:
-        return dict(enumerate(extractor.extract(list(images))))
+        return dict(zip(keys, compute()))
     except MemoryError:
         raise
     except Exception:
