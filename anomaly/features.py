@@ -29,6 +29,9 @@ class FeatureConfig:
     context_scales: tuple[float, ...] = ()
     # > 0: resize every image to this square side instead (aspect not kept)
     square_side: int = 0
+    # (height, width): resize every image to this size instead (aspect not kept); wins over
+    # square_side. What :func:`native_shape` gives for a set of nominal images
+    fixed_shape: tuple[int, ...] = ()
     size_multiple: int = 16
     patch_size: int = 3
     layer_dim: int = 256
@@ -42,6 +45,7 @@ class FeatureConfig:
         data = dict(data)
         data["layers"] = tuple(data["layers"])
         data["context_scales"] = tuple(data.get("context_scales", ()))
+        data["fixed_shape"] = tuple(data.get("fixed_shape", ()))
         return cls(**data)
 
     @property
@@ -71,6 +75,19 @@ def input_shape_for(height: int, width: int, scale: float, multiple: int) -> tup
     """Network input size: the image scaled by ``scale``, each side rounded to ``multiple``."""
     return (max(multiple, round(height * scale / multiple) * multiple),
             max(multiple, round(width * scale / multiple) * multiple))
+
+
+def native_shape(shapes: list[tuple[int, int]], max_area: int = 512 * 512, multiple: int = 16) -> tuple[int, int]:
+    """One network input size for images of ``shapes`` (height, width): their median height and
+    width, so the network sees them at about their own resolution and aspect, scaled down as a
+    whole where the area exceeds ``max_area`` (a per-position model's size grows with it), each
+    side rounded to ``multiple``."""
+    if not shapes:
+        raise ValueError("native_shape needs at least one image shape")
+    height, width = (float(np.median([shape[i] for shape in shapes])) for i in (0, 1))
+    factor = min(1.0, (max_area / (height * width)) ** 0.5)
+    return (max(multiple, round(height * factor / multiple) * multiple),
+            max(multiple, round(width * factor / multiple) * multiple))
 
 
 def to_float_rgb(image: np.ndarray) -> np.ndarray:
@@ -123,6 +140,9 @@ class PatchFeatureExtractor:
     def input_shape(self, height: int, width: int, scale: float | None = None) -> tuple[int, int]:
         """The network input size at ``scale`` (default: the primary ``input_scale``)."""
         scale = self.config.input_scale if scale is None else scale
+        if self.config.fixed_shape:
+            factor = scale / self.config.input_scale
+            return tuple(max(1, round(side * factor)) for side in self.config.fixed_shape)
         if self.config.square_side:
             side = round(self.config.square_side * scale / self.config.input_scale)
             return (side, side)

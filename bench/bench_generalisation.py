@@ -67,9 +67,29 @@ def configurations() -> dict:
                        {"channels": 100, "shrinkage": "oas"}),
         # the default PaDiM at 512 px instead of 320: does input resolution find faint small defects?
         Candidate.make("padim-512", "padim", {"square_side": 512}),
+        # the default PaDiM at each set's own size and aspect (resolved per set: for_set)
+        Candidate.make("padim-native", "padim", {"square_side": 0}),
     ]
     configs.update({c.name: c for c in extra})
     return configs
+
+
+# configurations whose input size is each set's own: anomaly.features.native_shape of the images
+# (or tiles) the network sees, resolved per set by for_set
+NATIVE = {"padim-native"}
+
+
+def for_set(candidate, data: "DataSet", tiling):
+    """``candidate`` as fitted on ``data``: a NATIVE configuration gets the set's native input size."""
+    from dataclasses import replace
+
+    from patchwatch.anomaly.engine import image_views
+    from patchwatch.anomaly.features import native_shape
+
+    if candidate.name not in NATIVE:
+        return candidate
+    shapes = [view.shape[:2] for image in data.train for _, view in image_views(image, tiling)]
+    return replace(candidate, features=replace(candidate.features, fixed_shape=native_shape(shapes)))
 
 
 def default_configuration(configs: dict) -> str:
@@ -386,11 +406,13 @@ def main() -> None:
     tiling = TilingConfig()
     sets = load_sets(args.sets.split(","), work, args.scale, args.mtd_limit)
     digest, auto_digest = source_digest(ROW_SOURCES), source_digest(AUTO_SOURCES)
-    rows, autos = {}, {}
+    rows, autos, native_shapes = {}, {}, {}
     for data in sets:
         rows[data.name] = {}
         for name in wanted:
-            candidate = configs[name]
+            candidate = for_set(configs[name], data, tiling)
+            if candidate.features.fixed_shape:
+                native_shapes.setdefault(name, {})[data.name] = list(candidate.features.fixed_shape)
             row = cached(work, [CACHE_VERSION, data.key, candidate.describe(), tiling.to_dict(), digest],
                          lambda: run_config(data, candidate, tiling))
             rows[data.name][name] = row
@@ -409,7 +431,8 @@ def main() -> None:
     meta = {"command": common.command_line(), "date": common.utc_now(), "machine": common.machine_info(),
             "wall_s": time.perf_counter() - started, "measures_memory": False,
             "parameters": {"sets": [d.name for d in sets], "scale": args.scale, "mtd_limit": args.mtd_limit,
-                           "configs": {n: configs[n].describe() for n in wanted}}}
+                           "configs": {n: configs[n].describe() for n in wanted},
+                           "input size per set (NATIVE configurations)": native_shapes}}
     if args.probe_only:
         picks = [{"set": name, "picks": auto["chosen"], "reason": auto["reason"], "probe images": auto["probe_images"],
                   "probe s": auto["seconds"]} for name, auto in autos.items()]

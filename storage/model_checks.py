@@ -35,7 +35,8 @@ def _is_number(value) -> bool:
 # cost of one image bounded; "int" / "number" / "str" / "ints" / "numbers"
 FEATURE_FIELDS = {
     "backbone": ("str", None, None), "layers": ("ints", 0, 8), "input_scale": ("number", 1 / 64, 8),
-    "context_scales": ("numbers", 1 / 64, 8), "square_side": ("int", 0, 8192), "size_multiple": ("int", 1, 256),
+    "context_scales": ("numbers", 1 / 64, 8), "square_side": ("int", 0, 8192),
+    "fixed_shape": ("ints", 1, 8192), "size_multiple": ("int", 1, 256),
     "patch_size": ("int", 1, 31), "layer_dim": ("int", 1, 8192), "embed_dim": ("int", 1, 8192),
 }
 TILING_FIELDS = {"tile": ("int", 64, 16384), "overlap": ("int", 0, 8192), "threshold": ("int", 64, 1 << 20)}

@@ -59,7 +59,7 @@ def min_image_side(extractor) -> int:
     the model's input scale (16 px for EfficientNet-Lite stages 2-3 at scale 1). Anything smaller
     reaches the network only as an up-scaled blur at a scale the model never saw."""
     config = extractor.config
-    if config.square_side:  # every image is resized to one square anyway
+    if config.square_side or config.fixed_shape:  # every image is resized to one size anyway
         return 2
     return max(2, math.ceil(extractor.min_side / config.input_scale))
 
