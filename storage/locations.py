@@ -86,7 +86,10 @@ def filesystem(url: str):
 
 
 def is_local(url: str) -> bool:
-    fs, _ = filesystem(url)
+    return is_local_filesystem(filesystem(url)[0])
+
+
+def is_local_filesystem(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 

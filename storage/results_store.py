@@ -55,8 +55,8 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
-from .locations import (exists, filesystem, is_local, join, list_dir, numbered_parts, read_json, read_parquet_parts,
-                        remove_numbered_parts, write_bytes_atomically, write_json, write_parquet)
+from .locations import (exists, filesystem, is_local, is_local_filesystem, join, list_dir, numbered_parts, read_json,
+                        read_parquet_parts, remove_numbered_parts, write_bytes_atomically, write_json, write_parquet)
 
 MAP_CHUNK = 512
 MAP_NAME_BYTES = 48  # per readable component of a map key: far below any file system's 255
@@ -135,8 +135,9 @@ class MapWriter:
 
     def __init__(self, url: str, shape: tuple[int, int], chunks: tuple[int, int], metadata: dict):
         self.url, self.shape, self.chunks, self.metadata = url, shape, chunks, metadata
-        self._fs, self._path = filesystem(url)
-        self._local = is_local(url)
+        self._fs, self._path = filesystem(url)   # resolved once: ~40 us a call, a map's write is ~0.7 ms
+        self._local = is_local_filesystem(self._fs)
+        self._folders: set[str] = set()           # made by this writer: one makedirs per folder
         self._codec = numcodecs.Blosc(**MAP_BLOSC, shuffle=numcodecs.Blosc.SHUFFLE)
 
     def remove_earlier(self) -> None:
@@ -166,7 +167,12 @@ class MapWriter:
     def _put(self, key: str, data: bytes) -> None:
         if self._local:
             target = os.path.join(self._path, key)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
+            folder = os.path.dirname(target)
+            if folder not in self._folders:
+                os.makedirs(folder, exist_ok=True)
+                while folder.startswith(self._path) and folder not in self._folders:
+                    self._folders.add(folder)
+                    folder = os.path.dirname(folder)
             with open(target, "wb") as handle:
                 handle.write(data)
         else:
