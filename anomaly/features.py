@@ -77,15 +77,22 @@ def input_shape_for(height: int, width: int, scale: float, multiple: int) -> tup
             max(multiple, round(width * scale / multiple) * multiple))
 
 
-def native_shape(shapes: list[tuple[int, int]], max_area: int = 512 * 512, multiple: int = 16) -> tuple[int, int]:
+# the area of native_shape's input size: at most 512 x 512 (a per-position model's size grows with
+# it: PaDiM's inverse covariances are 268 MB there), at least 320 x 320 (a smaller image is scaled
+# up: a few-pixel defect on a fine texture needs more than 16 x 16 stride-16 cells; the default
+# square until 2026-11-30, and about MTD's own size)
+NATIVE_AREA = (320 * 320, 512 * 512)
+
+
+def native_shape(shapes: list[tuple[int, int]], area: tuple[int, int] = NATIVE_AREA,
+                 multiple: int = 16) -> tuple[int, int]:
     """One network input size for images of ``shapes`` (height, width): their median height and
-    width, so the network sees them at about their own resolution and aspect, scaled down as a
-    whole where the area exceeds ``max_area`` (a per-position model's size grows with it), each
-    side rounded to ``multiple``."""
+    width, so the network sees them at about their own resolution and aspect, scaled as a whole
+    into the ``area`` range (low, high), each side rounded to ``multiple``."""
     if not shapes:
         raise ValueError("native_shape needs at least one image shape")
     height, width = (float(np.median([shape[i] for shape in shapes])) for i in (0, 1))
-    factor = min(1.0, (max_area / (height * width)) ** 0.5)
+    factor = min(max(1.0, (area[0] / (height * width)) ** 0.5), (area[1] / (height * width)) ** 0.5)
     return (max(multiple, round(height * factor / multiple) * multiple),
             max(multiple, round(width * factor / multiple) * multiple))
 

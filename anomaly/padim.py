@@ -2,7 +2,8 @@
 
 Every grid position (i, j) of the nominal images gets its own mean and covariance; a test patch
 is scored by its Mahalanobis distance to the Gaussian of its position. That ties the model to
-one feature grid, so every image must reach the network at the same size (``square_side``).
+one feature grid, so every image must reach the network at the same size (``fixed_shape``, set
+from the nominal images by :func:`anomaly.detectors.with_input_size`, or ``square_side``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 from .features import PatchFeatures
 from .maps import anomaly_map
 
-FIXED_GRID_HINT = "PaDiM needs a fixed input size: set square_side"
+FIXED_GRID_HINT = "PaDiM needs one input size for every image: set fixed_shape or square_side"
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
-from .detectors import default_features, detector_config, for_features
+from .detectors import default_features, detector_config, for_features, with_input_size
 from .engine import extract_views, fit_detector, score_features
 from .features import FeatureConfig, PatchFeatureExtractor, to_float_rgb
 from .tiling import TilingConfig, tile_grid
@@ -44,13 +44,19 @@ class Candidate:
         return {"name": self.name, "detector": self.detector, "feature_config": self.features.to_dict(),
                 "detector_config": self.settings.to_dict()}
 
+    def for_images(self, view_shapes: list[tuple[int, int]]) -> "Candidate":
+        """This candidate as fitted on images (or tiles) of ``view_shapes``: with the input size its
+        detector needs set from them (:func:`anomaly.detectors.with_input_size`)."""
+        features = with_input_size(self.detector, self.features, view_shapes)
+        return self if features == self.features else replace(self, features=features)
+
 
 def default_candidates() -> list[Candidate]:
     """The configurations ``--auto`` compares; the first is kept unless another clearly beats it
     on the probe (:func:`anomaly.probe_choice.choose_candidate`). They span what the quality
     benchmark found to matter on unseen data (bench/bench_generalisation.py): PaDiM as a new fit
-    defaults (every channel, a context scale and OAS-shrunk covariances: the most robust across the
-    benchmark's sets), a local PaDiM (100 channels, no context, no shrinkage: small defects on
+    defaults (the images' own size and aspect, every channel, a context scale and OAS-shrunk
+    covariances: the most robust across the benchmark's sets), a local PaDiM (100 channels, no context, no shrinkage: small defects on
     regular textures), PatchCore's default (coarse grid with context) and a fine
     stride-8 grid (best on aligned parts with thin cracks). The default's features at full size
     are no longer compared: never the best on any set beyond the benchmark's noise, at 15x
@@ -239,7 +245,10 @@ def probe_candidate(candidate: Candidate, probe: ProbeSet, extractor: PatchFeatu
     from its defective twin (image AUROC), and how well its maps find the pasted defects."""
     started = time.perf_counter()
     try:
-        return _probe(candidate, probe, extractor or PatchFeatureExtractor(candidate.features), started)
+        candidate = candidate.for_images([image.shape[:2] for image in probe.train])
+        if extractor is None or extractor.config != candidate.features:
+            extractor = PatchFeatureExtractor(candidate.features)
+        return _probe(candidate, probe, extractor, started)
     except ValueError as error:  # a configuration that cannot take these images is out of the running
         return ProbeResult(candidate.name, float("nan"), float("nan"), time.perf_counter() - started, {}, str(error))
 

@@ -27,6 +27,13 @@ class TilingConfig:
     def needs_tiling(self, height: int, width: int) -> bool:
         return max(height, width) > self.threshold
 
+    def view_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of what the network sees of such an image: itself, or its tiles (a
+        side shorter than a tile is one tile of that side; the last tile ends at the border)."""
+        if not self.needs_tiling(height, width):
+            return (height, width)
+        return (min(height, self.tile), min(width, self.tile))
+
 
 @dataclass(frozen=True)
 class Tile:

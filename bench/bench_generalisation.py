@@ -67,29 +67,18 @@ def configurations() -> dict:
                        {"channels": 100, "shrinkage": "oas"}),
         # the default PaDiM at 512 px instead of 320: does input resolution find faint small defects?
         Candidate.make("padim-512", "padim", {"square_side": 512}),
-        # the default PaDiM at each set's own size and aspect (resolved per set: for_set)
-        Candidate.make("padim-native", "padim", {"square_side": 0}),
+        # the default PaDiM at a 320 x 320 square: the default until 2026-11-30 (now each set's own
+        # size and aspect, resolved per set by for_set)
+        Candidate.make("padim-320", "padim", {"square_side": 320}),
     ]
     configs.update({c.name: c for c in extra})
     return configs
 
 
-# configurations whose input size is each set's own: anomaly.features.native_shape of the images
-# (or tiles) the network sees, resolved per set by for_set
-NATIVE = {"padim-native"}
-
-
 def for_set(candidate, data: "DataSet", tiling):
-    """``candidate`` as fitted on ``data``: a NATIVE configuration gets the set's native input size."""
-    from dataclasses import replace
-
-    from patchwatch.anomaly.engine import image_views
-    from patchwatch.anomaly.features import native_shape
-
-    if candidate.name not in NATIVE:
-        return candidate
-    shapes = [view.shape[:2] for image in data.train for _, view in image_views(image, tiling)]
-    return replace(candidate, features=replace(candidate.features, fixed_shape=native_shape(shapes)))
+    """``candidate`` as fitted on ``data``: with the input size its detector needs set from the
+    set's train images (or their tiles), as a fit sets it (anomaly.detectors.with_input_size)."""
+    return candidate.for_images([tiling.view_shape(*image.shape[:2]) for image in data.train])
 
 
 def default_configuration(configs: dict) -> str:
@@ -412,7 +401,7 @@ def main() -> None:
         for name in wanted:
             candidate = for_set(configs[name], data, tiling)
             if candidate.features.fixed_shape:
-                native_shapes.setdefault(name, {})[data.name] = list(candidate.features.fixed_shape)
+                native_shapes.setdefault(name, {})[data.name] = "x".join(map(str, candidate.features.fixed_shape))
             row = cached(work, [CACHE_VERSION, data.key, candidate.describe(), tiling.to_dict(), digest],
                          lambda: run_config(data, candidate, tiling))
             rows[data.name][name] = row
@@ -432,7 +421,7 @@ def main() -> None:
             "wall_s": time.perf_counter() - started, "measures_memory": False,
             "parameters": {"sets": [d.name for d in sets], "scale": args.scale, "mtd_limit": args.mtd_limit,
                            "configs": {n: configs[n].describe() for n in wanted},
-                           "input size per set (NATIVE configurations)": native_shapes}}
+                           "input size per set (set from its train images)": native_shapes}}
     if args.probe_only:
         picks = [{"set": name, "picks": auto["chosen"], "reason": auto["reason"], "probe images": auto["probe_images"],
                   "probe s": auto["seconds"]} for name, auto in autos.items()]

@@ -5,16 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import replace
 
 import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from patchwatch.anomaly.detectors import default_features, for_features
+from patchwatch.anomaly.detectors import default_features, for_features, needs_input_size, with_input_size
 from patchwatch.anomaly.detectors import detector_config as detector_settings
 from patchwatch.anomaly.features import FeatureConfig
 from patchwatch.anomaly.tiling import TilingConfig, tile_grid
-from patchwatch.storage.images import ImageRecord
+from patchwatch.storage.images import ImageReadError, ImageRecord, image_shape
 from patchwatch.storage.model_store import HOLDOUT, TRAIN, ModelRegistry
 from patchwatch.tasks.coreset import select_coreset_task
 from patchwatch.tasks.detectors import fit_detector_task
@@ -31,6 +32,9 @@ from .runner import gather, run_name
 # below this many listed images every one is needed for the memory: no hold-out, no threshold
 MIN_IMAGES_FOR_HOLDOUT = 20
 RECORD_FIELDS = ["image_id", "uri", "mask_uri", "label", "defect_type", "split"]
+# nominal images whose headers set PaDiM's input size (spread over the listing): a median of this
+# many is stable, and a listing of millions costs seconds, not a pass over every file
+INPUT_SIZE_SAMPLE = 128
 
 
 def held_out(image_id: str, fraction: float) -> bool:
@@ -108,6 +112,7 @@ def _fit(images, root, split, feature_config, detector, detector_config, batch_s
     choice = None
     if auto:
         features, detector, settings, choice = _auto_configuration(registry, records, tiling, logger, root)
+    features = _input_size(registry, records, detector, features, tiling, logger)
     registry.bank.claim({"feature_config": features.to_dict(), "tiling_config": tiling.to_dict()})
     extract_started = time.perf_counter()  # after --auto's probe, which the summary times on its own
     parent_version = registry.current()
@@ -252,6 +257,7 @@ def nothing_to_fit(images: str, root: str, split: str | None = None, feature_con
             features, detector, settings = configuration_of(parent)
         else:
             features = FeatureConfig.from_dict(feature_config) if feature_config else default_features(detector)
+            features = _kept_input_size(registry, detector, features) or features
             settings = for_features(detector, detector_settings(detector, detector_config), features)
         tiling = TilingConfig(**tiling_config) if tiling_config else TilingConfig()
         recipe = {"detector": detector, "detector_config": settings.to_dict(), "threshold_quantile": threshold_quantile,
@@ -269,6 +275,48 @@ def nothing_to_fit(images: str, root: str, split: str | None = None, feature_con
         return bool(records) and all(r.uri in known for r in records)
     except Exception:  # the flow, run as ever, reports it properly
         return False
+
+
+def _input_size(registry: ModelRegistry, records: list[ImageRecord], detector: str, features: FeatureConfig,
+                tiling: TilingConfig, logger) -> FeatureConfig:
+    """``features`` with the one input size ``detector`` needs (PaDiM, unless square_side or
+    fixed_shape is given): the size this root's bank was featurised with, else the nominal images'
+    own (their median size and aspect, read from the headers of a spread sample)."""
+    if not needs_input_size(detector, features):
+        return features
+    kept = _kept_input_size(registry, detector, features)
+    if kept is not None:
+        return kept
+    uris = sorted(r.uri for r in records)
+    if len(uris) > INPUT_SIZE_SAMPLE:
+        uris = [uris[round(i * (len(uris) - 1) / (INPUT_SIZE_SAMPLE - 1))] for i in range(INPUT_SIZE_SAMPLE)]
+    sizes = []
+    for uri in uris:
+        try:
+            sizes.append(image_shape(uri))
+        except ImageReadError:
+            continue  # the extraction reports unusable files
+    if not sizes:
+        raise ValueError(f"none of the {len(uris)} sampled images has a readable header: no input size for {detector}")
+    resolved = with_input_size(detector, features, [tiling.view_shape(*size) for size in sizes])
+    tiled = sum(tiling.needs_tiling(*size) for size in sizes)
+    logger.info("%s input size %dx%d (height x width): the median of %d nominal images%s (%dx%d to %dx%d), its "
+                "area scaled into 320x320 to 512x512",
+                detector, *resolved.fixed_shape, len(sizes), f" ({tiled} large: their tiles)" if tiled else "",
+                *min(sizes), *max(sizes))
+    return resolved
+
+
+def _kept_input_size(registry: ModelRegistry, detector: str, features: FeatureConfig) -> FeatureConfig | None:
+    """The features this root's bank was made with, where they are ``features`` with an input size
+    set: a re-fit keeps it (new images of another size would otherwise change every vector)."""
+    if not needs_input_size(detector, features):
+        return None
+    recorded = (registry.bank.settings() or {}).get("feature_config")
+    if not recorded:
+        return None
+    fitted = FeatureConfig.from_dict(recorded)
+    return fitted if fitted.fixed_shape and replace(fitted, fixed_shape=()) == features else None
 
 
 def configuration_of(manifest: dict):

@@ -30,8 +30,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embed-dim", type=int, default=None,
                         help=f"patch vector length (default {defaults.embed_dim})")
     parser.add_argument("--square-side", type=int, default=None,
-                        help="resize every image to this square instead (PaDiM needs a fixed size; "
-                             f"its default is {DEFAULT_FEATURES['padim']['square_side']})")
+                        help="resize every image to this square instead (PaDiM needs one size for every "
+                             "image; by default it takes the nominal images' own median size and aspect, "
+                             "area at most 512x512)")
     parser.add_argument("--backbone", default=None,
                         help=f"timm model name (default {DEFAULT_BACKBONE}, offline); others need the model hub")
     parser.add_argument("--layers", default=None,

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from patchwatch.anomaly.features import to_float_rgb
+from patchwatch.anomaly.detectors import needs_input_size
+from patchwatch.anomaly.features import FeatureConfig, native_shape, to_float_rgb
 from patchwatch.anomaly.selection import (DEFECT_KINDS, Candidate, ProbeResult, choose, default_candidates, make_probe_set,
                                paste_defect, probe_candidate)
-from tests.synthetic import stripes
+from tests.synthetic import SIDE, stripes
 
 # more intra-op threads than free cores makes each backbone pass ~40x slower on this machine
 torch.set_num_threads(1)
@@ -138,7 +139,12 @@ def test_fit_auto_records_the_comparison_and_a_refit_keeps_the_choice(tmp_path):
     chosen = auto["configurations"][auto["chosen"]]
     # the version was fitted with what the probe chose, and says so
     assert manifest["detector"] == chosen["detector"]
-    assert manifest["feature_config"] == chosen["feature_config"]
+    fitted = manifest["feature_config"]
+    if needs_input_size(chosen["detector"], FeatureConfig.from_dict(chosen["feature_config"])):
+        # PaDiM's one input size is set from the images themselves (all SIDE x SIDE here)
+        assert tuple(fitted["fixed_shape"]) == native_shape([(SIDE, SIDE)])
+        fitted = {**fitted, "fixed_shape": chosen["feature_config"]["fixed_shape"]}
+    assert fitted == chosen["feature_config"]
     assert "--auto chose" in first.stderr + first.stdout
 
     write_stripes(images, 4, start=24, seed=1)

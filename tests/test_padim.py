@@ -122,13 +122,13 @@ def test_grid_mismatch_raises_clearly(scene):
     train, clean, _ = scene
     model = Padim.fit(train, GRID, CONFIG)
     other = (5, 12)
-    with pytest.raises(ValueError, match="set square_side"):
+    with pytest.raises(ValueError, match="one input size for every image"):
         model.score(as_features(clean[0], grid=other))
     fitter = PadimFitter(GRID, DIM, CONFIG)
-    with pytest.raises(ValueError, match="set square_side"):
+    with pytest.raises(ValueError, match="one input size for every image"):
         fitter.update(np.zeros((5 * 8, DIM), np.float32))
     # (5, 12) has as many positions as (6, 10): only the grid tells them apart
-    with pytest.raises(ValueError, match="set square_side"):
+    with pytest.raises(ValueError, match="one input size for every image"):
         fitter.update(clean[0], grid=other)
     with pytest.raises(ValueError, match="at least 2"):
         fitter.finish()

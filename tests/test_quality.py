@@ -47,6 +47,7 @@ def fine_case():
 
 
 def fit_and_score(candidate, nominal, images):
+    candidate = candidate.for_images([image.shape[:2] for image in nominal])  # as a fit sets PaDiM's input size
     extractor = PatchFeatureExtractor(candidate.features)
     features = [f for image in nominal for _, f in extract_views(extractor, image, None)]
     detector = fit_detector(candidate.detector, candidate.settings, features)

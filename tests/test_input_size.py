@@ -1,0 +1,78 @@
+"""PaDiM's one input size comes from the nominal images: their median size and aspect, its area
+kept between 320 x 320 and 512 x 512, fixed for the root at its first fit."""
+import json
+
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+import patchwatch
+from patchwatch.anomaly.detectors import default_features, needs_input_size, with_input_size
+from patchwatch.anomaly.features import FeatureConfig, PatchFeatureExtractor, native_shape
+from patchwatch.anomaly.tiling import TilingConfig
+from patchwatch.flows.fit import nothing_to_fit
+
+
+def test_the_input_size_is_the_median_size_and_aspect_with_its_area_bounded():
+    assert native_shape([(320, 800), (320, 800), (300, 900)]) == (320, 800)   # median side by side
+    height, width = native_shape([(256, 3072)])     # a wide strip: shrunk as a whole, aspect kept
+    assert height * width <= 512 * 512 and width / height == pytest.approx(12, rel=0.03)
+    assert native_shape([(128, 128)]) == (320, 320)  # a small image is scaled up
+    assert native_shape([(331, 294)]) == (336, 304)  # MTD's median: sides rounded to 16
+    with pytest.raises(ValueError):
+        native_shape([])
+
+
+def test_a_large_image_counts_by_its_tiles():
+    tiling = TilingConfig()
+    assert tiling.view_shape(1536, 1536) == (512, 512)
+    assert tiling.view_shape(256, 3072) == (256, 512)
+    assert tiling.view_shape(600, 800) == (600, 800)   # below the tiling threshold: itself
+
+
+def test_only_a_padim_without_a_size_gets_one():
+    shapes = [(200, 480)]
+    padim = default_features("padim")
+    assert needs_input_size("padim", padim) and with_input_size("padim", padim, shapes).fixed_shape == (208, 496)
+    square = default_features("padim", square_side=256)
+    assert with_input_size("padim", square, shapes) == square          # the user's square stays
+    patchcore = default_features("patchcore")
+    assert with_input_size("patchcore", patchcore, shapes) == patchcore  # one size per image is fine there
+
+
+def test_every_image_reaches_the_network_at_the_fixed_shape_and_keeps_its_own_map_size():
+    extractor = PatchFeatureExtractor(FeatureConfig(fixed_shape=(160, 320), context_scales=(0.25,)))
+    rng = np.random.default_rng(0)
+    for shape in ((100, 500), (300, 300)):
+        features = extractor.extract([rng.random(shape).astype(np.float32)])[0]
+        assert features.input_shape == (160, 320) and features.grid == (10, 20) and features.image_shape == shape
+
+
+def texture(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    return (np.clip(0.5 + gaussian_filter(rng.normal(0, 0.6, shape), 2.0), 0, 1) * 255).astype(np.uint8)
+
+
+def manifest(root, version: str) -> dict:
+    return json.loads((root / "versions" / version / "manifest.json").read_text())
+
+
+def test_a_padim_fit_takes_the_images_size_and_later_fits_keep_it(tmp_path):
+    rng = np.random.default_rng(0)
+    root, folder = tmp_path / "root", tmp_path / "images"
+    shapes = [(200, 480)] * 14 + [(184, 520)] * 8
+    first = patchwatch.fit([texture(rng, s) for s in shapes], root, detector="padim", workers=1,
+                           image_folder=str(folder))
+    fixed = native_shape(shapes)
+    assert first["version"] == "v0001" and tuple(manifest(root, "v0001")["feature_config"]["fixed_shape"]) == fixed
+
+    # more new nominal images of another size than old ones (their median is 300 x 300): the root
+    # keeps its size, at which its bank's vectors were made
+    second = patchwatch.fit([texture(rng, (300, 300)) for _ in range(30)], root, detector="padim", workers=1,
+                            image_folder=str(folder))
+    assert second["version"] == "v0002" and second["new_images"] == 30
+    assert tuple(manifest(root, "v0002")["feature_config"]["fixed_shape"]) == fixed
+    # and a fit with nothing new is known to be one before any cluster starts
+    assert nothing_to_fit(images=str(folder), root=str(root), detector="padim")
+
+    scored = patchwatch.load(root).score(texture(rng, (300, 300)))
+    assert scored.map.shape == (300, 300) and np.isfinite(scored.score)
