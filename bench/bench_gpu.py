@@ -13,8 +13,9 @@ Every variant extracts the same images, one after the other in one process:
 Inputs: synthetic textures (blocky colour noise plus fine noise, a bright square defect in every
 fourth image; the time of a CNN does not depend on content) at each ``--sizes`` side, and the
 512 px tiles (overlap 128) of one ``--tiled-side`` square image. Both default feature
-configurations are measured: PaDiM's (the default detector; every image resized to 320 x 320,
-plus a 160 x 160 context pass) and PatchCore's (half the image's size, plus a quarter-size
+configurations are measured: PaDiM's (the default detector; every image resized to the one input
+size a fit on such images sets, plus a half-size context pass; bench/results/gpu.md was measured
+when that size was 320 x 320 for every input) and PatchCore's (half the image's size, plus a quarter-size
 context pass). Megapixels/s counts the images' own pixels (for the tiled image: its pixels, not
 the tiles' overlapping ones).
 
@@ -47,7 +48,7 @@ import torch
 
 from _common import DEFAULT_OUT, command_line, cpu_model, report, total_memory_gib, utc_now
 
-from patchwatch.anomaly.detectors import default_features, detector_config
+from patchwatch.anomaly.detectors import default_features, detector_config, with_input_size
 from patchwatch.anomaly.engine import fit_detector
 from patchwatch.anomaly.features import GPU_BATCH_SIZE, PatchFeatureExtractor
 from patchwatch.anomaly.tiling import TilingConfig, tile_grid
@@ -140,6 +141,8 @@ def measure(args) -> dict:
     for detector_name, config in configs.items():
         for item in inputs:
             images = item["images"]
+            # PaDiM's one input size, as a fit on these images sets it
+            config = with_input_size(detector_name, configs[detector_name], [image.shape[:2] for image in images])
             reference_extractor = make_extractor(config, {"device": "cpu", "runtime": "torch", "batch": 1})
             reference = reference_extractor.extract(images[:item["cpu_count"]])
             model = None

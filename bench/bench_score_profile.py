@@ -381,6 +381,17 @@ def fit(extractor, split: str, limit: int | None):
     return PatchCore.fit(bank, config), len(records)
 
 
+def padim_features(split: str):
+    """PaDiM's default features with the input size a fit on ``split``'s train images sets."""
+    from patchwatch.anomaly.detectors import default_features, with_input_size
+    from patchwatch.anomaly.tiling import TilingConfig
+    from patchwatch.storage.images import image_shape
+
+    tiling = TilingConfig()
+    shapes = [tiling.view_shape(*image_shape(r.uri)) for r in common.select_records(split, "train", None)]
+    return with_input_size("padim", default_features("padim"), shapes)
+
+
 def fit_padim(extractor, split: str, limit: int | None):
     """PaDiM with its default settings, fitted on ``limit`` evenly spread MTD train images (its
     score path's cost does not depend on how many)."""
@@ -460,7 +471,7 @@ def main() -> None:
                                 "backbone share before": round(profile["clocks"]["before"]["backbone"] / totals["before"], 3),
                                 "backbone share after": round(profile["clocks"]["after"]["backbone"] / totals["after"], 3),
                                 "score time after / before": round(totals["after"] / totals["before"], 3)})
-        padim_extractor = PatchFeatureExtractor(default_features("padim"), runtime=runtime, threads=1)
+        padim_extractor = PatchFeatureExtractor(padim_features(args.split), runtime=runtime, threads=1)
         padim, padim_train = fit_padim(padim_extractor, args.split, args.padim_train_limit)
         store = ResultStore(str(folder / "results-padim"))
         store.prepare()
@@ -471,8 +482,9 @@ def main() -> None:
                         "backbone share after": round(after["backbone"] / sum(after.values()), 3),
                         "score time after / before": round(sum(after.values()) / sum(before.values()), 3)})
         rows = share_rows({"PaDiM MTD": profile})
-        sections.append({"title": f"PaDiM score time by stage (default features: {padim_extractor.config.square_side} px "
-                                  f"squares, context scales {list(padim_extractor.config.context_scales)}; "
+        height, width = padim_extractor.config.fixed_shape
+        sections.append({"title": f"PaDiM score time by stage (default features: {height} x {width} input, the train "
+                                  f"images' own size; context scales {list(padim_extractor.config.context_scales)}; "
                                   f"{padim.grid[0]} x {padim.grid[1]} positions)",
                          "rows": rows,
                          "notes": [f"{profile['images']} MTD test images scored whole; before: Mahalanobis distances "
