@@ -38,7 +38,10 @@ class FeatureConfig:
     embed_dim: int = 256
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if not data["fixed_shape"]:  # as written before the field existed: banks compare these settings
+            del data["fixed_shape"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "FeatureConfig":
@@ -84,17 +87,29 @@ def input_shape_for(height: int, width: int, scale: float, multiple: int) -> tup
 NATIVE_AREA = (320 * 320, 512 * 512)
 
 
+# (share, tolerance): images share an aspect when this share of them is within this relative
+# tolerance of the median aspect
+SHARED_ASPECT = (0.9, 0.1)
+
+
 def native_shape(shapes: list[tuple[int, int]], area: tuple[int, int] = NATIVE_AREA,
                  multiple: int = 16) -> tuple[int, int]:
-    """One network input size for images of ``shapes`` (height, width): their median height and
-    width, so the network sees them at about their own resolution and aspect, scaled as a whole
-    into the ``area`` range (low, high), each side rounded to ``multiple``."""
+    """One network input size for images of ``shapes`` (height, width): their median area, scaled
+    into the ``area`` range (low, high), so the network sees them at about their own resolution;
+    at their shared aspect if they have one (a set of wide strips stays wide), else square (images
+    of many aspects, such as MTD's tiles, have no typical one: each is resized anyway). Sides
+    rounded to ``multiple``."""
     if not shapes:
         raise ValueError("native_shape needs at least one image shape")
-    height, width = (float(np.median([shape[i] for shape in shapes])) for i in (0, 1))
-    factor = min(max(1.0, (area[0] / (height * width)) ** 0.5), (area[1] / (height * width)) ** 0.5)
-    return (max(multiple, round(height * factor / multiple) * multiple),
-            max(multiple, round(width * factor / multiple) * multiple))
+    sizes = np.array(shapes, dtype=np.float64)
+    aspects = sizes[:, 0] / sizes[:, 1]
+    aspect = float(np.median(aspects))
+    share, tolerance = SHARED_ASPECT
+    if np.mean(np.abs(np.log(aspects / aspect)) <= np.log1p(tolerance)) < share:
+        aspect = 1.0
+    pixels = float(np.clip(np.median(sizes[:, 0] * sizes[:, 1]), *area))
+    height, width = (pixels * aspect) ** 0.5, (pixels / aspect) ** 0.5
+    return (max(multiple, round(height / multiple) * multiple), max(multiple, round(width / multiple) * multiple))
 
 
 def to_float_rgb(image: np.ndarray) -> np.ndarray:

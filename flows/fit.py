@@ -281,7 +281,7 @@ def _input_size(registry: ModelRegistry, records: list[ImageRecord], detector: s
                 tiling: TilingConfig, logger) -> FeatureConfig:
     """``features`` with the one input size ``detector`` needs (PaDiM, unless square_side or
     fixed_shape is given): the size this root's bank was featurised with, else the nominal images'
-    own (their median size and aspect, read from the headers of a spread sample)."""
+    own (:func:`anomaly.features.native_shape` of the sizes in a spread sample's headers)."""
     if not needs_input_size(detector, features):
         return features
     kept = _kept_input_size(registry, detector, features)
@@ -300,8 +300,8 @@ def _input_size(registry: ModelRegistry, records: list[ImageRecord], detector: s
         raise ValueError(f"none of the {len(uris)} sampled images has a readable header: no input size for {detector}")
     resolved = with_input_size(detector, features, [tiling.view_shape(*size) for size in sizes])
     tiled = sum(tiling.needs_tiling(*size) for size in sizes)
-    logger.info("%s input size %dx%d (height x width): the median of %d nominal images%s (%dx%d to %dx%d), its "
-                "area scaled into 320x320 to 512x512",
+    logger.info("%s input size %dx%d (height x width), from %d nominal images%s (%dx%d to %dx%d): their median "
+                "area within 320x320 to 512x512, at their shared aspect, else square",
                 detector, *resolved.fixed_shape, len(sizes), f" ({tiled} large: their tiles)" if tiled else "",
                 *min(sizes), *max(sizes))
     return resolved
@@ -309,14 +309,16 @@ def _input_size(registry: ModelRegistry, records: list[ImageRecord], detector: s
 
 def _kept_input_size(registry: ModelRegistry, detector: str, features: FeatureConfig) -> FeatureConfig | None:
     """The features this root's bank was made with, where they are ``features`` with an input size
-    set: a re-fit keeps it (new images of another size would otherwise change every vector)."""
+    set: a re-fit keeps it (new images of another size would otherwise change every vector), and
+    so does a root made when PaDiM's default was a 320 x 320 square (square_side)."""
     if not needs_input_size(detector, features):
         return None
     recorded = (registry.bank.settings() or {}).get("feature_config")
     if not recorded:
         return None
     fitted = FeatureConfig.from_dict(recorded)
-    return fitted if fitted.fixed_shape and replace(fitted, fixed_shape=()) == features else None
+    sized = fitted.fixed_shape or fitted.square_side
+    return fitted if sized and replace(fitted, fixed_shape=(), square_side=0) == features else None
 
 
 def configuration_of(manifest: dict):

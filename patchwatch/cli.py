@@ -31,8 +31,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help=f"patch vector length (default {defaults.embed_dim})")
     parser.add_argument("--square-side", type=int, default=None,
                         help="resize every image to this square instead (PaDiM needs one size for every "
-                             "image; by default it takes the nominal images' own median size and aspect, "
-                             "area at most 512x512)")
+                             "image; by default it takes the nominal images' median area, within 320x320 to "
+                             "512x512, at their shared aspect, else square)")
     parser.add_argument("--backbone", default=None,
                         help=f"timm model name (default {DEFAULT_BACKBONE}, offline); others need the model hub")
     parser.add_argument("--layers", default=None,

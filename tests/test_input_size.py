@@ -14,11 +14,16 @@ from patchwatch.flows.fit import nothing_to_fit
 
 
 def test_the_input_size_is_the_median_size_and_aspect_with_its_area_bounded():
-    assert native_shape([(320, 800), (320, 800), (300, 900)]) == (320, 800)   # median side by side
+    assert native_shape([(320, 800)] * 3) == (320, 800)   # their own size and aspect
     height, width = native_shape([(256, 3072)])     # a wide strip: shrunk as a whole, aspect kept
     assert height * width <= 512 * 512 and width / height == pytest.approx(12, rel=0.03)
     assert native_shape([(128, 128)]) == (320, 320)  # a small image is scaled up
-    assert native_shape([(331, 294)]) == (336, 304)  # MTD's median: sides rounded to 16
+    assert native_shape([(331, 294)]) == (336, 304)  # one shape: its sides rounded to 16
+    # images that share no aspect (MTD's tiles: 0.6 to 1.8): a square of their median area, here
+    # scaled up to the least area
+    mixed = [(222, 580), (403, 355), (331, 294), (260, 390), (380, 240)]
+    assert native_shape(mixed) == (320, 320)
+    assert native_shape([(300, 600)] * 9 + [(300, 900)]) == native_shape([(300, 600)])  # one outlier
     with pytest.raises(ValueError):
         native_shape([])
 
@@ -46,6 +51,19 @@ def test_every_image_reaches_the_network_at_the_fixed_shape_and_keeps_its_own_ma
     for shape in ((100, 500), (300, 300)):
         features = extractor.extract([rng.random(shape).astype(np.float32)])[0]
         assert features.input_shape == (160, 320) and features.grid == (10, 20) and features.image_shape == shape
+
+
+def test_a_bank_recorded_before_fixed_shape_existed_still_takes_its_own_settings(tmp_path):
+    """Banks and manifests written before fixed_shape existed lack the key: a configuration without
+    a fixed shape must still be the same settings, or every older root would refuse its re-fit."""
+    from patchwatch.storage.model_store import ModelRegistry
+
+    bank = ModelRegistry(str(tmp_path / "root")).bank
+    features = default_features("patchcore")
+    older = {key: value for key, value in features.to_dict().items() if key != "fixed_shape"}
+    bank.claim({"feature_config": older, "tiling_config": TilingConfig().to_dict()})
+    bank.claim({"feature_config": features.to_dict(), "tiling_config": TilingConfig().to_dict()})
+    assert FeatureConfig.from_dict(older) == features
 
 
 def texture(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -76,3 +94,16 @@ def test_a_padim_fit_takes_the_images_size_and_later_fits_keep_it(tmp_path):
 
     scored = patchwatch.load(root).score(texture(rng, (300, 300)))
     assert scored.map.shape == (300, 300) and np.isfinite(scored.score)
+
+
+def test_a_root_made_with_the_former_square_default_keeps_it_on_a_refit(tmp_path):
+    """PaDiM's default was a 320 x 320 square until 2026-11-30: a nightly re-fit of such a root
+    with the plain --detector padim must go on with its bank, not refuse the root."""
+    rng = np.random.default_rng(1)
+    root, folder = tmp_path / "root", tmp_path / "images"
+    patchwatch.fit([texture(rng, (200, 480)) for _ in range(6)], root, detector="padim", square_side=320,
+                   workers=1, image_folder=str(folder))
+    refit = patchwatch.fit([texture(rng, (200, 480)) for _ in range(2)], root, detector="padim", workers=1,
+                           image_folder=str(folder))
+    fitted = manifest(root, refit["version"])["feature_config"]
+    assert refit["new_images"] == 2 and fitted["square_side"] == 320 and not fitted.get("fixed_shape")
