@@ -80,10 +80,10 @@ def input_shape_for(height: int, width: int, scale: float, multiple: int) -> tup
             max(multiple, round(width * scale / multiple) * multiple))
 
 
-# the area of native_shape's input size: at most 512 x 512 (a per-position model's size grows with
-# it: PaDiM's inverse covariances are 268 MB there), at least 320 x 320 (a smaller image is scaled
-# up: a few-pixel defect on a fine texture needs more than 16 x 16 stride-16 cells; the default
-# square until 2026-11-30, and about MTD's own size)
+# the area of native_shape's input size: at most 512 x 512 (a per-position model grows with it:
+# PaDiM's float64 inverse covariances are 537 MB at 32 x 32 positions, 210 MB at 20 x 20), at least
+# 320 x 320 (a smaller image is scaled up: a few-pixel defect on a fine texture needs more than
+# 16 x 16 stride-16 cells, tests/test_quality.py; the default square until 2026-11-30)
 NATIVE_AREA = (320 * 320, 512 * 512)
 
 
