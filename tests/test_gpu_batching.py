@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchwatch.anomaly.detectors import default_features, detector_config
+from patchwatch.anomaly.detectors import default_features, detector_config, with_input_size
 from patchwatch.anomaly.engine import fit_detector
 from patchwatch.anomaly.features import GPU_BATCH_SIZE, PatchFeatureExtractor, default_batch_size
 from patchwatch.anomaly.runtime import DEVICE_ENV, MAP_TOLERANCE, resolve_device
@@ -63,7 +63,7 @@ def test_batched_features_equal_one_at_a_time_in_order(runtime):
 
 @pytest.mark.parametrize("detector", ["patchcore", "padim"])
 def test_an_images_score_does_not_depend_on_its_batch(detector):
-    config = default_features(detector)
+    config = with_input_size(detector, default_features(detector), [(288, 128)])  # PaDiM's, as a fit sets it
     settings = detector_config(detector)
     train, test = textures([(288, 128)] * 8, seed=1), textures([(288, 128)] * 4, seed=2)
     test[1][100:140, 40:90] = 255  # a bright defect
