@@ -31,7 +31,8 @@ def needs_input_size(detector: str, features: FeatureConfig) -> bool:
 def with_input_size(detector: str, features: FeatureConfig, view_shapes: list[tuple[int, int]]) -> FeatureConfig:
     """``features`` with the input size ``detector`` needs set from the (height, width) of the
     nominal images (or tiles) the network will see: their median area, within 320 x 320 to
-    512 x 512, at their shared aspect, else square (:func:`anomaly.features.native_shape`); unchanged where nothing is needed."""
+    512 x 512, at their shared aspect, else square (:func:`anomaly.features.native_shape`);
+    unchanged where nothing is needed."""
     if not needs_input_size(detector, features):
         return features
     return replace(features, fixed_shape=native_shape(view_shapes))

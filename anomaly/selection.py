@@ -58,9 +58,9 @@ def default_candidates() -> list[Candidate]:
     defaults (the images' own size and aspect, every channel, a context scale and OAS-shrunk
     covariances: the most robust across the benchmark's sets), a local PaDiM (100 channels, no
     context, no shrinkage: small defects on regular textures), PatchCore's default (coarse grid
-    with context) and a fine stride-8 grid (best on aligned parts with thin cracks). The default's features at full size
-    are no longer compared: never the best on any set beyond the benchmark's noise, at 15x
-    PaDiM's scoring time on MTD (bench/results/generalisation.md)."""
+    with context) and a fine stride-8 grid (best on aligned parts with thin cracks). The default's
+    features at full size are no longer compared: never the best on any set beyond the benchmark's
+    noise, at 15x PaDiM's scoring time on MTD (git show 2e5f13a:bench/results/generalisation.md)."""
     return [
         Candidate.make("padim", "padim"),
         Candidate.make("padim-local", "padim", {"square_side": 256, "context_scales": ()},
