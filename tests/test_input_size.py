@@ -99,11 +99,14 @@ def test_a_padim_fit_takes_the_images_size_and_later_fits_keep_it(tmp_path):
 def test_a_root_made_with_the_former_square_default_keeps_it_on_a_refit(tmp_path):
     """PaDiM's default was a 320 x 320 square until 2026-11-30: a nightly re-fit of such a root
     with the plain --detector padim must go on with its bank, not refuse the root."""
+    from patchwatch.storage.model_store import ModelRegistry
+
     rng = np.random.default_rng(1)
     root, folder = tmp_path / "root", tmp_path / "images"
-    patchwatch.fit([texture(rng, (200, 480)) for _ in range(6)], root, detector="padim", square_side=320,
-                   workers=1, image_folder=str(folder))
-    refit = patchwatch.fit([texture(rng, (200, 480)) for _ in range(2)], root, detector="padim", workers=1,
+    former = {key: value for key, value in default_features("padim", square_side=320).to_dict().items()
+              if key != "fixed_shape"}   # the bank's settings as the former default recorded them
+    ModelRegistry(str(root)).bank.claim({"feature_config": former, "tiling_config": TilingConfig().to_dict()})
+    refit = patchwatch.fit([texture(rng, (200, 480)) for _ in range(4)], root, detector="padim", workers=1,
                            image_folder=str(folder))
     fitted = manifest(root, refit["version"])["feature_config"]
-    assert refit["new_images"] == 2 and fitted["square_side"] == 320 and not fitted.get("fixed_shape")
+    assert refit["new_images"] == 4 and fitted["square_side"] == 320 and not fitted.get("fixed_shape")
