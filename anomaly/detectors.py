@@ -9,6 +9,7 @@ from .features import FeatureConfig, PatchFeatures, native_shape
 from .padim import Padim, PadimConfig
 from .patchcore import PatchCore, PatchCoreConfig
 from .spade import Spade, SpadeConfig
+from .tiling import TilingConfig
 
 CONFIGS = {"patchcore": PatchCoreConfig, "padim": PadimConfig, "spade": SpadeConfig}
 
@@ -28,14 +29,16 @@ def needs_input_size(detector: str, features: FeatureConfig) -> bool:
     return detector == "padim" and not features.square_side and not features.fixed_shape
 
 
-def with_input_size(detector: str, features: FeatureConfig, view_shapes: list[tuple[int, int]]) -> FeatureConfig:
+def with_input_size(detector: str, features: FeatureConfig, image_shapes: list[tuple[int, int]],
+                    tiling: TilingConfig | None = None) -> FeatureConfig:
     """``features`` with the input size ``detector`` needs set from the (height, width) of the
-    nominal images (or tiles) the network will see: their median area, within 320 x 320 to
-    512 x 512, at their shared aspect, else square (:func:`anomaly.features.native_shape`);
-    unchanged where nothing is needed."""
+    nominal images, each counted as what the network sees of it (its tiles, where ``tiling`` tiles
+    it): their median area, within 320 x 320 to 512 x 512, at their shared aspect, else square
+    (:func:`anomaly.features.native_shape`); unchanged where nothing is needed."""
     if not needs_input_size(detector, features):
         return features
-    return replace(features, fixed_shape=native_shape(view_shapes))
+    views = [tiling.view_shape(*shape) for shape in image_shapes] if tiling else list(image_shapes)
+    return replace(features, fixed_shape=native_shape(views))
 
 
 def default_features(name: str, **overrides) -> FeatureConfig:

@@ -81,9 +81,10 @@ def input_shape_for(height: int, width: int, scale: float, multiple: int) -> tup
 
 
 # the area of native_shape's input size: at most 512 x 512 (a per-position model grows with it:
-# PaDiM's float64 inverse covariances are 537 MB at 32 x 32 positions, 210 MB at 20 x 20), at least
-# 320 x 320 (a smaller image is scaled up: a few-pixel defect on a fine texture needs more than
-# 16 x 16 stride-16 cells, tests/test_quality.py; the default square until 2026-11-30)
+# PaDiM's float64 inverse covariances take positions x 256 x 256 x 8 bytes, 537 MB at 32 x 32
+# positions, 210 MB at 20 x 20), at least 320 x 320 (a smaller image is scaled up: on
+# tests/test_quality.py's 256 x 256 fine texture, PaDiM's maps peak on the 4-pixel defect in 8 of 8
+# images at 320 x 320, 7 of 8 at the texture's own size; the default square until 2026-11-30)
 NATIVE_AREA = (320 * 320, 512 * 512)
 
 

@@ -44,10 +44,10 @@ class Candidate:
         return {"name": self.name, "detector": self.detector, "feature_config": self.features.to_dict(),
                 "detector_config": self.settings.to_dict()}
 
-    def for_images(self, view_shapes: list[tuple[int, int]]) -> "Candidate":
-        """This candidate as fitted on images (or tiles) of ``view_shapes``: with the input size its
-        detector needs set from them (:func:`anomaly.detectors.with_input_size`)."""
-        features = with_input_size(self.detector, self.features, view_shapes)
+    def for_images(self, image_shapes: list[tuple[int, int]], tiling: TilingConfig | None = None) -> "Candidate":
+        """This candidate as fitted on images of ``image_shapes``: with the input size its detector
+        needs set from them (:func:`anomaly.detectors.with_input_size`)."""
+        features = with_input_size(self.detector, self.features, image_shapes, tiling)
         return self if features == self.features else replace(self, features=features)
 
 
@@ -239,16 +239,13 @@ class ProbeResult:
                 **({"failed": self.failed} if self.failed else {})}
 
 
-def probe_candidate(candidate: Candidate, probe: ProbeSet, extractor: PatchFeatureExtractor | None = None,
-                    tiling: TilingConfig | None = None) -> ProbeResult:
+def probe_candidate(candidate: Candidate, probe: ProbeSet, make_extractor=PatchFeatureExtractor) -> ProbeResult:
     """Fit ``candidate`` on the probe set's nominal part; how well it separates each probe image
     from its defective twin (image AUROC), and how well its maps find the pasted defects."""
     started = time.perf_counter()
     try:
-        candidate = candidate.for_images([image.shape[:2] for image in probe.train])
-        if extractor is None or extractor.config != candidate.features:
-            extractor = PatchFeatureExtractor(candidate.features)
-        return _probe(candidate, probe, extractor, started)
+        candidate = candidate.for_images([image.shape[:2] for image in probe.train])  # as a fit sizes it
+        return _probe(candidate, probe, make_extractor(candidate.features), started)
     except ValueError as error:  # a configuration that cannot take these images is out of the running
         return ProbeResult(candidate.name, float("nan"), float("nan"), time.perf_counter() - started, {}, str(error))
 

@@ -138,7 +138,7 @@ def measure(args) -> dict:
                        "pixels_total": args.tiled_side ** 2})
     rows, score_rows = [], []
     configs = {"padim": default_features("padim"), "patchcore": default_features("patchcore")}
-    for detector_name, config in configs.items():
+    for detector_name in configs:
         for item in inputs:
             images = item["images"]
             # PaDiM's one input size, as a fit on these images sets it

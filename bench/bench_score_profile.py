@@ -387,9 +387,8 @@ def padim_features(split: str):
     from patchwatch.anomaly.tiling import TilingConfig
     from patchwatch.storage.images import image_shape
 
-    tiling = TilingConfig()
-    shapes = [tiling.view_shape(*image_shape(r.uri)) for r in common.select_records(split, "train", None)]
-    return with_input_size("padim", default_features("padim"), shapes)
+    shapes = [image_shape(r.uri) for r in common.select_records(split, "train", None)]
+    return with_input_size("padim", default_features("padim"), shapes, TilingConfig())
 
 
 def fit_padim(extractor, split: str, limit: int | None):

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 from prefect.artifacts import create_markdown_artifact
 
 from patchwatch.anomaly.probe_choice import choose_candidate
 from patchwatch.anomaly.selection import PROBE_IMAGES, PROBE_TRAIN_IMAGES, default_candidates
 from patchwatch.anomaly.tiling import TilingConfig
 from patchwatch.storage.images import ImageRecord
+from patchwatch.tasks.listing import spread_sample
 from patchwatch.tasks.selection import probe_candidate_task
 
 from .report import markdown_rows
@@ -19,13 +19,8 @@ PROBE_SEED = 0
 
 
 def probe_sample(records: list[ImageRecord]) -> list[str]:
-    """The images the probe uses: evenly spread over the listing sorted by URI, so the same
-    source gives the same sample on every machine."""
-    uris = sorted(r.uri for r in records)
-    wanted = PROBE_TRAIN_IMAGES + PROBE_IMAGES
-    if len(uris) <= wanted:
-        return uris
-    return [uris[i] for i in np.linspace(0, len(uris) - 1, wanted).round().astype(int)]
+    """The images the probe uses: evenly spread over the listing (tasks.listing.spread_sample)."""
+    return spread_sample(records, PROBE_TRAIN_IMAGES + PROBE_IMAGES)
 
 
 def choose_configuration(records: list[ImageRecord], tiling: TilingConfig, logger, root: str):

@@ -21,7 +21,7 @@ from patchwatch.tasks.coreset import select_coreset_task
 from patchwatch.tasks.detectors import fit_detector_task
 from patchwatch.tasks.features import extract_features_task, from_outcome
 from patchwatch.tasks.index import build_index_task
-from patchwatch.tasks.listing import chunk, list_images_task
+from patchwatch.tasks.listing import chunk, list_images_task, spread_sample
 from patchwatch.tasks.threshold import calibrate_threshold_task
 from patchwatch.tasks.tiles import extract_tile_features_task, remove_staged_copies, stage_large_images
 
@@ -287,9 +287,7 @@ def _input_size(registry: ModelRegistry, records: list[ImageRecord], detector: s
     kept = _kept_input_size(registry, detector, features)
     if kept is not None:
         return kept
-    uris = sorted(r.uri for r in records)
-    if len(uris) > INPUT_SIZE_SAMPLE:
-        uris = [uris[round(i * (len(uris) - 1) / (INPUT_SIZE_SAMPLE - 1))] for i in range(INPUT_SIZE_SAMPLE)]
+    uris = spread_sample(records, INPUT_SIZE_SAMPLE)
     sizes = []
     for uri in uris:
         try:
@@ -298,7 +296,7 @@ def _input_size(registry: ModelRegistry, records: list[ImageRecord], detector: s
             continue  # the extraction reports unusable files
     if not sizes:
         raise ValueError(f"none of the {len(uris)} sampled images has a readable header: no input size for {detector}")
-    resolved = with_input_size(detector, features, [tiling.view_shape(*size) for size in sizes])
+    resolved = with_input_size(detector, features, sizes, tiling)
     tiled = sum(tiling.needs_tiling(*size) for size in sizes)
     logger.info("%s input size %dx%d (height x width), from %d nominal images%s (%dx%d to %dx%d): their median "
                 "area within 320x320 to 512x512, at their shared aspect, else square",

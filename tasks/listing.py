@@ -11,6 +11,15 @@ def chunk(records: list, batch_size: int) -> list[list]:
     return [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
 
 
+def spread_sample(records: list[ImageRecord], count: int) -> list[str]:
+    """The URIs of ``count`` records evenly spread over the listing sorted by URI (all of them if
+    there are no more): the same source gives the same sample on every machine."""
+    uris = sorted(r.uri for r in records)
+    if len(uris) <= count:
+        return uris
+    return [uris[round(i * (len(uris) - 1) / (count - 1))] for i in range(count)]
+
+
 @task(name="list-images", task_run_name="list-images", retries=3, retry_delay_seconds=retry_delay(10), retry_condition_fn=transient)
 def list_images_task(source: str, split: str | None = None) -> list[ImageRecord]:
     listing = scan_source(source, split)

@@ -21,6 +21,5 @@ def probe_candidate_task(candidate: Candidate, uris: list[str], seed: int, tilin
         except ImageReadError:
             continue  # the fit proper reports unusable files; the probe just does without them
     probe = make_probe_set(images, seed=seed, tiling=tiling)
-    candidate = candidate.for_images([image.shape[:2] for image in probe.train])
-    result = probe_candidate(candidate, probe, feature_extractor(candidate.features))
+    result = probe_candidate(candidate, probe, feature_extractor)  # the worker's runtime and threads
     return {"result": result, "train_images": len(probe.train), "probe_images": len(probe.clean)}
