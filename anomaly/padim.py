@@ -7,48 +7,13 @@ from the nominal images by :func:`anomaly.detectors.with_input_size`, or ``squar
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import fields
 
 import numpy as np
 
 from .features import PatchFeatures
 from .maps import anomaly_map
-
-FIXED_GRID_HINT = "PaDiM needs one input size for every image: set fixed_shape or square_side"
-
-
-@dataclass(frozen=True)
-class PadimConfig:
-    # random subset of the feature channels (the paper's "Rd"): the covariance is C x C per
-    # position, and the paper finds a random subset as good as PCA at a fraction of the cost.
-    # The default keeps all 256 of the default patch vector: MTD image AUROC 0.962 against 0.951
-    # with 100 (anomaly.detectors, DEFAULT_FEATURES), at 400 positions x 256^2 floats of model
-    channels: int = 256
-    seed: int = 0
-    sigma: float = 4.0
-    # regulariser of each covariance (cov + epsilon * I): keeps it invertible when there are
-    # fewer images than channels, as in the paper's reference code
-    epsilon: float = 0.01
-    # "oas": each position's covariance shrunk towards a multiple of the identity by the Oracle
-    # Approximating Shrinkage amount (Chen et al. 2010, as sklearn.covariance.OAS), which is
-    # large when there are few images per channel (a covariance of 256 channels from 100 images)
-    # and vanishes with many; "none": the sample covariance (+ epsilon) as in the paper
-    shrinkage: str = "none"
-
-    def __post_init__(self):
-        if self.shrinkage not in SHRINKAGES:
-            raise ValueError(f"unknown PaDiM shrinkage {self.shrinkage!r}; choose one of {', '.join(SHRINKAGES)}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PadimConfig":
-        return cls(**data)
-
-
-SHRINKAGES = ("none", "oas")
-
+from .settings import FIXED_GRID_HINT, PadimConfig  # noqa: F401  (PadimConfig re-exported)
 
 def oas_shrunk(cov: np.ndarray, samples: int) -> np.ndarray:
     """(P, C, C) unbiased covariances from ``samples`` images, each shrunk by OAS: the amount

@@ -1,7 +1,7 @@
 """PatchCore (Roth et al., CVPR 2022): memory bank, coreset, nearest-neighbour scoring."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -10,29 +10,7 @@ import torch
 from .coreset import coreset_size, projection_matrix, streaming_coreset
 from .features import PatchFeatures
 from .maps import anomaly_map
-
-
-@dataclass(frozen=True)
-class PatchCoreConfig:
-    # the paper's range is 1-25 %; at half-size inputs the bank is small (80k patches on MTD)
-    # and 10 % covers rare nominal patches better (192 px squares: image AUROC 0.944 against
-    # 0.924 at 1 %)
-    coreset_ratio: float = 0.1
-    projection_dim: int = 128
-    num_neighbors: int = 9     # b of eq. 7
-    sigma: float = 4.0
-    seed: int = 0
-    # > 0: the anomaly map's patch scores use only the first map_dims dimensions of each vector
-    # (the primary scale's features): context scales sharpen the image score but blur the map
-    # (MTD AUPRO 0.624 from whole vectors, 0.689 from the primary half: README, "Choosing defaults")
-    map_dims: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PatchCoreConfig":
-        return cls(**data)
+from .settings import PatchCoreConfig  # noqa: F401  (re-exported)
 
 
 def select_coreset(bank: np.ndarray, config: PatchCoreConfig) -> np.ndarray:

@@ -8,43 +8,14 @@ but out of place in this kind of image.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import fields
 
 import faiss
 import numpy as np
 
 from .features import PatchFeatures
 from .maps import anomaly_map
-
-
-IMAGE_SCORES = ("knn", "max_map")
-
-
-@dataclass(frozen=True)
-class SpadeConfig:
-    # K: nearest nominal images, by global feature (MTD: K = 10 ranks best and scores 5x faster
-    # than the paper's 50)
-    k_images: int = 10
-    kappa: int = 1       # nearest patches averaged into a patch score
-    sigma: float = 4.0
-    # "knn": the paper's image score, the mean distance to the K nearest global features;
-    # "max_map": the maximum of the anomaly map. A global average hardly moves for a small
-    # defect, so "max_map" ranks images with small defects far better (MTD image AUROC 0.90
-    # against 0.63 at K = 50, EfficientNet-Lite0 stages 3+4); the default for that reason
-    image_score: str = "max_map"
-
-    def __post_init__(self):
-        if self.image_score not in IMAGE_SCORES:
-            raise ValueError(f"image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
-        if self.k_images < 1 or self.kappa < 1:
-            raise ValueError(f"k_images and kappa must be >= 1, got {self.k_images} and {self.kappa}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SpadeConfig":
-        return cls(**data)
+from .settings import SpadeConfig  # noqa: F401  (re-exported)
 
 
 def global_feature(vectors: np.ndarray) -> np.ndarray:

@@ -7,32 +7,14 @@ bounded by one tile batch plus the stitched grid (1/stride^2 of the pixels), nev
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-
-@dataclass(frozen=True)
-class TilingConfig:
-    tile: int = 512          # tile side in image pixels
-    overlap: int = 128       # pixels shared by neighbouring tiles
-    threshold: int = 1024    # images with a side above this are tiled
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def needs_tiling(self, height: int, width: int) -> bool:
-        return max(height, width) > self.threshold
-
-    def view_shape(self, height: int, width: int) -> tuple[int, int]:
-        """(height, width) of what the network sees of such an image: itself, or its tiles (a
-        side shorter than a tile is one tile of that side; the last tile ends at the border)."""
-        if not self.needs_tiling(height, width):
-            return (height, width)
-        return (min(height, self.tile), min(width, self.tile))
+from .settings import TilingConfig  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

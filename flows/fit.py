@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-from dataclasses import replace
 
 import pandas as pd
 from prefect import flow, get_run_logger
@@ -27,6 +25,7 @@ from patchwatch.tasks.tiles import extract_tile_features_task, remove_staged_cop
 
 from .defaults import HOLDOUT_FRACTION, THRESHOLD_QUANTILE
 from .report import markdown_rows, markdown_table
+from .root_settings import configuration_of, kept_input_size, nothing_to_fit  # noqa: F401  (nothing_to_fit re-exported)
 from .runner import gather, run_name
 
 # below this many listed images every one is needed for the memory: no hold-out, no threshold
@@ -234,49 +233,6 @@ def _fit(images, root, split, feature_config, detector, detector_config, batch_s
     return {**summary, "errors": errors, **({"auto": choice} if choice else {})}
 
 
-def nothing_to_fit(images: str, root: str, split: str | None = None, feature_config: dict | None = None,
-                   detector: str = "patchcore", detector_config: dict | None = None, tiling_config: dict | None = None,
-                   holdout_fraction: float = HOLDOUT_FRACTION, threshold_quantile: float = THRESHOLD_QUANTILE,
-                   full: bool = False, auto: bool = False, **_) -> bool:
-    """Whether :func:`fit_flow` with these arguments would find nothing new and change nothing,
-    decided by reading the root and listing the source, in the calling process: the CLI then runs
-    the flow without starting a Dask cluster (a no-op fit took 33-41 s, mostly the cluster's start).
-    Only a sure answer is True: any doubt (no current version, a killed fit's plan, other settings,
-    a listing that fails) is False and the fit runs as ever; the flow decides again in any case."""
-    from patchwatch.storage.images import list_images
-
-    if full:
-        return False
-    registry = ModelRegistry(root)
-    try:
-        current = registry.current()
-        if current is None or registry.bank.settings() is None:
-            return False
-        parent = registry.model(current).read_manifest()
-        if auto:  # a root with a bank keeps the configuration it was made with (_auto_configuration)
-            features, detector, settings = configuration_of(parent)
-        else:
-            features = FeatureConfig.from_dict(feature_config) if feature_config else default_features(detector)
-            features = _kept_input_size(registry, detector, features) or features
-            settings = for_features(detector, detector_settings(detector, detector_config), features)
-        tiling = TilingConfig(**tiling_config) if tiling_config else TilingConfig()
-        recipe = {"detector": detector, "detector_config": settings.to_dict(), "threshold_quantile": threshold_quantile,
-                  "holdout_fraction": holdout_fraction}
-        if any(parent.get(k) != v for k, v in recipe.items()):
-            return False
-        asked = json.loads(json.dumps({"feature_config": features.to_dict(), "tiling_config": tiling.to_dict()}))
-        if registry.bank.settings() != asked:
-            return False
-        plan = registry.new_version().read_table("plan")
-        if plan is not None and len(plan):
-            return False
-        records = list_images(images, split)
-        known = set(registry.bank.index().uri)
-        return bool(records) and all(r.uri in known for r in records)
-    except Exception:  # the flow, run as ever, reports it properly
-        return False
-
-
 def _input_size(registry: ModelRegistry, records: list[ImageRecord], detector: str, features: FeatureConfig,
                 tiling: TilingConfig, logger) -> FeatureConfig:
     """``features`` with the one input size ``detector`` needs (PaDiM, unless square_side or
@@ -284,7 +240,7 @@ def _input_size(registry: ModelRegistry, records: list[ImageRecord], detector: s
     own (:func:`anomaly.features.native_shape` of the sizes in a spread sample's headers)."""
     if not needs_input_size(detector, features):
         return features
-    kept = _kept_input_size(registry, detector, features)
+    kept = kept_input_size(registry, detector, features)
     if kept is not None:
         return kept
     uris = spread_sample(records, INPUT_SIZE_SAMPLE)
@@ -303,27 +259,6 @@ def _input_size(registry: ModelRegistry, records: list[ImageRecord], detector: s
                 detector, *resolved.fixed_shape, len(sizes), f" ({tiled} large: their tiles)" if tiled else "",
                 *min(sizes), *max(sizes))
     return resolved
-
-
-def _kept_input_size(registry: ModelRegistry, detector: str, features: FeatureConfig) -> FeatureConfig | None:
-    """The features this root's bank was made with, where they are ``features`` with an input size
-    set: a re-fit keeps it (new images of another size would otherwise change every vector), and
-    so does a root made when PaDiM's default was a 320 x 320 square (square_side)."""
-    if not needs_input_size(detector, features):
-        return None
-    recorded = (registry.bank.settings() or {}).get("feature_config")
-    if not recorded:
-        return None
-    fitted = FeatureConfig.from_dict(recorded)
-    sized = fitted.fixed_shape or fitted.square_side
-    return fitted if sized and replace(fitted, fixed_shape=(), square_side=0) == features else None
-
-
-def configuration_of(manifest: dict):
-    """(features, detector, detector settings) a version was fitted with."""
-    detector = manifest.get("detector", "patchcore")
-    return (FeatureConfig.from_dict(manifest["feature_config"]), detector,
-            detector_settings(detector, manifest["detector_config"]))
 
 
 def _auto_configuration(registry: ModelRegistry, records: list[ImageRecord], tiling: TilingConfig, logger,

@@ -11,11 +11,10 @@ from patchwatch.flows.defaults import (DEFAULT_NAME, DEFAULT_REFIT_CRON, DEFAULT
                             THRESHOLD_QUANTILE)
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    # the model's modules import torch (seconds): only the commands with model options load them
-    from patchwatch.anomaly.backbone import DEFAULT_BACKBONE
-    from patchwatch.anomaly.detectors import CONFIGS, DEFAULT_FEATURES
-    from patchwatch.anomaly.features import FeatureConfig
-    from patchwatch.anomaly.patchcore import PatchCoreConfig
+    # the settings module, not the model's (torch: seconds), so that --help and a fit with nothing
+    # new stay quick
+    from patchwatch.anomaly.settings import (CONFIGS, DEFAULT_BACKBONE, DEFAULT_FEATURES, FeatureConfig,
+                                             PatchCoreConfig)
 
     defaults = FeatureConfig()
     parser.add_argument("--detector", choices=sorted(CONFIGS), default=None,
@@ -103,8 +102,7 @@ def auto_chosen(args) -> bool:
 
 
 def _configs(args) -> tuple[dict, dict]:
-    from patchwatch.anomaly.detectors import default_features, detector_config
-    from patchwatch.anomaly.patchcore import PatchCoreConfig
+    from patchwatch.anomaly.settings import PatchCoreConfig, default_features, detector_config
 
     def numbers(text, kind):
         return None if text is None else tuple(kind(x) for x in text.split(",") if x.strip())
@@ -386,7 +384,7 @@ def _nothing_new_to_fit(args) -> bool:
     re-fit deployment still records each of its runs in Prefect."""
     if args.command != "fit" or args.dask_address:
         return False
-    from patchwatch.flows.fit import nothing_to_fit
+    from patchwatch.flows.root_settings import nothing_to_fit
     if not nothing_to_fit(images=args.images, root=args.root, split=args.split, full=args.full, **fit_parameters(args)):
         return False
     args.command = "fit-nothing-new"

@@ -3,6 +3,8 @@ a fit with nothing new starting no Dask cluster. Timings live in bench/, not her
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +124,14 @@ def test_a_fit_with_nothing_new_starts_no_dask_cluster(tmp_path, monkeypatch, in
         monkeypatch.setenv(name, value)  # main() sets these defaults: restored after the test
     assert main(["fit", "--images", str(images), "--root", str(root)]) == 0
     assert ModelRegistry(str(root)).versions() == ["v0001"]
+    # the command's own process decides it without loading torch or Prefect (seconds of imports:
+    # a no-op fit took 5.5-6.8 s on a slow host, bench/results/throughput.md)
+    code = ("import sys; from patchwatch.cli import main; "
+            f"code = main(['fit', '--images', {str(images)!r}, '--root', {str(root)!r}]); "
+            "print('exit', code, 'loaded', *sorted({'torch', 'prefect'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    assert done.stdout.splitlines()[-1] == "exit 0 loaded", done.stdout + done.stderr
+    assert "nothing new" in done.stdout
     # anything to do, or any doubt, and the fit runs as ever (on a cluster)
     Image.fromarray(texture[256:, 256:]).save(images / "new.png")
     assert not nothing_to_fit(str(images), str(root))
