@@ -331,12 +331,14 @@ def kill_a_busy_worker(cluster: DaskCluster, run: Background, task_function: str
 
 
 def interrupted(states: dict[str, list[str]]) -> list[str]:
-    """Task runs the kill cost their result and that completed when run again: started twice
-    (Running twice), completed at the end. The kill lands inside the task's code, but the
-    worker may die a few milliseconds later, after the body returned (Prefect has recorded
-    Completed) and before Dask had the result: Dask runs it again either way."""
+    """Task runs the kill cost their result and that completed when run again: started twice,
+    completed at the end. The kill lands inside the task's code, but the worker may die a few
+    milliseconds later, after the body returned (Prefect has recorded Completed) and before Dask
+    had the result: Dask runs it again either way. A start shows as Running, or only as Pending
+    where the killed worker's Running had not yet left its queue of state events (seen once:
+    Pending, Pending, Running, Completed)."""
     return [name for name, history in states.items()
-            if history[-1] == "Completed" and history.count("Running") >= 2]
+            if history[-1] == "Completed" and (history.count("Running") >= 2 or history.count("Pending") >= 2)]
 
 
 def ran_twice(states: dict[str, list[str]]) -> list[str]:
