@@ -87,10 +87,11 @@ def measure(split: str, images: int = 6, repeats: int = 3, old: str | None = OLD
     notes += ["each time: a fresh `python -m patchwatch.cli ...` process from start to exit (imports included)",
               "PATCHWATCH_AUTO=0: the root is fitted with PatchCore's fixed defaults, without the --auto probe",
               "runs reported to one Prefect server started for the benchmark (PREFECT_API_URL), as with a user's server",
-              *(["fit, nothing new: old starts a local Dask cluster (1 worker) first; new lists the source and reads "
-                 "the bank in the command's process and runs the flow without a cluster"] if old else
-                ["fit, nothing new: lists the source and reads the bank in the command's process and runs the flow "
-                 "without a cluster"])]
+              "fit, nothing new: this tree decides it in the command's own process (the listing against the bank, "
+              "the settings against the current version), importing neither torch nor Prefect, and ends without a "
+              "flow run or a cluster"
+              + (f"; the old code as at {old} (219a37c: a local Dask cluster first; 3a1e987: the same decision, "
+                 "after importing torch and Prefect)" if old else "")]
     return {"rows": rows, "notes": notes, "times": {f"{name} {code}": t for (name, code), t in times.items()},
             "median new s": {name: float(np.median(times[(name, "new")])) for name in commands}}
 
