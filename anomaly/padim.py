@@ -3,7 +3,7 @@
 Every grid position (i, j) of the nominal images gets its own mean and covariance; a test patch
 is scored by its Mahalanobis distance to the Gaussian of its position. That ties the model to
 one feature grid, so every image must reach the network at the same size (``fixed_shape``, set
-from the nominal images by :func:`anomaly.detectors.with_input_size`, or ``square_side``).
+from the nominal images by :func:`anomaly.settings.with_input_size`, or ``square_side``).
 """
 from __future__ import annotations
 

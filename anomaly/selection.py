@@ -46,7 +46,7 @@ class Candidate:
 
     def for_images(self, image_shapes: list[tuple[int, int]], tiling: TilingConfig | None = None) -> "Candidate":
         """This candidate as fitted on images of ``image_shapes``: with the input size its detector
-        needs set from them (:func:`anomaly.detectors.with_input_size`)."""
+        needs set from them (:func:`anomaly.settings.with_input_size`)."""
         features = with_input_size(self.detector, self.features, image_shapes, tiling)
         return self if features == self.features else replace(self, features=features)
 

@@ -24,7 +24,7 @@ class FeatureConfig:
     input_scale: float = 0.5
     # more scales the backbone also sees each image at; their stage maps are resized to the
     # grid of ``input_scale`` and appended to each patch vector (half of it for one more scale),
-    # so a patch also carries wider context (PatchCore's default: anomaly.detectors.default_features)
+    # so a patch also carries wider context (PatchCore's default: anomaly.settings.default_features)
     context_scales: tuple[float, ...] = ()
     # > 0: resize every image to this square side instead (aspect not kept)
     square_side: int = 0
@@ -127,7 +127,7 @@ class PadimConfig:
     # random subset of the feature channels (the paper's "Rd"): the covariance is C x C per
     # position, and the paper finds a random subset as good as PCA at a fraction of the cost.
     # The default keeps all 256 of the default patch vector: MTD image AUROC 0.962 against 0.951
-    # with 100 (anomaly.detectors, DEFAULT_FEATURES), at 400 positions x 256^2 floats of model
+    # with 100 (anomaly.settings.DEFAULT_FEATURES), at 400 positions x 256^2 floats of model
     channels: int = 256
     seed: int = 0
     sigma: float = 4.0
@@ -228,7 +228,7 @@ def with_input_size(detector: str, features: FeatureConfig, image_shapes: list[t
     """``features`` with the input size ``detector`` needs set from the (height, width) of the
     nominal images, each counted as what the network sees of it (its tiles, where ``tiling`` tiles
     it): their median area, within 320 x 320 to 512 x 512, at their shared aspect, else square
-    (:func:`anomaly.features.native_shape`); unchanged where nothing is needed."""
+    (:func:`anomaly.settings.native_shape`); unchanged where nothing is needed."""
     if not needs_input_size(detector, features):
         return features
     views = [tiling.view_shape(*shape) for shape in image_shapes] if tiling else list(image_shapes)

@@ -77,7 +77,7 @@ def configurations() -> dict:
 
 def for_set(candidate, data: "DataSet", tiling):
     """``candidate`` as fitted on ``data``: with the input size its detector needs set from the
-    set's train images (or their tiles), as a fit sets it (anomaly.detectors.with_input_size)."""
+    set's train images (or their tiles), as a fit sets it (anomaly.settings.with_input_size)."""
     return candidate.for_images([image.shape[:2] for image in data.train], tiling)
 
 

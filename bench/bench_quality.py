@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{configs_of(1)[1].coreset_ratio}, projection {configs_of(1)[1].projection_dim}, layers "
             f"{', '.join(map(str, layers))}), test rows scored; rows 1 and 8 share one model and one set of maps",
             "every row is single-scale (no context scales, maps from the whole patch vectors); patchwatch's PatchCore "
-            "default adds a 0.25 context scale (anomaly.detectors.default_features): bench_detectors.py measures it",
+            "default adds a 0.25 context scale (anomaly.settings.default_features): bench_detectors.py measures it",
             "image score: eq. 7 of the PatchCore paper (PatchCore.score) or the mean of the image's patch scores",
             "pixel AUROC: every pixel of every test image pooled; AUPRO up to FPR 0.3 (rows "
             f"{', '.join(map(str, AUPRO_ROWS))} only unless --aupro-all); pixel AUROC <type>: the good test images "

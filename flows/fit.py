@@ -237,7 +237,7 @@ def _input_size(registry: ModelRegistry, records: list[ImageRecord], detector: s
                 tiling: TilingConfig, logger) -> FeatureConfig:
     """``features`` with the one input size ``detector`` needs (PaDiM, unless square_side or
     fixed_shape is given): the size this root's bank was featurised with, else the nominal images'
-    own (:func:`anomaly.features.native_shape` of the sizes in a spread sample's headers)."""
+    own (:func:`anomaly.settings.native_shape` of the sizes in a spread sample's headers)."""
     if not needs_input_size(detector, features):
         return features
     kept = kept_input_size(registry, detector, features)

@@ -4,8 +4,9 @@
                                  version (its attributes: model_version, image_threshold,
                                  pixel_threshold, threshold_quantile, units)
     RESULTS/maps/VERSION/STEM-HASH   one array per image: (height, width) float32 at the
-                                 image's original size, one chunk (a tiled image's: 512 x 512) (Blosc LZ4), dimensions y_H, x_W;
-                                 attributes source_uri, image_id, model_version, shape and the
+                                 image's original size, Blosc LZ4, one chunk (a tiled image's:
+                                 512 x 512 chunks), dimensions y_H, x_W; attributes source_uri,
+                                 image_id, model_version, shape and the
                                  version's thresholds and units. STEM: the file name without its
                                  extension; HASH: of the full URI
     RESULTS/results.json          written when a run opens the root: a run checks it before
