@@ -40,7 +40,7 @@ sys.path.insert(0, str(common.REPO))
 # the engine code a cached row depends on (configurations are keyed by their full settings, so
 # a change of defaults alone does not invalidate rows; nor does the metrics code, whose streaming
 # and exact forms agree to 1e-3)
-ROW_SOURCES = ("features", "backbone", "engine", "patchcore", "padim", "spade", "coreset", "maps", "tiling")
+ROW_SOURCES = ("settings", "features", "backbone", "engine", "patchcore", "padim", "spade", "coreset", "maps", "tiling")
 AUTO_SOURCES = ROW_SOURCES + ("selection",)
 CACHE_VERSION = 2
 # image AUROC within this of the best configuration of a set counts as matching it (the bar)
