@@ -25,7 +25,7 @@ from patchwatch.tasks.tiles import extract_tile_features_task, remove_staged_cop
 
 from .defaults import HOLDOUT_FRACTION, THRESHOLD_QUANTILE
 from .report import markdown_rows, markdown_table
-from .root_settings import configuration_of, kept_input_size, nothing_to_fit  # noqa: F401  (nothing_to_fit re-exported)
+from .root_settings import configuration_of, kept_input_size
 from .runner import gather, run_name
 
 # below this many listed images every one is needed for the memory: no hold-out, no threshold

@@ -153,7 +153,8 @@ def fit(images, root, **options) -> dict:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from patchwatch.flows.fit import fit_flow, nothing_to_fit
+    from patchwatch.flows.fit import fit_flow
+    from patchwatch.flows.root_settings import nothing_to_fit
     from patchwatch.flows.runner import dask_cluster, install_log_sanitiser, prefect_api, run_and_link, run_on_dask
 
     from .cli import _prepare, build_parser, fit_parameters

@@ -396,7 +396,8 @@ def _run(args) -> int:
     from patchwatch.flows.runner import dask_cluster, run_on_dask
 
     if args.command == "fit":
-        from patchwatch.flows.fit import fit_flow, nothing_to_fit
+        from patchwatch.flows.fit import fit_flow
+        from patchwatch.flows.root_settings import nothing_to_fit
         from patchwatch.flows.runner import run_and_link
         parameters = dict(images=args.images, root=args.root, split=args.split, full=args.full,
                           **fit_parameters(args))

@@ -10,7 +10,7 @@ import patchwatch
 from patchwatch.anomaly.detectors import default_features, needs_input_size, with_input_size
 from patchwatch.anomaly.features import FeatureConfig, PatchFeatureExtractor, native_shape
 from patchwatch.anomaly.tiling import TilingConfig
-from patchwatch.flows.fit import nothing_to_fit
+from patchwatch.flows.root_settings import nothing_to_fit
 
 
 def test_the_input_size_is_the_median_size_and_aspect_with_its_area_bounded():

@@ -16,7 +16,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from patchwatch.storage.results_store import MapDescription, ResultStore
+from patchwatch.storage.results_store import WHOLE_MAP_PIXELS, MapDescription, ResultStore
 
 
 @pytest.fixture
@@ -27,16 +27,19 @@ def store(tmp_path):
     return out
 
 
-@pytest.mark.parametrize("shape", [(1100, 700), (373, 248), (1, 513)])  # partial edge chunks; one chunk; a row
+# above WHOLE_MAP_PIXELS: 512 x 512 chunks with partial edge chunks; one chunk; a row of one chunk
+@pytest.mark.parametrize("shape", [(1100, 1000), (373, 248), (1, 513)])
 def test_a_written_map_reads_back_exactly_with_zarrs_own_metadata_and_edge_chunks(store, shape):
     values = np.random.default_rng(0).random(shape).astype(np.float32) * 27
     url = store.write_map("scans/a.png", "/src/scans/a.png", "v0001", values)
     np.testing.assert_array_equal(store.read_map(url), values)
     np.testing.assert_array_equal(store.read_map(url, step=3), values[::3, ::3])  # a preview's read
     array = zarr.open_array(url, mode="r", zarr_format=3)
-    assert array.chunks == (min(512, shape[0]), min(512, shape[1])) and array.dtype == np.float32
+    # a map of an image that is not tiled is one chunk: no edge chunk padded and encoded
+    chunks = shape if shape[0] * shape[1] <= WHOLE_MAP_PIXELS else (min(512, shape[0]), min(512, shape[1]))
+    assert array.chunks == chunks and array.dtype == np.float32
     # the same document zarr writes for the map of create_map (the tiled path), attributes aside
-    reference = store.create_map("scans/b.png", "/src/scans/b.png", "v0001", values.shape)
+    reference = store.create_map("scans/b.png", "/src/scans/b.png", "v0001", values.shape, chunk=max(chunks))
     written = json.loads(open(url.removeprefix("file://") + "/zarr.json").read())
     expected = json.loads(open(store.map_url("scans/b.png", "/src/scans/b.png", "v0001").removeprefix("file://")
                                + "/zarr.json").read())

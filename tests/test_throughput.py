@@ -103,7 +103,8 @@ def test_a_fit_with_nothing_new_starts_no_dask_cluster(tmp_path, monkeypatch, in
     import distributed
 
     import patchwatch.flows.runner as runner_module
-    from patchwatch.flows.fit import fit_flow, nothing_to_fit
+    from patchwatch.flows.fit import fit_flow
+    from patchwatch.flows.root_settings import nothing_to_fit
     from patchwatch.cli import main
     from patchwatch.storage.model_store import ModelRegistry
 
