@@ -240,7 +240,7 @@ def _input_size(registry: ModelRegistry, records: list[ImageRecord], detector: s
     own (:func:`anomaly.settings.native_shape` of the sizes in a spread sample's headers)."""
     if not needs_input_size(detector, features):
         return features
-    kept = kept_input_size(registry, detector, features)
+    kept = kept_input_size(registry.bank.settings(), detector, features)
     if kept is not None:
         return kept
     uris = spread_sample(records, INPUT_SIZE_SAMPLE)

@@ -30,14 +30,15 @@ def nothing_to_fit(images: str, root: str, split: str | None = None, feature_con
     registry = ModelRegistry(root)
     try:
         current = registry.current()
-        if current is None or registry.bank.settings() is None:
+        recorded = registry.bank.settings()  # read once: a zarr group's attributes (round trips on S3)
+        if current is None or recorded is None:
             return False
         parent = registry.model(current).read_manifest()
         if auto:  # a root with a bank keeps the configuration it was made with (flows.fit._auto_configuration)
             features, detector, settings = configuration_of(parent)
         else:
             features = FeatureConfig.from_dict(feature_config) if feature_config else default_features(detector)
-            features = kept_input_size(registry, detector, features) or features
+            features = kept_input_size(recorded, detector, features) or features
             settings = for_features(detector, detector_settings(detector, detector_config), features)
         tiling = TilingConfig(**tiling_config) if tiling_config else TilingConfig()
         recipe = {"detector": detector, "detector_config": settings.to_dict(), "threshold_quantile": threshold_quantile,
@@ -45,7 +46,7 @@ def nothing_to_fit(images: str, root: str, split: str | None = None, feature_con
         if any(parent.get(k) != v for k, v in recipe.items()):
             return False
         asked = json.loads(json.dumps({"feature_config": features.to_dict(), "tiling_config": tiling.to_dict()}))
-        if registry.bank.settings() != asked:
+        if recorded != asked:
             return False
         plan = registry.new_version().read_table("plan")
         if plan is not None and len(plan):
@@ -57,13 +58,14 @@ def nothing_to_fit(images: str, root: str, split: str | None = None, feature_con
         return False
 
 
-def kept_input_size(registry: ModelRegistry, detector: str, features: FeatureConfig) -> FeatureConfig | None:
-    """The features this root's bank was made with, where they are ``features`` with an input size
-    set: a re-fit keeps it (new images of another size would otherwise change every vector), and
-    so does a root made when PaDiM's default was a 320 x 320 square (square_side)."""
+def kept_input_size(bank_settings: dict | None, detector: str, features: FeatureConfig) -> FeatureConfig | None:
+    """The features a root's bank was made with (``bank_settings``, as the bank records them),
+    where they are ``features`` with an input size set: a re-fit keeps it (new images of another
+    size would otherwise change every vector), and so does a root made when PaDiM's default was a
+    320 x 320 square (square_side)."""
     if not needs_input_size(detector, features):
         return None
-    recorded = (registry.bank.settings() or {}).get("feature_config")
+    recorded = (bank_settings or {}).get("feature_config")
     if not recorded:
         return None
     fitted = FeatureConfig.from_dict(recorded)

@@ -6,9 +6,9 @@
     RESULTS/maps/VERSION/STEM-HASH   one array per image: (height, width) float32 at the
                                  image's original size, Blosc LZ4, one chunk (a tiled image's:
                                  512 x 512 chunks), dimensions y_H, x_W; attributes source_uri,
-                                 image_id, model_version, shape and the
-                                 version's thresholds and units. STEM: the file name without its
-                                 extension; HASH: of the full URI
+                                 image_id, model_version, shape and the version's thresholds
+                                 and units. STEM: the file name without its extension; HASH: of
+                                 the full URI
     RESULTS/results.json          written when a run opens the root: a run checks it before
                                  writing parts, so a root deleted mid-run is never re-created
     RESULTS/scores/part-*.parquet the score table, one part per work batch

@@ -17,7 +17,8 @@ def spread_sample(records: list[ImageRecord], count: int) -> list[str]:
     uris = sorted(r.uri for r in records)
     if len(uris) <= count:
         return uris
-    return [uris[round(i * (len(uris) - 1) / (count - 1))] for i in range(count)]
+    step = (len(uris) - 1) / max(count - 1, 1)  # one: the first
+    return [uris[round(i * step)] for i in range(count)]
 
 
 @task(name="list-images", task_run_name="list-images", retries=3, retry_delay_seconds=retry_delay(10), retry_condition_fn=transient)
