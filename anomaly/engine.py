@@ -13,6 +13,7 @@ from .detectors import score_grid
 from .features import PatchFeatureExtractor, PatchFeatures
 from .maps import StitchedMap, anomaly_map
 from .padim import Padim
+from .settings import mirrored
 from .patchcore import PatchCore
 from .spade import Spade
 from .tiling import Tile, TilingConfig, stitch_grids, tile_grid, tile_sigma
@@ -30,6 +31,16 @@ def image_views(image: np.ndarray, tiling: TilingConfig | None) -> list[tuple[Ti
 def extract_views(extractor: PatchFeatureExtractor, image: np.ndarray,
                   tiling: TilingConfig | None) -> list[tuple[Tile | None, PatchFeatures]]:
     return [(tile, extractor.extract([view])[0]) for tile, view in image_views(image, tiling)]
+
+
+def training_views(extractor: PatchFeatureExtractor, image: np.ndarray,
+                   tiling: TilingConfig | None) -> list[tuple[Tile | None, PatchFeatures]]:
+    """What a fit learns from one nominal image: its views (:func:`extract_views`) and those of the
+    mirror images its feature settings add (FeatureConfig.mirrors)."""
+    views = extract_views(extractor, image, tiling)
+    for mirror in extractor.config.mirrors:
+        views += extract_views(extractor, mirrored(image, mirror), tiling)
+    return views
 
 
 def fit_detector(name: str, settings, features: list[PatchFeatures]):

@@ -19,8 +19,9 @@ from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
 from .detectors import default_features, detector_config, for_features, with_input_size
-from .engine import extract_views, fit_detector, score_features
+from .engine import extract_views, fit_detector, score_features, training_views
 from .features import FeatureConfig, PatchFeatureExtractor, to_float_rgb
+from .settings import MIRRORS, mirrored
 from .tiling import TilingConfig, tile_grid
 
 DEFECT_KINDS = ("paste", "intensity", "line")
@@ -228,6 +229,9 @@ class ProbeResult:
     seconds: float
     per_kind: dict
     failed: str | None = None   # why the candidate cannot model these images (e.g. PaDiM, mixed sizes)
+    # mirror -> image AUROC of the probe images mirrored against as they are (defect-free both):
+    # near 0.5 where the nominal images look the same mirrored (anomaly.probe_choice.mirror_choice)
+    mirror_aurocs: dict = field(default_factory=dict)
 
     def row(self) -> dict:
         def rounded(value: float):  # JSON has no NaN: a failed candidate's AUROCs are null
@@ -236,6 +240,7 @@ class ProbeResult:
         return {"candidate": self.name, "image_auroc": rounded(self.image_auroc),
                 "pixel_auroc": rounded(self.pixel_auroc), "seconds": round(self.seconds, 1),
                 **{f"auroc_{k}": round(v, 4) for k, v in self.per_kind.items()},
+                **{f"mirror_{k}": round(v, 4) for k, v in self.mirror_aurocs.items()},
                 **({"failed": self.failed} if self.failed else {})}
 
 
@@ -251,7 +256,7 @@ def probe_candidate(candidate: Candidate, probe: ProbeSet, make_extractor=PatchF
 
 
 def _probe(candidate: Candidate, probe: ProbeSet, extractor: PatchFeatureExtractor, started: float) -> ProbeResult:
-    features = [f for image in probe.train for _, f in extract_views(extractor, image, None)]
+    features = [f for image in probe.train for _, f in training_views(extractor, image, None)]
     detector = fit_detector(candidate.detector, candidate.settings, features)
 
     def score(image):
@@ -261,6 +266,10 @@ def _probe(candidate: Candidate, probe: ProbeSet, extractor: PatchFeatureExtract
     broken = [score(image) for image in probe.defective]
     labels = np.r_[np.zeros(len(clean)), np.ones(len(broken))]
     scores = np.r_[[s.score for s in clean], [s.score for s in broken]]
+    # do the nominal images look the same mirrored? Their mirror images, defect-free, against them
+    mirror_aurocs = {mirror: float(roc_auc_score(labels, np.r_[scores[:len(clean)],
+                                                               [score(mirrored(image, mirror)).score for image in probe.clean]]))
+                     for mirror in MIRRORS}
     per_kind = {}
     for kind in sorted(set(probe.kinds)):
         rows = [i for i, k in enumerate(probe.kinds) if k == kind]
@@ -271,7 +280,7 @@ def _probe(candidate: Candidate, probe: ProbeSet, extractor: PatchFeatureExtract
     truth = np.concatenate([m[::2, ::2].ravel() for m in probe.masks])
     pixel_auroc = float(roc_auc_score(truth, pixels)) if 0 < truth.sum() < len(truth) else float("nan")
     return ProbeResult(candidate.name, float(roc_auc_score(labels, scores)), pixel_auroc,
-                       time.perf_counter() - started, per_kind)
+                       time.perf_counter() - started, per_kind, mirror_aurocs=mirror_aurocs)
 
 
 # Probe AUROCs closer than this cannot be told apart: the earlier (cheaper) candidate is kept

@@ -9,6 +9,18 @@ import numpy as np
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
+# the mirror images a fit can add to each nominal image (FeatureConfig.mirrors)
+MIRRORS = ("h", "v", "hv")
+
+
+def mirrored(image: np.ndarray, mirror: str) -> np.ndarray:
+    """``image`` (height, width[, channels]) mirrored left-right ("h"), up-down ("v") or both ("hv")."""
+    if mirror not in MIRRORS:
+        raise ValueError(f"unknown mirror {mirror!r}; choose among {', '.join(MIRRORS)}")
+    rows = slice(None, None, -1) if "v" in mirror else slice(None)
+    columns = slice(None, None, -1) if "h" in mirror else slice(None)
+    return np.ascontiguousarray(image[rows, columns])
+
 
 @dataclass(frozen=True)
 class FeatureConfig:
@@ -35,11 +47,22 @@ class FeatureConfig:
     patch_size: int = 3
     layer_dim: int = 256
     embed_dim: int = 256
+    # mirror images of every nominal training image that the fit adds to it ("h": left-right, "v":
+    # up-down, "hv": both), for images that look the same mirrored (a texture, not a part): more
+    # nominal samples of each position. ``fit --auto`` sets them from its probe
+    # (anomaly.probe_choice.mirror_choice); scoring never mirrors
+    mirrors: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        unknown = [m for m in self.mirrors if m not in MIRRORS]
+        if unknown:
+            raise ValueError(f"unknown mirror {unknown[0]!r}; choose among {', '.join(MIRRORS)}")
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        if not data["fixed_shape"]:  # as written before the field existed: banks compare these settings
-            del data["fixed_shape"]
+        for optional in ("fixed_shape", "mirrors"):  # as written before these existed: banks compare settings
+            if not data[optional]:
+                del data[optional]
         return data
 
     @classmethod
@@ -48,6 +71,7 @@ class FeatureConfig:
         data["layers"] = tuple(data["layers"])
         data["context_scales"] = tuple(data.get("context_scales", ()))
         data["fixed_shape"] = tuple(data.get("fixed_shape", ()))
+        data["mirrors"] = tuple(data.get("mirrors", ()))
         return cls(**data)
 
     @property

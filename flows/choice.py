@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from prefect.artifacts import create_markdown_artifact
 
-from patchwatch.anomaly.probe_choice import choose_candidate
+from patchwatch.anomaly.probe_choice import choose_candidate, mirror_choice
 from patchwatch.anomaly.selection import PROBE_IMAGES, PROBE_TRAIN_IMAGES, default_candidates
 from patchwatch.anomaly.tiling import TilingConfig
 from patchwatch.storage.images import ImageRecord
@@ -34,12 +35,15 @@ def choose_configuration(records: list[ImageRecord], tiling: TilingConfig, logge
                       "configuration probe")
     results = [o["result"] for o in outcomes]
     chosen_result, reason = choose_candidate(results, outcomes[0]["probe_images"])
+    mirrors, mirror_reason = mirror_choice(chosen_result, outcomes[0]["probe_images"])
     chosen = next(c for c in candidates if c.name == chosen_result.name)
+    chosen = replace(chosen, features=replace(chosen.features, mirrors=mirrors))
+    reason = f"{reason}; {mirror_reason}"
     rows = [r.row() for r in results]
     record = {"chosen": chosen.name, "reason": reason, "seconds": round(time.perf_counter() - started, 1),
               "sample_images": len(uris), "train_images": outcomes[0]["train_images"],
               "probe_images": outcomes[0]["probe_images"], "seed": PROBE_SEED, "candidates": rows,
-              "configurations": {c.name: c.describe() for c in candidates}}
+              "mirrors": list(mirrors), "configurations": {c.name: c.describe() for c in candidates}}
     logger.info("--auto chose %s: %s", chosen.name, reason)
     create_markdown_artifact(
         key="configuration-choice",

@@ -15,6 +15,8 @@ import zipfile
 
 import numpy as np
 
+from patchwatch.anomaly.settings import MIRRORS
+
 from .model_store import IncompatibleModelError
 
 
@@ -38,6 +40,7 @@ FEATURE_FIELDS = {
     "context_scales": ("numbers", 1 / 64, 8), "square_side": ("int", 0, 8192),
     "fixed_shape": ("ints", 1, 8192), "size_multiple": ("int", 1, 256),
     "patch_size": ("int", 1, 31), "layer_dim": ("int", 1, 8192), "embed_dim": ("int", 1, 8192),
+    "mirrors": ("choices", MIRRORS, None),
 }
 TILING_FIELDS = {"tile": ("int", 64, 16384), "overlap": ("int", 0, 8192), "threshold": ("int", 64, 1 << 20)}
 SIGMA = ("number", 0, 64)  # a Gaussian of sigma 1e9 px would never finish
@@ -57,6 +60,10 @@ def _problem(value, kind: str, low, high) -> str | None:
     """Why ``value`` is not a ``kind`` within [low, high] (None: it is)."""
     if kind == "str":
         return None if isinstance(value, str) and value else "expected a non-empty string"
+    if kind == "choices":  # a list of distinct values out of ``low``
+        if not isinstance(value, (list, tuple)) or len(set(map(str, value))) != len(value) or len(value) > len(low):
+            return f"expected a list of distinct values out of {', '.join(low)}"
+        return next((f"{v!r} is not one of {', '.join(low)}" for v in value if v not in low), None)
     if kind in ("ints", "numbers"):
         if not isinstance(value, (list, tuple)) or len(value) > 8:
             return "expected a list of at most 8 values"

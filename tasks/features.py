@@ -7,6 +7,7 @@ import numpy as np
 from prefect import task
 
 from patchwatch.anomaly.features import FeatureConfig, PatchFeatures
+from patchwatch.anomaly.settings import mirrored
 from patchwatch.anomaly.tiling import TilingConfig
 from patchwatch.storage.images import ImageReadError, ImageRecord, read_image_unless_large, read_mask
 from patchwatch.storage.model_store import TRAIN, FeatureBank
@@ -109,10 +110,16 @@ def extract_features_task(root: str, batch: int, records: list[ImageRecord], con
     good, images, errors, large = load_images(records, tiling)
     usable, usable_images = drop_too_small(extractor, good, images, errors)
     large = drop_too_small_large(extractor, large, errors)
-    features = extractor.extract(usable_images) if usable_images else []
+    # a training image's mirror images (FeatureConfig.mirrors) are rows of their own beside it,
+    # under the same uri; held-out images calibrate the threshold as they are
+    mirrors = config.mirrors if kind == TRAIN else ()
+    views = [(record.image_id + (f"#mirror-{mirror}" if mirror else ""), record.uri,
+              mirrored(image, mirror) if mirror else image)
+             for record, image in zip(usable, usable_images) for mirror in ("", *mirrors)]
+    features = extractor.extract([image for _, _, image in views]) if views else []
     rows, index_rows, start = [], [], 0
-    for record, patch in zip(usable, features):
-        index_rows.append(bank_index_row(record.image_id, record.uri, batch, start, patch))
+    for (view_id, uri, _), patch in zip(views, features):
+        index_rows.append(bank_index_row(view_id, uri, batch, start, patch))
         rows.append(patch.vectors)
         start += len(patch.vectors)
     vectors = np.concatenate(rows) if rows else np.zeros((0, config.embed_dim), np.float32)

@@ -11,6 +11,7 @@ from patchwatch.anomaly.detectors import score_grid
 from patchwatch.anomaly.features import FeatureConfig
 from patchwatch.anomaly.maps import StitchedMap, heatmap_overlay
 from patchwatch.anomaly.patchcore import PatchCore
+from patchwatch.anomaly.settings import mirrored
 from patchwatch.anomaly.tiling import Tile, blocks, stitch_grids, tile_sigma
 from patchwatch.storage.images import TIFF_SUFFIXES, ImageReadError, LargeImage, remove_staged, stage_image, staged_location
 from patchwatch.storage.model_store import FeatureBank
@@ -76,9 +77,15 @@ def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, t
     rows, index_rows, start = [], [], 0
     with LargeImage(uri, staged) as image:
         # one call: on a GPU the task's tiles share forward passes (one at a time on CPUs)
-        tile_features = extractor.extract([image.read(tile.top, tile.left, tile.bottom, tile.right) for tile in tiles])
-        for tile, features in zip(tiles, tile_features):
-            index_rows.append(bank_index_row(f"{image_id}#{tile.top},{tile.left}", uri, batch, start, features))
+        # each tile's mirror images (FeatureConfig.mirrors) are rows of their own beside it
+        views = [(f"{image_id}#{tile.top},{tile.left}" + (f"#mirror-{mirror}" if mirror else ""),
+                  mirrored(pixels, mirror) if mirror else pixels)
+                 for tile in tiles
+                 for pixels in [image.read(tile.top, tile.left, tile.bottom, tile.right)]
+                 for mirror in ("", *config.mirrors)]
+        tile_features = extractor.extract([pixels for _, pixels in views])
+        for (view_id, _), features in zip(views, tile_features):
+            index_rows.append(bank_index_row(view_id, uri, batch, start, features))
             rows.append(features.vectors)
             start += len(features.vectors)
     result = {"batch": batch, "images": 0, "tiles": len(tiles), "rows": start, "errors": [], "large": []}

@@ -144,7 +144,9 @@ def test_fit_auto_records_the_comparison_and_a_refit_keeps_the_choice(tmp_path):
         # PaDiM's one input size is set from the images themselves (all SIDE x SIDE here)
         assert tuple(fitted["fixed_shape"]) == native_shape([(SIDE, SIDE)])
         fitted = {key: value for key, value in fitted.items() if key != "fixed_shape"}
-    assert fitted == chosen["feature_config"]
+    # and with the mirror images the probe found the images to allow (stripes: every mirror)
+    assert auto["mirrors"] == ["h", "v", "hv"] and "look the same mirrored" in auto["reason"]
+    assert fitted == {**chosen["feature_config"], "mirrors": auto["mirrors"]}
     assert "--auto chose" in first.stderr + first.stdout
 
     write_stripes(images, 4, start=24, seed=1)
