@@ -188,7 +188,7 @@ def _fit_arguments(parser, images: str, root: str, options: dict):
         known = sorted(k for k in vars(args) if k not in fixed)
         raise TypeError(f"fit() got unknown option(s) {', '.join(unknown)}; options: {', '.join(known)}, image_folder")
     for name, value in options.items():
-        if name in ("layers", "context_scales") and value is not None and not isinstance(value, str):
+        if name in ("layers", "context_scales", "mirrors") and value is not None and not isinstance(value, str):
             value = ",".join(str(v) for v in value)  # the command's comma-separated form
         setattr(args, name, value)
     from patchwatch.anomaly.detectors import CONFIGS

@@ -36,6 +36,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help=f"timm model name (default {DEFAULT_BACKBONE}, offline); others need the model hub")
     parser.add_argument("--layers", default=None,
                         help=f"timm feature stages to use, comma-separated (default {','.join(map(str, defaults.layers))})")
+    parser.add_argument("--mirrors", default=None, metavar="h,v,hv",
+                        help="mirror images the fit adds to each nominal image, comma-separated: h (left-right), "
+                             "v (up-down), hv (both); '' for none. Only for images that look the same mirrored "
+                             "(a texture, not an aligned part) (default: those --auto finds the images allow; "
+                             "none with --no-auto)")
     parser.add_argument("--coreset-ratio", type=float, default=None,
                         help=f"PatchCore: fraction of the patch bank kept as memory (default {PatchCoreConfig().coreset_ratio})")
     parser.add_argument("--auto", action=argparse.BooleanOptionalAction, default=None,
@@ -83,7 +88,8 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
                         help="the threshold is this quantile of the held-out images' scores (default %(default)s)")
 
 
-MODEL_OPTIONS = ("backbone", "layers", "input_scale", "square_side", "embed_dim", "context_scales", "coreset_ratio")
+MODEL_OPTIONS = ("backbone", "layers", "input_scale", "square_side", "embed_dim", "context_scales", "mirrors",
+                 "coreset_ratio")
 
 
 def auto_chosen(args) -> bool:
@@ -113,7 +119,8 @@ def _configs(args) -> tuple[dict, dict]:
     detector_name = args.detector or "patchcore"
     features = default_features(detector_name, backbone=args.backbone, layers=numbers(args.layers, int),
                                 input_scale=args.input_scale, square_side=args.square_side,
-                                embed_dim=args.embed_dim, context_scales=numbers(args.context_scales, float))
+                                embed_dim=args.embed_dim, context_scales=numbers(args.context_scales, float),
+                                mirrors=numbers(getattr(args, "mirrors", None), str.strip))
     detector = detector_config(detector_name)
     if detector_name == "patchcore" and args.coreset_ratio is not None:
         detector = PatchCoreConfig(**{**detector.to_dict(), "coreset_ratio": args.coreset_ratio})

@@ -19,7 +19,7 @@ import tomllib
 # What a configuration file may set: what shapes a fit (the model, the threshold) and how it runs.
 # Locations (--images, --root, ...) and one-off choices (--full, --split) stay on the command line.
 SETTING_KEYS = ("detector", "backbone", "layers", "input_scale", "square_side", "embed_dim", "context_scales",
-                "coreset_ratio", "auto", "holdout_fraction", "threshold_quantile", "batch_size", "runtime",
+                "mirrors", "coreset_ratio", "auto", "holdout_fraction", "threshold_quantile", "batch_size", "runtime",
                 "device", "workers", "dask_address", "allow_sources")
 # options written comma-separated on the command line: a TOML list of numbers is accepted too
 LIST_KEYS = ("layers", "context_scales")
@@ -76,6 +76,10 @@ def _checked(path: str, key: str, value, action: argparse.Action):
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise refuse("a list of numbers")
         value = ",".join(str(v) for v in value)  # the command's own comma-separated form
+    if action.dest == "mirrors" and isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise refuse("a list of names (h, v, hv)")
+        value = ",".join(value)
     if action.type is int:
         if not isinstance(value, int):
             raise refuse("a whole number")

@@ -103,3 +103,33 @@ def test_mirror_images_are_kept_only_where_the_nominal_images_look_the_same_mirr
 
 def test_a_probe_without_mirror_measurements_adds_none():
     assert mirror_choice(ProbeResult("padim", 0.8, 0.9, 1.0, {}), 32)[0] == ()
+
+
+def test_mirrors_can_be_set_on_the_command_line_in_a_config_file_or_in_python(tmp_path):
+    """A user who knows the line's images are a texture fixes the mirrors (no --auto then)."""
+    from patchwatch.cli import fit_parameters, parse_arguments
+
+    fit = ["fit", "--images", "in", "--root", "model"]
+    given = fit_parameters(parse_arguments([*fit, "--detector", "padim", "--mirrors", "h, v"]))
+    assert given["feature_config"]["mirrors"] == ("h", "v") and given["auto"] is False
+    assert "mirrors" not in fit_parameters(parse_arguments([*fit, "--no-auto"]))["feature_config"]
+    assert "mirrors" not in fit_parameters(parse_arguments([*fit, "--mirrors", ""]))["feature_config"]
+    with pytest.raises(ValueError, match="--mirrors or --auto"):
+        fit_parameters(parse_arguments([*fit, "--auto", "--mirrors", "h"]))
+    with pytest.raises(ValueError, match="unknown mirror 'sideways'"):
+        fit_parameters(parse_arguments([*fit, "--mirrors", "sideways"]))
+    config = tmp_path / "line.toml"
+    config.write_text('detector = "padim"\nmirrors = ["h", "hv"]\n')
+    from_file = fit_parameters(parse_arguments([*fit, "--config", str(config)]))
+    assert from_file["feature_config"]["mirrors"] == ("h", "hv")
+    config.write_text("mirrors = [1]\n")
+    with pytest.raises(ValueError, match="mirrors.*a list of names"):
+        parse_arguments([*fit, "--config", str(config)])
+
+
+def test_the_python_api_takes_mirrors_as_a_list(tmp_path):
+    from patchwatch.api import _fit_arguments
+    from patchwatch.cli import build_parser, fit_parameters
+
+    args = _fit_arguments(build_parser(), "in", str(tmp_path / "root"), {"detector": "padim", "mirrors": ["v"]})
+    assert fit_parameters(args)["feature_config"]["mirrors"] == ("v",)
