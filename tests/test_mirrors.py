@@ -133,3 +133,24 @@ def test_the_python_api_takes_mirrors_as_a_list(tmp_path):
 
     args = _fit_arguments(build_parser(), "in", str(tmp_path / "root"), {"detector": "padim", "mirrors": ["v"]})
     assert fit_parameters(args)["feature_config"]["mirrors"] == ("v",)
+
+
+def test_a_large_images_tiles_are_learnt_mirrored_too(tmp_path):
+    from patchwatch.anomaly.tiling import Tile
+    from patchwatch.tasks.tiles import extract_tile_features_task
+
+    rng = np.random.default_rng(5)
+    image = np.concatenate([part(rng), stripes(rng)], axis=1)  # 128 x 256: two tiles of 128 x 128
+    Image.fromarray(image).save(tmp_path / "wide.png")
+    tiles = [Tile(0, 0, SIDE, SIDE), Tile(0, SIDE, SIDE, 2 * SIDE)]
+    settings = FeatureConfig(square_side=SIDE, mirrors=("v",))
+    root = str(tmp_path / "root")
+    result = extract_tile_features_task.fn(root, 0, "wide.png", str(tmp_path / "wide.png"), tiles, settings)
+    index = FeatureBank(root).index(TRAIN)
+    assert list(index.image_id) == ["wide.png#0,0", "wide.png#0,0#mirror-v", f"wide.png#0,{SIDE}",
+                                    f"wide.png#0,{SIDE}#mirror-v"]
+    assert result["tiles"] == 2 and result["rows"] == index.row_stop.max()
+    vectors = FeatureBank(root).read_batch(0, TRAIN)
+    expected = PatchFeatureExtractor(settings).extract([mirrored(image[:, :SIDE], "v")])[0].vectors
+    row = index.iloc[1]
+    assert np.allclose(vectors[row.row_start:row.row_stop], expected, atol=1e-5)
