@@ -12,6 +12,13 @@ two causes of a low image AUROC:
   pulled down by that alone);
 - peak on defect: the share of defective images whose map maximum lies within 8 px of the defect.
 
+A second table splits the defective images by how visible their defect is: the mean absolute
+change it makes inside its mask, in units of the clean shot's own local spread (the standard
+deviation of the clean pixels in a ring around the mask). A defect below 1 changes its pixels by
+less than the texture already varies around it. Per band and per defect kind: how many the
+configuration finds at a 5 % false-alarm rate (image score above the 95th percentile of the good
+test images' scores) and how many lift their image above its own clean shot.
+
 Each (set, configuration) is fitted on the set's train images and scores its test images as the
 quality benchmark does (``anomaly.engine``; the input size resolved per set as a fit resolves it).
 MTD has no clean shots and is not measured here.
@@ -32,6 +39,45 @@ import bench_generalisation as quality  # noqa: E402
 import eval_sets  # noqa: E402
 
 PEAK_MARGIN = 8  # px around the defect's mask that count as "on the defect"
+RING = (4, 20)   # px: the ring around a defect's mask whose clean pixels give its local spread
+VISIBILITY_BANDS = (0.0, 0.5, 1.0, 2.0, np.inf)  # edges, in local standard deviations
+FALSE_ALARMS = 0.05  # "found": scored above this share of the good test images at most
+
+
+def visibility(image: np.ndarray, clean: np.ndarray, mask: np.ndarray) -> float:
+    """Mean |image - clean| inside ``mask`` over the standard deviation of the clean shot in a ring
+    RING px around it: how far the defect stands out of the texture it sits on."""
+    from scipy.ndimage import binary_dilation
+
+    image, clean = np.squeeze(image).astype(np.float64), np.squeeze(clean).astype(np.float64)
+    if image.ndim == 3:  # colour: the grey level's change
+        image, clean = image.mean(2), clean.mean(2)
+    inner = binary_dilation(mask, iterations=RING[0])
+    ring = binary_dilation(mask, iterations=RING[1]) & ~inner
+    spread = float(clean[ring].std()) if ring.any() else 0.0
+    change = float(np.abs(image - clean)[mask].mean())
+    return change / spread if spread > 0 else np.inf
+
+
+def band_label(low: float, high: float) -> str:
+    return f">= {low:g}" if np.isinf(high) else f"{low:g} - {high:g}"
+
+
+def by_visibility(per_defect: list[dict]) -> list[dict]:
+    """Rows per (set, config, band) and per (set, config, kind): counts, found, above own clean shot."""
+    rows = []
+    for key in sorted({(d["set"], d["config"]) for d in per_defect}, key=lambda k: [d["set"] for d in per_defect].index(k[0])):
+        mine = [d for d in per_defect if (d["set"], d["config"]) == key]
+        groups = [(f"visibility {band_label(low, high)}", [d for d in mine if low <= d["visibility"] < high])
+                  for low, high in zip(VISIBILITY_BANDS[:-1], VISIBILITY_BANDS[1:])]
+        groups += [(f"kind {kind}", [d for d in mine if d["kind"] == kind]) for kind in sorted({d["kind"] for d in mine})]
+        for label, group in groups:
+            rows.append({"set": key[0], "config": key[1], "defects": label, "count": len(group),
+                         "median visibility": float(np.median([d["visibility"] for d in group])) if group else None,
+                         "found at 5 % false alarms": float(np.mean([d["found"] for d in group])) if group else None,
+                         "above own clean shot": float(np.mean([d["above clean"] for d in group])) if group else None,
+                         "peak on defect": float(np.mean([d["peak"] for d in group])) if group else None})
+    return rows
 
 
 def peak_on_defect(amap: np.ndarray, mask: np.ndarray) -> bool:
@@ -45,7 +91,7 @@ def measure(data, candidate, tiling) -> dict:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from patchwatch.anomaly.engine import extract_views, fit_detector, score_features
+    from patchwatch.anomaly.engine import extract_views, fit_detector, score_features, training_views
     from patchwatch.anomaly.features import PatchFeatureExtractor
 
     torch.set_num_threads(1)
@@ -53,7 +99,7 @@ def measure(data, candidate, tiling) -> dict:
     extractor = PatchFeatureExtractor(candidate.features)
     started = time.perf_counter()
     detector = fit_detector(candidate.detector, candidate.settings,
-                            [f for image in data.train for _, f in extract_views(extractor, image, tiling)])
+                            [f for image in data.train for _, f in training_views(extractor, image, tiling)])
 
     def scored(image: np.ndarray):
         return score_features(detector, extract_views(extractor, image, tiling), image.shape[:2], tiling)
@@ -70,7 +116,13 @@ def measure(data, candidate, tiling) -> dict:
     good = scores[~data.labels]
     rise = scores[defective] / clean - 1
     on_defect = [peak_on_defect(test[row].map, data.masks[row]) for row in defective]
-    return {"set": data.name, "config": candidate.name, "test good / defective": f"{len(good)} / {len(defective)}",
+    alarm = np.quantile(good, 1 - FALSE_ALARMS)
+    per_defect = [{"set": data.name, "config": candidate.name, "kind": render.defect_type,
+                   "visibility": visibility(render.image, render.clean, render.mask),
+                   "found": bool(scores[row] > alarm), "above clean": bool(scores[row] > clean[k]),
+                   "peak": bool(on_defect[k])}
+                  for k, (render, row) in enumerate(zip(renders, defective))]
+    return per_defect, {"set": data.name, "config": candidate.name, "test good / defective": f"{len(good)} / {len(defective)}",
             "image AUROC": roc_auc_score(data.labels, scores),
             "paired AUROC (defective vs own clean shot)": roc_auc_score(
                 np.r_[np.ones(len(defective)), np.zeros(len(clean))], np.r_[scores[defective], clean]),
@@ -95,13 +147,15 @@ def main() -> None:
     started, machine = time.perf_counter(), common.machine_info()
     tiling = TilingConfig()
     configs = quality.configurations()
-    rows = []
+    rows, defects = [], []
     for data in quality.load_sets(args.sets.split(","), Path(args.work), 1.0, None):
         for name in args.configs.split(","):
-            row = measure(data, quality.for_set(configs[name], data, tiling), tiling)
+            per_defect, row = measure(data, quality.for_set(configs[name], data, tiling), tiling)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
             rows.append(row)
+            defects.extend(per_defect)
     meta = {"command": common.command_line(), "date": common.utc_now(), "machine": machine, "measures_memory": False,
+            "defects": defects,  # every defective test image (JSON only)
             "wall_s": time.perf_counter() - started, "parameters": {"sets": args.sets, "configs": args.configs}}
     notes = ["image AUROC: the set's test split, as in generalisation.md (same fit, same scores)",
              "paired AUROC: each defective test image against its own clean shot (the same render without the "
@@ -110,7 +164,13 @@ def main() -> None:
              "alike; below it, the defective images' surfaces score lower even without their defects",
              f"peak on defect: the map's maximum within {PEAK_MARGIN} px of the defect's mask"]
     common.report(args.out, args.name, "Defect sensitivity on the built sets: the defects, or the nominal images?",
-                  meta, [{"title": "Per set and configuration", "rows": rows, "notes": notes}])
+                  meta, [{"title": "Per set and configuration", "rows": rows, "notes": notes},
+                         {"title": "Which defects it finds: by visibility and by kind", "rows": by_visibility(defects),
+                          "notes": [f"visibility: mean |defective - clean| inside the mask over the clean shot's standard "
+                                    f"deviation in a ring {RING[0]}-{RING[1]} px around the mask",
+                                    f"found: image score above the {1 - FALSE_ALARMS:.0%} quantile of the good test "
+                                    f"images' scores (a {FALSE_ALARMS:.0%} false-alarm rate)",
+                                    "above own clean shot: the image scores above the same render without its defect"]}])
 
 
 if __name__ == "__main__":
