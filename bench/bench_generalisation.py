@@ -43,6 +43,7 @@ sys.path.insert(0, str(common.REPO))
 ROW_SOURCES = ("settings", "features", "backbone", "engine", "patchcore", "padim", "spade", "coreset", "maps", "tiling")
 AUTO_SOURCES = ROW_SOURCES + ("selection",)
 CACHE_VERSION = 2
+MIRRORS_ALL = ("h", "v", "hv")  # anomaly.settings.MIRRORS
 # image AUROC within this of the best configuration of a set counts as matching it (the issue's bar)
 GAP = 0.02
 
@@ -65,6 +66,9 @@ def configurations() -> dict:
         Candidate.make("padim-plain", "padim", None, {"shrinkage": "none"}),
         Candidate.make("padim-local-oas", "padim", {"square_side": 256, "context_scales": ()},
                        {"channels": 100, "shrinkage": "oas"}),
+        # the default PaDiM also fitted on every train image's three mirror images, on every set
+        # (--auto adds them only where the probe finds the images mirror-invariant)
+        Candidate.make("padim-mirrored", "padim", {"mirrors": ("h", "v", "hv")}),
         # the default PaDiM at 512 px instead of 320: does input resolution find faint small defects?
         Candidate.make("padim-512", "padim", {"square_side": 512}),
         # the default PaDiM at a 320 x 320 square: the default until 2026-11-30 (now each set's own
@@ -144,14 +148,14 @@ def load_sets(names: list[str], work: Path, scale: float, mtd_limit: int | None)
 def run_config(data: DataSet, candidate, tiling) -> dict:
     import torch
 
-    from patchwatch.anomaly.engine import extract_views, fit_detector, score_features
+    from patchwatch.anomaly.engine import extract_views, fit_detector, score_features, training_views
     from patchwatch.anomaly.features import PatchFeatureExtractor
     from patchwatch.anomaly.metrics import evaluate_detection
 
     torch.set_num_threads(1)
     extractor = PatchFeatureExtractor(candidate.features)
     started = time.perf_counter()
-    features = [f for image in data.train for _, f in extract_views(extractor, image, tiling)]
+    features = [f for image in data.train for _, f in training_views(extractor, image, tiling)]
     detector = fit_detector(candidate.detector, candidate.settings, features)
     fit_s = time.perf_counter() - started
     bank_rows = sum(len(f.vectors) for f in features)
@@ -206,18 +210,34 @@ def run_auto(data: DataSet, candidates: list, tiling) -> dict:
 def with_choice(auto: dict, data: DataSet) -> dict:
     """The cached probe measurements with --auto's choice rule applied (anomaly.probe_choice): the
     rule is applied here, so changing it needs no new probe."""
-    from patchwatch.anomaly.probe_choice import choose_candidate
+    from patchwatch.anomaly.probe_choice import choose_candidate, mirror_choice
     from patchwatch.anomaly.selection import PROBE_IMAGES, ProbeResult
 
     def number(value):
         return float("nan") if value is None else float(value)
 
     results = [ProbeResult(r["candidate"], number(r["image_auroc"]), number(r["pixel_auroc"]), r["seconds"],
-                           {k.removeprefix("auroc_"): v for k, v in r.items() if k.startswith("auroc_")}, r.get("failed"))
+                           {k.removeprefix("auroc_"): v for k, v in r.items() if k.startswith("auroc_")}, r.get("failed"),
+                           {k.removeprefix("mirror_"): v for k, v in r.items() if k.startswith("mirror_")})
                for r in auto["probe"]]
     probes = auto.get("probe_images") or min(PROBE_IMAGES, max(2, len(data.train) // 4))
     chosen, reason = choose_candidate(results, probes)
-    return {**auto, "chosen": chosen.name, "reason": reason}
+    mirrors, mirror_reason = mirror_choice(chosen, probes)
+    return {**auto, "picked": chosen.name, "mirrors": list(mirrors), "chosen": mirrored_name(chosen.name, mirrors),
+            "reason": f"{reason}; {mirror_reason}"}
+
+
+def mirrored_name(name: str, mirrors) -> str:
+    """The configuration name of candidate ``name`` fitted with ``mirrors`` too."""
+    if not mirrors:
+        return name
+    return f"{name}-mirrored" if tuple(mirrors) == MIRRORS_ALL else f"{name}-mirrored-{'+'.join(mirrors)}"
+
+
+def with_mirrors(candidate, name: str, mirrors):
+    from dataclasses import replace
+
+    return replace(candidate, name=name, features=replace(candidate.features, mirrors=tuple(mirrors)))
 
 
 def cached(work: Path, key_parts: list, compute) -> dict:
@@ -346,14 +366,15 @@ def summarise(sets: list[DataSet], rows: dict, autos: dict, default_name: str) -
                 "worst gap": max(gaps), "sets within gap": set_verdicts.count("yes"),
                 "sets within gap or noise": set_verdicts.count("yes") + set_verdicts.count("no, within noise")}
 
-    worst = [over_sets(name, {d.name: name for d in sets}) for name in rows[sets[0].name]]
+    everywhere = [name for name in rows[sets[0].name] if all(name in rows[d.name] for d in sets)]
+    worst = [over_sets(name, {d.name: name for d in sets}) for name in everywhere]
     if autos and len(autos) == len(sets):
         worst.append(over_sets("--auto (default)", {d.name: autos[d.name]["chosen"] for d in sets}))
     sections.append({"title": "Each configuration over all sets (chosen by the worst set, not the mean)",
                      "rows": sorted(worst, key=lambda r: r["worst gap"]),
                      "notes": [f"within gap or noise: within {GAP} of the set's best, or the paired-bootstrap "
                                f"interval of the gap reaches {GAP}"]})
-    probes = [{"set": name, **row, "chosen": row["candidate"] == auto["chosen"]}
+    probes = [{"set": name, **row, "chosen": row["candidate"] == auto.get("picked", auto["chosen"])}
               for name, auto in autos.items() for row in auto["probe"]]
     if probes:
         sections.append({"title": "--auto's probe (synthetic defects on held-out train images; no labels)",
@@ -416,6 +437,11 @@ def main() -> None:
                                       lambda: run_auto(data, candidates, tiling))
             autos[data.name] = with_choice(autos[data.name], data)
             chosen = autos[data.name]["chosen"]
+            if chosen not in rows[data.name]:  # the pick with mirror images: measured as any configuration
+                picked = autos[data.name]["picked"]
+                candidate = for_set(with_mirrors(configs[picked], chosen, autos[data.name]["mirrors"]), data, tiling)
+                rows[data.name][chosen] = cached(work, [CACHE_VERSION, data.key, candidate.describe(), tiling.to_dict(),
+                                                        digest], lambda: run_config(data, candidate, tiling))
             print(f"  {data.name} / --auto picks {chosen} ({autos[data.name]['seconds']:.0f} s)", flush=True)
     meta = {"command": common.command_line(), "date": common.utc_now(), "machine": common.machine_info(),
             "wall_s": time.perf_counter() - started, "measures_memory": False,
