@@ -154,3 +154,13 @@ def test_a_large_images_tiles_are_learnt_mirrored_too(tmp_path):
     expected = PatchFeatureExtractor(settings).extract([mirrored(image[:, :SIDE], "v")])[0].vectors
     row = index.iloc[1]
     assert np.allclose(vectors[row.row_start:row.row_stop], expected, atol=1e-5)
+
+
+def test_a_mirror_is_kept_only_within_one_standard_error_of_chance():
+    """MTD's case: its probes mirrored left-right scored 0.624 against themselves at 28 probes, within
+    two standard errors of chance, and learning them lost image AUROC on MTD's test split."""
+    result = ProbeResult("padim", 0.74, 0.9, 1.0, {}, mirror_aurocs={"h": 0.624, "v": 0.55, "hv": 0.69})
+    mirrors, reason = mirror_choice(result, 28)
+    assert mirrors == ("v",) and "0.578" in reason and "h 0.624" in reason
+    assert mirror_choice(ProbeResult("padim", 0.74, 0.9, 1.0, {}, mirror_aurocs={"h": 0.4, "v": 0.45, "hv": 0.5}),
+                         32)[0] == MIRRORS
