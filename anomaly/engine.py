@@ -13,8 +13,8 @@ from .detectors import score_grid
 from .features import PatchFeatureExtractor, PatchFeatures
 from .maps import StitchedMap, anomaly_map
 from .padim import Padim
-from .settings import mirrored
 from .patchcore import PatchCore
+from .settings import mirrored
 from .spade import Spade
 from .tiling import Tile, TilingConfig, stitch_grids, tile_grid, tile_sigma
 
