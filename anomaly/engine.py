@@ -14,7 +14,7 @@ from .features import PatchFeatureExtractor, PatchFeatures
 from .maps import StitchedMap, anomaly_map
 from .padim import Padim
 from .patchcore import PatchCore
-from .settings import mirrored
+from .settings import mirror_views
 from .spade import Spade
 from .tiling import Tile, TilingConfig, stitch_grids, tile_grid, tile_sigma
 
@@ -37,10 +37,8 @@ def training_views(extractor: PatchFeatureExtractor, image: np.ndarray,
                    tiling: TilingConfig | None) -> list[tuple[Tile | None, PatchFeatures]]:
     """What a fit learns from one nominal image: its views (:func:`extract_views`) and those of the
     mirror images its feature settings add (FeatureConfig.mirrors)."""
-    views = extract_views(extractor, image, tiling)
-    for mirror in extractor.config.mirrors:
-        views += extract_views(extractor, mirrored(image, mirror), tiling)
-    return views
+    return [view for _, pixels in mirror_views(image, extractor.config.mirrors)
+            for view in extract_views(extractor, pixels, tiling)]
 
 
 def fit_detector(name: str, settings, features: list[PatchFeatures]):

@@ -55,6 +55,15 @@ def choose_candidate(results: list[ProbeResult], probes: int = PROBE_IMAGES) -> 
                        f"noise ({margin:.3f} at {probes} probes; best {best.name} {best.image_auroc:.3f}; {others})")
 
 
+def choose_with_mirrors(results: list[ProbeResult], probes: int = PROBE_IMAGES
+                        ) -> tuple[ProbeResult, tuple[str, ...], str]:
+    """--auto's whole rule: the candidate (:func:`choose_candidate`), the mirror images it adds
+    (:func:`mirror_choice`) and the reason for both."""
+    chosen, reason = choose_candidate(results, probes)
+    mirrors, mirror_reason = mirror_choice(chosen, probes)
+    return chosen, mirrors, f"{reason}; {mirror_reason}"
+
+
 def mirror_choice(result: ProbeResult, probes: int = PROBE_IMAGES) -> tuple[tuple[str, ...], str]:
     """The mirror images a fit of ``result``'s candidate adds to each nominal image, and why: each
     mirror whose defect-free mirrored probes its probe model could not tell from the probes as they

@@ -45,6 +45,10 @@ class Candidate:
         return {"name": self.name, "detector": self.detector, "feature_config": self.features.to_dict(),
                 "detector_config": self.settings.to_dict()}
 
+    def with_mirrors(self, mirrors: tuple[str, ...], name: str | None = None) -> "Candidate":
+        """This candidate fitted on every nominal image's ``mirrors`` too (FeatureConfig.mirrors)."""
+        return replace(self, name=name or self.name, features=replace(self.features, mirrors=tuple(mirrors)))
+
     def for_images(self, image_shapes: list[tuple[int, int]], tiling: TilingConfig | None = None) -> "Candidate":
         """This candidate as fitted on images of ``image_shapes``: with the input size its detector
         needs set from them (:func:`anomaly.settings.with_input_size`)."""

@@ -22,6 +22,12 @@ def mirrored(image: np.ndarray, mirror: str) -> np.ndarray:
     return np.ascontiguousarray(image[rows, columns])
 
 
+def mirror_views(image: np.ndarray, mirrors: tuple[str, ...]) -> list[tuple[str, np.ndarray]]:
+    """(mirror, pixels) of what a fit learns from one nominal image: ("", the image) first, then
+    each of ``mirrors`` (FeatureConfig.mirrors)."""
+    return [("", image)] + [(mirror, mirrored(image, mirror)) for mirror in mirrors]
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
     backbone: str = DEFAULT_BACKBONE

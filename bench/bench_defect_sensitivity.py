@@ -66,7 +66,7 @@ def band_label(low: float, high: float) -> str:
 def by_visibility(per_defect: list[dict]) -> list[dict]:
     """Rows per (set, config, band) and per (set, config, kind): counts, found, above own clean shot."""
     rows = []
-    for key in sorted({(d["set"], d["config"]) for d in per_defect}, key=lambda k: [d["set"] for d in per_defect].index(k[0])):
+    for key in dict.fromkeys((d["set"], d["config"]) for d in per_defect):  # first-seen order
         mine = [d for d in per_defect if (d["set"], d["config"]) == key]
         groups = [(f"visibility {band_label(low, high)}", [d for d in mine if low <= d["visibility"] < high])
                   for low, high in zip(VISIBILITY_BANDS[:-1], VISIBILITY_BANDS[1:])]

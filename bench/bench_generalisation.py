@@ -43,7 +43,6 @@ sys.path.insert(0, str(common.REPO))
 ROW_SOURCES = ("settings", "features", "backbone", "engine", "patchcore", "padim", "spade", "coreset", "maps", "tiling")
 AUTO_SOURCES = ROW_SOURCES + ("selection",)
 CACHE_VERSION = 2
-MIRRORS_ALL = ("h", "v", "hv")  # anomaly.settings.MIRRORS
 # image AUROC within this of the best configuration of a set counts as matching it (the issue's bar)
 GAP = 0.02
 
@@ -52,6 +51,7 @@ def configurations() -> dict:
     """name -> Candidate: ``--auto``'s candidates (always measured: auto is scored by them) and a
     few more variants that show what each setting does."""
     from patchwatch.anomaly.selection import Candidate, default_candidates
+    from patchwatch.anomaly.settings import MIRRORS
 
     configs = {c.name: c for c in default_candidates()}
     extra = [
@@ -68,7 +68,7 @@ def configurations() -> dict:
                        {"channels": 100, "shrinkage": "oas"}),
         # the default PaDiM also fitted on every train image's three mirror images, on every set
         # (--auto adds them only where the probe finds the images mirror-invariant)
-        Candidate.make("padim-mirrored", "padim", {"mirrors": ("h", "v", "hv")}),
+        Candidate.make("padim-mirrored", "padim", {"mirrors": MIRRORS}),
         # the default PaDiM at 512 px instead of 320: does input resolution find faint small defects?
         Candidate.make("padim-512", "padim", {"square_side": 512}),
         # the default PaDiM at a 320 x 320 square: the default until 2026-11-30 (now each set's own
@@ -210,7 +210,7 @@ def run_auto(data: DataSet, candidates: list, tiling) -> dict:
 def with_choice(auto: dict, data: DataSet) -> dict:
     """The cached probe measurements with --auto's choice rule applied (anomaly.probe_choice): the
     rule is applied here, so changing it needs no new probe."""
-    from patchwatch.anomaly.probe_choice import choose_candidate, mirror_choice
+    from patchwatch.anomaly.probe_choice import choose_with_mirrors
     from patchwatch.anomaly.selection import PROBE_IMAGES, ProbeResult
 
     def number(value):
@@ -221,23 +221,18 @@ def with_choice(auto: dict, data: DataSet) -> dict:
                            {k.removeprefix("mirror_"): v for k, v in r.items() if k.startswith("mirror_")})
                for r in auto["probe"]]
     probes = auto.get("probe_images") or min(PROBE_IMAGES, max(2, len(data.train) // 4))
-    chosen, reason = choose_candidate(results, probes)
-    mirrors, mirror_reason = mirror_choice(chosen, probes)
+    chosen, mirrors, reason = choose_with_mirrors(results, probes)
     return {**auto, "picked": chosen.name, "mirrors": list(mirrors), "chosen": mirrored_name(chosen.name, mirrors),
-            "reason": f"{reason}; {mirror_reason}"}
+            "reason": reason}
 
 
 def mirrored_name(name: str, mirrors) -> str:
     """The configuration name of candidate ``name`` fitted with ``mirrors`` too."""
+    from patchwatch.anomaly.settings import MIRRORS
+
     if not mirrors:
         return name
-    return f"{name}-mirrored" if tuple(mirrors) == MIRRORS_ALL else f"{name}-mirrored-{'+'.join(mirrors)}"
-
-
-def with_mirrors(candidate, name: str, mirrors):
-    from dataclasses import replace
-
-    return replace(candidate, name=name, features=replace(candidate.features, mirrors=tuple(mirrors)))
+    return f"{name}-mirrored" if tuple(mirrors) == MIRRORS else f"{name}-mirrored-{'+'.join(mirrors)}"
 
 
 def cached(work: Path, key_parts: list, compute) -> dict:
@@ -439,7 +434,7 @@ def main() -> None:
             chosen = autos[data.name]["chosen"]
             if chosen not in rows[data.name]:  # the pick with mirror images: measured as any configuration
                 picked = autos[data.name]["picked"]
-                candidate = for_set(with_mirrors(configs[picked], chosen, autos[data.name]["mirrors"]), data, tiling)
+                candidate = for_set(configs[picked].with_mirrors(autos[data.name]["mirrors"], chosen), data, tiling)
                 rows[data.name][chosen] = cached(work, [CACHE_VERSION, data.key, candidate.describe(), tiling.to_dict(),
                                                         digest], lambda: run_config(data, candidate, tiling))
             print(f"  {data.name} / --auto picks {chosen} ({autos[data.name]['seconds']:.0f} s)", flush=True)

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 from prefect.artifacts import create_markdown_artifact
 
-from patchwatch.anomaly.probe_choice import choose_candidate, mirror_choice
+from patchwatch.anomaly.probe_choice import choose_with_mirrors
 from patchwatch.anomaly.selection import PROBE_IMAGES, PROBE_TRAIN_IMAGES, default_candidates
 from patchwatch.anomaly.tiling import TilingConfig
 from patchwatch.storage.images import ImageRecord
@@ -34,11 +33,8 @@ def choose_configuration(records: list[ImageRecord], tiling: TilingConfig, logge
     outcomes = gather([probe_candidate_task.submit(c, uris, PROBE_SEED, tiling) for c in candidates],
                       "configuration probe")
     results = [o["result"] for o in outcomes]
-    chosen_result, reason = choose_candidate(results, outcomes[0]["probe_images"])
-    mirrors, mirror_reason = mirror_choice(chosen_result, outcomes[0]["probe_images"])
-    chosen = next(c for c in candidates if c.name == chosen_result.name)
-    chosen = replace(chosen, features=replace(chosen.features, mirrors=mirrors))
-    reason = f"{reason}; {mirror_reason}"
+    chosen_result, mirrors, reason = choose_with_mirrors(results, outcomes[0]["probe_images"])
+    chosen = next(c for c in candidates if c.name == chosen_result.name).with_mirrors(mirrors)
     rows = [r.row() for r in results]
     record = {"chosen": chosen.name, "reason": reason, "seconds": round(time.perf_counter() - started, 1),
               "sample_images": len(uris), "train_images": outcomes[0]["train_images"],

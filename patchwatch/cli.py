@@ -110,17 +110,17 @@ def auto_chosen(args) -> bool:
 def _configs(args) -> tuple[dict, dict]:
     from patchwatch.anomaly.settings import PatchCoreConfig, default_features, detector_config
 
-    def numbers(text, kind):
+    def listed(text, kind):  # an option's comma-separated values
         return None if text is None else tuple(kind(x) for x in text.split(",") if x.strip())
 
     if auto_chosen(args):
         return None, None
 
     detector_name = args.detector or "patchcore"
-    features = default_features(detector_name, backbone=args.backbone, layers=numbers(args.layers, int),
+    features = default_features(detector_name, backbone=args.backbone, layers=listed(args.layers, int),
                                 input_scale=args.input_scale, square_side=args.square_side,
-                                embed_dim=args.embed_dim, context_scales=numbers(args.context_scales, float),
-                                mirrors=numbers(getattr(args, "mirrors", None), str.strip))
+                                embed_dim=args.embed_dim, context_scales=listed(args.context_scales, float),
+                                mirrors=listed(args.mirrors, str.strip))
     detector = detector_config(detector_name)
     if detector_name == "patchcore" and args.coreset_ratio is not None:
         detector = PatchCoreConfig(**{**detector.to_dict(), "coreset_ratio": args.coreset_ratio})

@@ -7,13 +7,18 @@ import numpy as np
 from prefect import task
 
 from patchwatch.anomaly.features import FeatureConfig, PatchFeatures
-from patchwatch.anomaly.settings import mirrored
+from patchwatch.anomaly.settings import mirror_views
 from patchwatch.anomaly.tiling import TilingConfig
 from patchwatch.storage.images import ImageReadError, ImageRecord, read_image_unless_large, read_mask
 from patchwatch.storage.model_store import TRAIN, FeatureBank
 
 from .runtime import feature_extractor
 from .retries import retry_delay, transient
+
+
+def view_id(image_id: str, mirror: str) -> str:
+    """A bank row's id for one image (or tile) ``image_id`` as it is, or one of its mirror images."""
+    return f"{image_id}#mirror-{mirror}" if mirror else image_id
 
 
 def bank_index_row(image_id: str, uri: str, batch: int, start: int, patch: PatchFeatures) -> dict:
@@ -113,13 +118,12 @@ def extract_features_task(root: str, batch: int, records: list[ImageRecord], con
     # a training image's mirror images (FeatureConfig.mirrors) are rows of their own beside it,
     # under the same uri; held-out images calibrate the threshold as they are
     mirrors = config.mirrors if kind == TRAIN else ()
-    views = [(record.image_id + (f"#mirror-{mirror}" if mirror else ""), record.uri,
-              mirrored(image, mirror) if mirror else image)
-             for record, image in zip(usable, usable_images) for mirror in ("", *mirrors)]
-    features = extractor.extract([image for _, _, image in views]) if views else []
+    views = [(view_id(record.image_id, mirror), record.uri, pixels)
+             for record, image in zip(usable, usable_images) for mirror, pixels in mirror_views(image, mirrors)]
+    features = extractor.extract([pixels for _, _, pixels in views]) if views else []
     rows, index_rows, start = [], [], 0
-    for (view_id, uri, _), patch in zip(views, features):
-        index_rows.append(bank_index_row(view_id, uri, batch, start, patch))
+    for (row_id, uri, _), patch in zip(views, features):
+        index_rows.append(bank_index_row(row_id, uri, batch, start, patch))
         rows.append(patch.vectors)
         start += len(patch.vectors)
     vectors = np.concatenate(rows) if rows else np.zeros((0, config.embed_dim), np.float32)

@@ -11,13 +11,13 @@ from patchwatch.anomaly.detectors import score_grid
 from patchwatch.anomaly.features import FeatureConfig
 from patchwatch.anomaly.maps import StitchedMap, heatmap_overlay
 from patchwatch.anomaly.patchcore import PatchCore
-from patchwatch.anomaly.settings import mirrored
+from patchwatch.anomaly.settings import mirror_views
 from patchwatch.anomaly.tiling import Tile, blocks, stitch_grids, tile_sigma
 from patchwatch.storage.images import TIFF_SUFFIXES, ImageReadError, LargeImage, remove_staged, stage_image, staged_location
 from patchwatch.storage.model_store import FeatureBank
 from patchwatch.storage.results_store import MAP_CHUNK, ResultStore, map_key
 
-from .features import bank_index_row
+from .features import bank_index_row, view_id
 from .runtime import feature_extractor
 from .retries import retry_delay, transient
 from .scoring import CONTENT_CACHE, ModelRef, load_model
@@ -78,14 +78,13 @@ def extract_tile_features_task(root: str, batch: int, image_id: str, uri: str, t
     with LargeImage(uri, staged) as image:
         # one call: on a GPU the task's tiles share forward passes (one at a time on CPUs)
         # each tile's mirror images (FeatureConfig.mirrors) are rows of their own beside it
-        views = [(f"{image_id}#{tile.top},{tile.left}" + (f"#mirror-{mirror}" if mirror else ""),
-                  mirrored(pixels, mirror) if mirror else pixels)
+        views = [(view_id(f"{image_id}#{tile.top},{tile.left}", mirror), pixels)
                  for tile in tiles
-                 for pixels in [image.read(tile.top, tile.left, tile.bottom, tile.right)]
-                 for mirror in ("", *config.mirrors)]
+                 for mirror, pixels in mirror_views(image.read(tile.top, tile.left, tile.bottom, tile.right),
+                                                    config.mirrors)]
         tile_features = extractor.extract([pixels for _, pixels in views])
-        for (view_id, _), features in zip(views, tile_features):
-            index_rows.append(bank_index_row(view_id, uri, batch, start, features))
+        for (row_id, _), features in zip(views, tile_features):
+            index_rows.append(bank_index_row(row_id, uri, batch, start, features))
             rows.append(features.vectors)
             start += len(features.vectors)
     result = {"batch": batch, "images": 0, "tiles": len(tiles), "rows": start, "errors": [], "large": []}
