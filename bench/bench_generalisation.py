@@ -74,6 +74,9 @@ def configurations() -> dict:
         # the default PaDiM at a 320 x 320 square: the default until 2026-11-30 (now each set's own
         # size and aspect, resolved per set by for_set)
         Candidate.make("padim-320", "padim", {"square_side": 320}),
+        # the default PaDiM on the larger offline backbones: do their features find fainter defects?
+        Candidate.make("padim-lite1", "padim", {"backbone": "tf_efficientnet_lite1"}),
+        Candidate.make("padim-lite2", "padim", {"backbone": "tf_efficientnet_lite2"}),
     ]
     configs.update({c.name: c for c in extra})
     return configs
@@ -105,6 +108,13 @@ def file_digest(path: Path) -> str:
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
 
 
+def content_digests(records) -> list[list[str]]:
+    """Each image's (and mask's) location and file digest: a cached row is keyed by the pixels it
+    was measured on, so a set rebuilt from a changed recipe under the same file names is measured
+    anew (keyed by names alone, such a set's rows came back from the cache)."""
+    return [[r.uri, file_digest(r.uri), file_digest(r.mask_uri) if r.mask_uri else ""] for r in records]
+
+
 # ---- data ------------------------------------------------------------------------------------------
 class DataSet:
     def __init__(self, name: str, split_csv: Path, train_limit: int | None = None, test_limit: int | None = None):
@@ -125,7 +135,7 @@ class DataSet:
         shapes = sorted({image.shape[:2] for image in self.train + self.test})
         self.size = (f"{shapes[0][0]}x{shapes[0][1]}" if len(shapes) == 1
                      else f"{shapes[0][0]}x{shapes[0][1]}..{shapes[-1][0]}x{shapes[-1][1]}")
-        self.key = hashlib.sha1(json.dumps([file_digest(split_csv), [r.uri for r in train], [r.uri for r in test]])
+        self.key = hashlib.sha1(json.dumps([file_digest(split_csv), content_digests(train), content_digests(test)])
                                 .encode()).hexdigest()[:12]
 
 
