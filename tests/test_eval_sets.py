@@ -198,3 +198,20 @@ def test_the_benchmark_says_when_a_test_set_cannot_tell_two_configurations_apart
         assert gap > 0.03
         ci = bench.gap_interval(labels, {"scores": strong}, {"scores": weak}, bench.bootstrap_rows(labels, 500))
         assert bench.verdict(gap, ci) == expected, (gap, ci)
+
+
+def test_a_set_rebuilt_from_a_changed_recipe_is_not_served_the_old_sets_cached_rows(tiny, tmp_path, monkeypatch):
+    """The quality benchmark caches each row under the set's key: a rebuild that changes the pixels
+    under the same file names (a recipe's defects redrawn) must change the key, an unchanged
+    rebuild must not (its rows stay valid)."""
+    import bench_generalisation as bench
+
+    csv = eval_sets.build("tiny", tmp_path)
+    before = bench.DataSet("tiny", csv).key
+    assert bench.DataSet("tiny", eval_sets.build("tiny", tmp_path)).key == before  # reused as it is
+
+    louder = dataclasses.replace(TINY, defects=tuple(dataclasses.replace(d, contrast=(0.9, 1.0)) for d in TINY.defects))
+    monkeypatch.setitem(eval_sets.SETS, "tiny", louder)
+    rebuilt = eval_sets.build("tiny", tmp_path)
+    assert rebuilt == csv and rebuilt.read_bytes() == csv.read_bytes()  # same names, same labels
+    assert bench.DataSet("tiny", rebuilt).key != before
