@@ -202,8 +202,8 @@ def test_the_benchmark_says_when_a_test_set_cannot_tell_two_configurations_apart
 
 def test_a_set_rebuilt_from_a_changed_recipe_is_not_served_the_old_sets_cached_rows(tiny, tmp_path, monkeypatch):
     """The quality benchmark caches each row under the set's key: a rebuild that changes the pixels
-    under the same file names (a recipe's defects redrawn) must change the key, an unchanged
-    rebuild must not (its rows stay valid)."""
+    under the same file names (a recipe's defects redrawn) must change the key, an unchanged set
+    must keep it (its rows stay valid)."""
     import bench_generalisation as bench
 
     csv = eval_sets.build("tiny", tmp_path)
