@@ -10,7 +10,11 @@ two causes of a low image AUROC:
   the set gave its defective and its good test images. Near 0.5 unless those pools differ: below
   it, the defective images' surfaces are less unusual than the good ones (the set's image AUROC is
   pulled down by that alone);
-- peak on defect: the share of defective images whose map maximum lies within 8 px of the defect.
+- peak on defect: the share of defective images whose map maximum lies within 8 px of the defect;
+- good maxima on the border: the share of good test images whose map maximum lies in a band along
+  the image's border (as the quality benchmark's border/inner: 1/16 of the shorter side), against
+  the band's share of the image: well above it, the border (the CNN's padding, a border patch
+  with few like it in the memory) sets every image's score, and a small defect inside must beat it.
 
 A second table splits the defective images by how visible their defect is: the mean absolute
 change it makes inside its mask, in units of the clean shot's own local spread (the standard
@@ -87,6 +91,18 @@ def peak_on_defect(amap: np.ndarray, mask: np.ndarray) -> bool:
     return bool(near.flat[int(np.argmax(amap))])
 
 
+def on_border(amap: np.ndarray) -> bool:
+    """Whether the map's maximum lies in the border band the quality benchmark's border/inner uses."""
+    band = max(4, min(amap.shape) // 16)
+    y, x = np.unravel_index(int(np.argmax(amap)), amap.shape)
+    return bool(min(y, x) < band or y >= amap.shape[0] - band or x >= amap.shape[1] - band)
+
+
+def border_share(shape: tuple[int, int]) -> float:
+    band = max(4, min(shape) // 16)
+    return 1 - (shape[0] - 2 * band) * (shape[1] - 2 * band) / (shape[0] * shape[1])
+
+
 def measure(data, candidate, tiling) -> dict:
     import torch
     from sklearn.metrics import roc_auc_score
@@ -131,6 +147,8 @@ def measure(data, candidate, tiling) -> dict:
             "clean shots vs good test images AUROC": roc_auc_score(
                 np.r_[np.ones(len(clean)), np.zeros(len(good))], np.r_[clean, good]),
             "peak on defect": float(np.mean(on_defect)),
+            "good maxima on the border": float(np.mean([on_border(test[row].map) for row in np.flatnonzero(~data.labels)])),
+            "border band's share": float(np.mean([border_share(test[row].map.shape) for row in np.flatnonzero(~data.labels)])),
             "s": time.perf_counter() - started}
 
 
@@ -162,7 +180,10 @@ def main() -> None:
              "defect); median score rise: defective / clean - 1",
              "clean shots vs good test images: 0.5 when the pools of the set's defective and good test images are "
              "alike; below it, the defective images' surfaces score lower even without their defects",
-             f"peak on defect: the map's maximum within {PEAK_MARGIN} px of the defect's mask"]
+             f"peak on defect: the map's maximum within {PEAK_MARGIN} px of the defect's mask",
+             "good maxima on the border: good test images whose map maximum lies in a band along the image's "
+             "border (1/16 of the shorter side, as border/inner in generalisation.md); border band's share: "
+             "that band's share of the image's pixels (what the maxima would give if they fell anywhere)"]
     common.report(args.out, args.name, "Defect sensitivity on the built sets: the defects, or the nominal images?",
                   meta, [{"title": "Per set and configuration", "rows": rows, "notes": notes},
                          {"title": "Which defects it finds: by visibility and by kind", "rows": by_visibility(defects),
