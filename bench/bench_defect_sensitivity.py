@@ -93,13 +93,13 @@ def peak_on_defect(amap: np.ndarray, mask: np.ndarray) -> bool:
 
 def on_border(amap: np.ndarray) -> bool:
     """Whether the map's maximum lies in the border band the quality benchmark's border/inner uses."""
-    band = max(4, min(amap.shape) // 16)
+    band = quality.border_band(amap.shape)
     y, x = np.unravel_index(int(np.argmax(amap)), amap.shape)
     return bool(min(y, x) < band or y >= amap.shape[0] - band or x >= amap.shape[1] - band)
 
 
 def border_share(shape: tuple[int, int]) -> float:
-    band = max(4, min(shape) // 16)
+    band = quality.border_band(shape)
     return 1 - (shape[0] - 2 * band) * (shape[1] - 2 * band) / (shape[0] * shape[1])
 
 
