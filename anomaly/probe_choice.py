@@ -53,11 +53,12 @@ def choose_candidate(results: list[ProbeResult], probes: int = PROBE_IMAGES) -> 
     reason = (f"kept {preferred.name}, the most robust configuration across the quality benchmark: no "
               f"candidate beat its probe image AUROC ({preferred.image_auroc:.3f}) by more than the probe's "
               f"noise ({margin:.3f} at {probes} probes; best {best.name} {best.image_auroc:.3f}; {others})")
-    if best.image_auroc <= chance_auroc(probes):
+    chance = chance_auroc(probes)
+    if best.image_auroc <= chance:
         # on a busy texture the pasted defects can hide in the images' own variation (the benchmark's
         # wide-strip: 0.50-0.56 for every candidate, while its real defects were found at 0.84)
         reason += (f"; every candidate told the probes from their synthetic-defect twins no better than chance "
-                   f"(up to {chance_auroc(probes):.3f}): the probe could not rank them on these images, so the "
+                   f"(up to {chance:.3f}): the probe could not rank them on these images, so the "
                    f"choice rests on the benchmark alone; measure it on images with real defects "
                    f"(patchwatch evaluate)")
     return preferred, reason

@@ -13,8 +13,8 @@ two causes of a low image AUROC:
 - peak on defect: the share of defective images whose map maximum lies within 8 px of the defect;
 - good maxima on the border: the share of good test images whose map maximum lies in a band along
   the image's border (as the quality benchmark's border/inner: 1/16 of the shorter side), against
-  the band's share of the image: well above it, the border (the CNN's padding, a border patch
-  with few like it in the memory) sets every image's score, and a small defect inside must beat it.
+  the band's share of the image: well above it, the border sets the good images' scores, and a
+  small defect inside must beat it.
 
 A second table splits the defective images by how visible their defect is: the mean absolute
 change it makes inside its mask, in units of the clean shot's own local spread (the standard
@@ -129,7 +129,8 @@ def measure(data, candidate, tiling) -> dict:
         if not np.array_equal(render.image, np.squeeze(data.test[row])):
             raise RuntimeError(f"{data.name}: test image {row} is not the render of test_defect {row}: rebuild the set")
     clean = np.array([scored(render.clean).score for render in renders])
-    good = scores[~data.labels]
+    good_rows = np.flatnonzero(~data.labels)
+    good = scores[good_rows]
     rise = scores[defective] / clean - 1
     on_defect = [peak_on_defect(test[row].map, data.masks[row]) for row in defective]
     alarm = np.quantile(good, 1 - FALSE_ALARMS)
@@ -147,8 +148,8 @@ def measure(data, candidate, tiling) -> dict:
             "clean shots vs good test images AUROC": roc_auc_score(
                 np.r_[np.ones(len(clean)), np.zeros(len(good))], np.r_[clean, good]),
             "peak on defect": float(np.mean(on_defect)),
-            "good maxima on the border": float(np.mean([on_border(test[row].map) for row in np.flatnonzero(~data.labels)])),
-            "border band's share": float(np.mean([border_share(test[row].map.shape) for row in np.flatnonzero(~data.labels)])),
+            "good maxima on the border": float(np.mean([on_border(test[row].map) for row in good_rows])),
+            "border band's share": float(np.mean([border_share(test[row].map.shape) for row in good_rows])),
             "s": time.perf_counter() - started}
 
 

@@ -264,6 +264,13 @@ def cached(work: Path, key_parts: list, compute) -> dict:
     return {**value, "cached": False}
 
 
+def measured_row(work: Path, data: DataSet, candidate, tiling, digest: str) -> dict:
+    """:func:`run_config`'s row of ``candidate`` on ``data``, from the cache when measured before: keyed
+    by the set's files, the configuration's full settings, the tiling and the engine's source."""
+    return cached(work, [CACHE_VERSION, data.key, candidate.describe(), tiling.to_dict(), digest],
+                  lambda: run_config(data, candidate, tiling))
+
+
 # ---- how sure: bootstrap over the test images ----------------------------------------------------------
 BOOTSTRAP_DRAWS = 2000
 
@@ -385,7 +392,7 @@ def summarise(sets: list[DataSet], rows: dict, autos: dict, default_name: str) -
                      "rows": sorted(worst, key=lambda r: r["worst gap"]),
                      "notes": [f"within gap or noise: within {GAP} of the set's best, or the paired-bootstrap "
                                f"interval of the gap reaches {GAP}"]})
-    probes = [{"set": name, **row, "chosen": row["candidate"] == auto.get("picked", auto["chosen"])}
+    probes = [{"set": name, **row, "chosen": row["candidate"] == auto["picked"]}
               for name, auto in autos.items() for row in auto["probe"]]
     if probes:
         sections.append({"title": "--auto's probe (synthetic defects on held-out train images; no labels)",
@@ -434,8 +441,7 @@ def main() -> None:
             candidate = for_set(configs[name], data, tiling)
             if candidate.features.fixed_shape:
                 native_shapes.setdefault(name, {})[data.name] = "x".join(map(str, candidate.features.fixed_shape))
-            row = cached(work, [CACHE_VERSION, data.key, candidate.describe(), tiling.to_dict(), digest],
-                         lambda: run_config(data, candidate, tiling))
+            row = measured_row(work, data, candidate, tiling, digest)
             rows[data.name][name] = row
             print(f"  {data.name} / {name}: image {row['image_auroc']:.3f} pixel {row['pixel_auroc']:.3f} "
                   f"AUPRO {row['aupro']:.3f} fit {row['fit_s']:.0f} s{' (cached)' if row['cached'] else ''}",
@@ -451,8 +457,7 @@ def main() -> None:
             if chosen not in rows[data.name]:  # the pick with mirror images: measured as any configuration
                 picked = autos[data.name]["picked"]
                 candidate = for_set(configs[picked].with_mirrors(autos[data.name]["mirrors"], chosen), data, tiling)
-                rows[data.name][chosen] = cached(work, [CACHE_VERSION, data.key, candidate.describe(), tiling.to_dict(),
-                                                        digest], lambda: run_config(data, candidate, tiling))
+                rows[data.name][chosen] = measured_row(work, data, candidate, tiling, digest)
             print(f"  {data.name} / --auto picks {chosen} ({autos[data.name]['seconds']:.0f} s)", flush=True)
     meta = {"command": common.command_line(), "date": common.utc_now(), "machine": common.machine_info(),
             "wall_s": time.perf_counter() - started, "measures_memory": False,

@@ -21,8 +21,14 @@ import tomllib
 SETTING_KEYS = ("detector", "backbone", "layers", "input_scale", "square_side", "embed_dim", "context_scales",
                 "mirrors", "coreset_ratio", "auto", "holdout_fraction", "threshold_quantile", "batch_size", "runtime",
                 "device", "workers", "dask_address", "allow_sources")
-# options written comma-separated on the command line: a TOML list of numbers is accepted too
-LIST_KEYS = ("layers", "context_scales")
+# options written comma-separated on the command line: a TOML list of their items is accepted too
+LIST_KEYS = {"layers": "numbers", "context_scales": "numbers", "mirrors": "names (h, v, hv)"}
+
+
+def _is_list_item(items: str, value) -> bool:
+    if items == "numbers":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str)
 
 
 class ConfigFileError(ValueError):
@@ -73,13 +79,9 @@ def _checked(path: str, key: str, value, action: argparse.Action):
     if isinstance(value, bool):  # TOML's true is no number and no name
         raise refuse(_expected(action))
     if action.dest in LIST_KEYS and isinstance(value, list):
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise refuse("a list of numbers")
+        if not all(_is_list_item(LIST_KEYS[action.dest], v) for v in value):
+            raise refuse(f"a list of {LIST_KEYS[action.dest]}")
         value = ",".join(str(v) for v in value)  # the command's own comma-separated form
-    if action.dest == "mirrors" and isinstance(value, list):
-        if not all(isinstance(v, str) for v in value):
-            raise refuse("a list of names (h, v, hv)")
-        value = ",".join(value)
     if action.type is int:
         if not isinstance(value, int):
             raise refuse("a whole number")
@@ -98,7 +100,7 @@ def _expected(action: argparse.Action) -> str:
     if action.choices is not None:
         return f"one of {', '.join(map(str, action.choices))}"
     if action.dest in LIST_KEYS:
-        return "a comma-separated string or a list of numbers"
+        return f"a comma-separated string or a list of {LIST_KEYS[action.dest]}"
     return {int: "a whole number", float: "a number"}.get(action.type, "a string")
 
 
