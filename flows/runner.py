@@ -23,6 +23,8 @@ CLUSTER_CLOSE_TIMEOUT_S = 30
 # Prefect's own default (20 s) is too short for a first start (database migrations) on a loaded
 # machine; PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS may only lengthen it
 SERVER_STARTUP_TIMEOUT_S = 180
+UVICORN_STARTUP_FAILED = 3  # uvicorn's exit code when the app's startup (lifespan) fails
+SERVER_STARTS = 5  # tries when it does
 # Dask's default pre-spawn MALLOC_TRIM_THRESHOLD_=65536 also switches glibc's dynamic mmap threshold
 # off: every block above 128 KiB (each backbone activation) is then a fresh mmap, page-faulted in and
 # unmapped again on free, and the backbone ran ~3x slower. A fixed 32 MiB mmap threshold keeps those
@@ -223,29 +225,69 @@ def _sanitise_worker_logs(address: str) -> None:
 # --------------------------------------------------------------------------- Prefect API
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _server_class():
-    from prefect.server.api.server import SubprocessASGIServer
+    import atexit
+    import subprocess
+    import time
+
+    import httpx
+    from prefect.server.api.server import SubprocessASGIServer, subprocess_server_logger
 
     class RunServer(SubprocessASGIServer):
-        """Prefect's ephemeral server (the same uvicorn app), bound to this process's lifetime:
-        the kernel stops it when this process ends in any way (PR_SET_PDEATHSIG), even when it is
+        """Prefect's ephemeral server (the same uvicorn app), on a socket this process binds and
+        hands over, so no other process can take its port between choice and use (CI saw a run
+        poll a port someone else then held, and die). Bound to this process's lifetime: the
+        kernel stops it when this process ends in any way (PR_SET_PDEATHSIG), even when it is
         killed and Prefect's atexit hook never runs."""
 
-        def _run_uvicorn_command(self):
-            import subprocess
+        def __new__(cls, *args, **kwargs):
+            return object.__new__(cls)  # one server per run, not Prefect's one per port
 
+        def start(self, timeout: int | None = None) -> None:
+            timeout = timeout or SERVER_STARTUP_TIMEOUT_S
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+                listener.bind(("127.0.0.1", 0))
+                listener.listen(128)
+                self.port = listener.getsockname()[1]
+                subprocess_server_logger.info(f"Starting temporary server on {self.address}")
+                self.running = True
+                atexit.register(self.stop)
+                try:
+                    self._wait_until_it_answers(listener, timeout)
+                except BaseException:
+                    self.stop()
+                    raise
+            # the server holds its own copy of the socket
+
+        def _wait_until_it_answers(self, listener: socket.socket, timeout: float) -> None:
+            deadline = time.monotonic() + timeout
+            self.server_process = self._run_uvicorn_command(listener.fileno())
+            starts = 1
+            with httpx.Client(timeout=5) as client:
+                while time.monotonic() < deadline:
+                    if self.server_process.poll() == UVICORN_STARTUP_FAILED and starts < SERVER_STARTS:
+                        # as Prefect's own start does: two runs at once on a new database both
+                        # migrate it, and the loser's start fails; the next try finds it migrated
+                        self.server_process = self._run_uvicorn_command(listener.fileno())
+                        starts += 1
+                    elif self.server_process.poll() is not None:
+                        raise RuntimeError(f"Prefect's temporary server exited with code "
+                                           f"{self.server_process.returncode} before it answered")
+                    try:
+                        if client.get(f"{self.api_url}/health").status_code == 200:
+                            return
+                    except httpx.TransportError:  # still starting: connected, not yet answered
+                        pass
+                    time.sleep(0.1)
+            raise RuntimeError(f"Prefect's temporary server did not answer within {timeout:.0f} s")
+
+        def _run_uvicorn_command(self, listening_fd: int):
             import prefect
             from prefect.settings import get_current_settings
 
             command = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
-                       "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-                       "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+                       "--factory", "prefect.server.api.server:create_app", "--fd", str(listening_fd),
+                       "--log-level", "error", "--lifespan", "on"]
             launcher = ("import ctypes, os, signal, sys\n"
                         "ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
                         f"if os.getppid() != {os.getpid()}: sys.exit(0)  # parent already gone\n"
@@ -254,7 +296,7 @@ def _server_class():
                 command = [sys.executable, "-c", launcher, *command]
             env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                    "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)}
-            return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+            return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, pass_fds=[listening_fd])
 
     return RunServer
 
@@ -275,7 +317,7 @@ def prefect_api():
             send_queued_logs_and_events()
         return
     global _temporary_api_url
-    server = _server_class()(port=free_port())
+    server = _server_class()()
     timeout = max(SERVER_STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
     try:
         server.start(timeout=timeout)

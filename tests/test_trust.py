@@ -666,3 +666,35 @@ def test_11_two_runs_at_once_get_two_servers(tmp_path):
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert all(r["health"] == "true" for r in results), results
     assert results[0]["url"] != results[1]["url"]
+
+
+def test_11_a_port_another_process_takes_after_it_was_chosen_does_not_fail_the_run(tmp_path):
+    """CI saw a run die at start with 'Server disconnected without sending a response': its
+    temporary server's port answered, but not as a Prefect server. Here another process holds
+    the port the run's port chooser hands out, and hangs up on every connection."""
+    hostile = socket.socket()
+    hostile.bind(("127.0.0.1", 0))
+    hostile.listen(16)
+    port = hostile.getsockname()[1]
+
+    def hang_up():
+        while True:
+            try:
+                connection, _ = hostile.accept()
+            except OSError:  # closed by the test
+                return
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    script = ("import patchwatch.flows.runner as runner\n"
+              f"runner.free_port = lambda: {port}\n" + SERVER_SCRIPT)
+    env = cli_env(tmp_path, None)
+    env.pop("PREFECT_API_URL", None)
+    try:
+        run = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True,
+                             text=True, timeout=240)
+    finally:
+        hostile.close()
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["health"] == "true" and f":{port}/" not in result["url"], result
