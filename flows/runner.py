@@ -243,6 +243,11 @@ def _server_class():
         def __new__(cls, *args, **kwargs):
             return object.__new__(cls)  # one server per run, not Prefect's one per port
 
+        def __init__(self):
+            super().__init__(port=None)
+            # not a key of Prefect's registry of servers: stop() must not unregister Prefect's own
+            self._instance_key = ("patchwatch run", id(self))
+
         def start(self, timeout: int | None = None) -> None:
             timeout = timeout or SERVER_STARTUP_TIMEOUT_S
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
