@@ -77,6 +77,12 @@ def configurations() -> dict:
         # the default PaDiM on the larger offline backbones: do their features find fainter defects?
         Candidate.make("padim-lite1", "padim", {"backbone": "tf_efficientnet_lite1"}),
         Candidate.make("padim-lite2", "padim", {"backbone": "tf_efficientnet_lite2"}),
+        # the default PaDiM with each position's covariance pooled over its 5 x 5 neighbours, or
+        # over every position: more samples per covariance where the surface looks alike
+        Candidate.make("padim-pooled-5", "padim", None, {"covariance_window": 5}),
+        Candidate.make("padim-pooled-all", "padim", None, {"covariance_window": 0}),
+        Candidate.make("padim-eps-0.1", "padim", None, {"epsilon": 0.1}),
+        Candidate.make("padim-eps-1", "padim", None, {"epsilon": 1.0}),
     ]
     configs.update({c.name: c for c in extra})
     return configs
