@@ -10,19 +10,17 @@ from __future__ import annotations
 from dataclasses import fields
 
 import numpy as np
-from scipy.ndimage import uniform_filter1d
 
 from .features import PatchFeatures
 from .maps import anomaly_map
 from .settings import FIXED_GRID_HINT, PadimConfig  # noqa: F401  (PadimConfig re-exported)
 
-def oas_shrunk(cov: np.ndarray, samples: int | np.ndarray) -> np.ndarray:
-    """(P, C, C) unbiased covariances from ``samples`` vectors each (one number, or one per
-    position), each shrunk by OAS: the amount sklearn.covariance.OAS gives (it works on the biased
-    estimate, so that is what is shrunk; the result is rescaled back to unbiased)."""
+def oas_shrunk(cov: np.ndarray, samples: int) -> np.ndarray:
+    """(P, C, C) unbiased covariances from ``samples`` images, each shrunk by OAS: the amount
+    sklearn.covariance.OAS gives (it works on the biased estimate, so that is what is shrunk; the
+    result is rescaled back to unbiased)."""
     channels = cov.shape[-1]
-    samples = np.broadcast_to(np.asarray(samples, dtype=np.float64), cov.shape[:1])
-    biased = cov * ((samples - 1) / samples)[:, None, None]
+    biased = cov * ((samples - 1) / samples)
     mu = np.trace(biased, axis1=1, axis2=2) / channels                        # (P,)
     alpha = np.einsum("pij,pij->p", biased, biased) / channels ** 2          # mean of squared entries
     numerator = alpha + mu ** 2
@@ -31,24 +29,7 @@ def oas_shrunk(cov: np.ndarray, samples: int | np.ndarray) -> np.ndarray:
     shrinkage = np.minimum(np.divide(numerator, denominator, out=np.ones_like(numerator), where=denominator > 0), 1.0)
     shrunk = (1 - shrinkage)[:, None, None] * biased
     shrunk[:, np.arange(channels), np.arange(channels)] += (shrinkage * mu)[:, None]
-    return shrunk * (samples / (samples - 1))[:, None, None]
-
-
-def pooled_over_neighbours(cov: np.ndarray, grid: tuple[int, int], window: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each position's (C, C) covariance replaced by the mean of those of the ``window`` x
-    ``window`` positions around it (0: of every position), and how many positions each mean
-    took: with equal image counts per position, the mean is the pooled within-position
-    covariance (each position about its own mean)."""
-    height, width = grid
-    if window == 0:
-        return np.broadcast_to(cov.mean(axis=0), cov.shape).copy(), np.full(len(cov), len(cov))
-    per_cell = cov.reshape(height, width, *cov.shape[1:])
-    counts = np.ones((height, width))
-    for axis in (0, 1):  # separable box sums, zeros past the edges
-        per_cell = uniform_filter1d(per_cell, window, axis=axis, mode="constant") * window
-        counts = uniform_filter1d(counts, window, axis=axis, mode="constant") * window
-    counts = np.rint(counts).reshape(-1)
-    return per_cell.reshape(cov.shape) / counts[:, None, None], counts
+    return shrunk * (samples / (samples - 1))
 
 
 def channel_subset(dim: int, channels: int, seed: int) -> np.ndarray:
@@ -112,12 +93,8 @@ class PadimFitter:
 
     def finish(self) -> "Padim":
         mean, cov = self.mean_and_covariance()
-        samples = np.full(len(cov), self.count)
-        if self.config.covariance_window != 1:
-            cov, positions = pooled_over_neighbours(cov, self.grid, self.config.covariance_window)
-            samples = samples * positions
         if self.config.shrinkage == "oas":
-            cov = oas_shrunk(cov, samples)
+            cov = oas_shrunk(cov, self.count)
         cov += self.config.epsilon * np.eye(cov.shape[-1])[None]
         inv_cov = np.linalg.inv(cov)
         return Padim(mean, inv_cov, self.channel_index, self.grid, self.config, dim=self.dim)

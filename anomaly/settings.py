@@ -169,17 +169,10 @@ class PadimConfig:
     # large when there are few images per channel (a covariance of 256 channels from 100 images)
     # and vanishes with many; "none": the sample covariance (+ epsilon) as in the paper
     shrinkage: str = "none"
-    # the covariance of a position from how many positions' features: 1, its own (the paper); an
-    # odd k, the k x k positions around it (fewer at the edges); 0, every position. Each position
-    # keeps its own mean. A C x C covariance from a few dozen images is mostly noise; where the
-    # surface looks alike across positions (a texture) its neighbours' images are more samples
-    covariance_window: int = 1
 
     def __post_init__(self):
         if self.shrinkage not in SHRINKAGES:
             raise ValueError(f"unknown PaDiM shrinkage {self.shrinkage!r}; choose one of {', '.join(SHRINKAGES)}")
-        if self.covariance_window < 0 or (self.covariance_window and self.covariance_window % 2 == 0):
-            raise ValueError(f"PaDiM covariance_window must be 0 (every position) or odd, got {self.covariance_window}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -49,8 +49,7 @@ DETECTOR_FIELDS = {
                   "num_neighbors": ("int", 1, 1000), "sigma": SIGMA, "seed": ("int", None, None),
                   "map_dims": ("int", 0, 8192)},
     "padim": {"channels": ("int", 0, 8192), "seed": ("int", None, None), "sigma": SIGMA,
-              "epsilon": ("number", 0, 1e6), "shrinkage": ("str", None, None),
-              "covariance_window": ("int", 0, 8191)},
+              "epsilon": ("number", 0, 1e6), "shrinkage": ("str", None, None)},
     "spade": {"k_images": ("int", 1, 10000), "kappa": ("int", 1, 10000), "sigma": SIGMA,
               "image_score": ("str", None, None)},
 }

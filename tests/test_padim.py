@@ -156,9 +156,6 @@ def test_config_dict_round_trip():
     assert PadimConfig.from_dict(old_manifest).shrinkage == "none"
     with pytest.raises(ValueError, match="unknown PaDiM shrinkage 'ledoit'"):
         PadimConfig(shrinkage="ledoit")
-    assert PadimConfig.from_dict(old_manifest).covariance_window == 1  # its own position's, as before
-    with pytest.raises(ValueError, match="covariance_window must be 0 .every position. or odd, got 4"):
-        PadimConfig(covariance_window=4)
 
 
 @pytest.mark.parametrize("images, channels", [(30, 40), (300, 16)])
@@ -179,49 +176,6 @@ def test_oas_shrinks_each_position_as_sklearn_does(images, channels):
         unbiased = reference.covariance_ * images / (images - 1)
         np.testing.assert_allclose(np.linalg.inv(model.inv_cov[position]), unbiased, rtol=1e-6, atol=1e-8)
     assert (reference.shrinkage_ > 0.3) if images < channels else (reference.shrinkage_ < 0.1)
-
-
-@pytest.mark.parametrize("window, around", [(3, {(0, 0): [(0, 0), (0, 1), (1, 0), (1, 1)],
-                                                (2, 3): [(r, c) for r in (1, 2, 3) for c in (2, 3, 4)]}),
-                                            (0, {(1, 4): [(r, c) for r in range(4) for c in range(5)]})])
-def test_a_pooled_covariance_is_its_neighbours_within_position_covariance(window, around):
-    """covariance_window: a position's Gaussian keeps its own mean, and its covariance is the mean
-    of np.cov over the positions around it (fewer at the edges, every one with 0)."""
-    rng = np.random.default_rng(5)
-    grid, channels, images = (4, 5), 3, 9
-    stack = (rng.normal(size=(images, 20, channels)) * rng.uniform(0.5, 2, size=(1, 20, channels))
-             + rng.normal(size=(1, 20, channels)))
-    config = PadimConfig(channels=0, epsilon=0.0, covariance_window=window)
-    model = Padim.fit(stack, grid, config)
-    for (row, col), positions in around.items():
-        expected = np.mean([np.cov(stack[:, r * 5 + c].T) for r, c in positions], axis=0)
-        np.testing.assert_allclose(np.linalg.inv(model.inv_cov[row * 5 + col]), expected, rtol=1e-8)
-        np.testing.assert_allclose(model.mean[row * 5 + col], stack[:, row * 5 + col].mean(axis=0), rtol=1e-10)
-
-
-def test_pooled_covariances_find_a_defect_that_own_position_ones_miss_with_few_images():
-    """A texture (every position alike) seen in 6 images: 16-channel covariances from 6 vectors
-    are singular but for the regulariser, and the Mahalanobis distances of clean patches swing
-    with the noise. Pooled over 5 x 5 positions, a faint defect stands above every clean image."""
-    rng = np.random.default_rng(8)
-    grid, dim = (12, 12), 16
-    # a correlated texture whose spread is 1-3 in every direction (well above the regulariser)
-    mixing = np.linalg.qr(rng.normal(size=(dim, dim)))[0] * rng.uniform(1, 3, size=dim)
-
-    def texture(count: int) -> np.ndarray:
-        return (rng.normal(size=(count, grid[0] * grid[1], dim)) @ mixing).astype(np.float32)
-
-    train, clean = texture(6), texture(20)
-    defective = texture(1)[0]
-    # along the texture's least varying direction, 10 of its standard deviations
-    variances, directions = np.linalg.eigh(mixing.T @ mixing)
-    defective[5 * 12 + 6] += 10 * np.sqrt(variances[0]) * directions[:, 0]
-    margins = {}
-    for window in (1, 5):
-        model = Padim.fit(train, grid, PadimConfig(channels=0, covariance_window=window))
-        clean_top = max(model.patch_scores(v).max() for v in clean)
-        margins[window] = model.patch_scores(defective).max() / clean_top
-    assert margins[5] > 1 > margins[1], margins
 
 
 # ---- real backbone ------------------------------------------------------------------------------
