@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -668,33 +669,30 @@ def test_11_two_runs_at_once_get_two_servers(tmp_path):
     assert results[0]["url"] != results[1]["url"]
 
 
-def test_11_a_port_another_process_takes_after_it_was_chosen_does_not_fail_the_run(tmp_path):
+def test_11_the_port_of_a_runs_prefect_server_is_held_before_the_server_starts(tmp_path, monkeypatch):
     """CI saw a run die at start with 'Server disconnected without sending a response': its
-    temporary server's port answered, but not as a Prefect server. Here another process holds
-    the port the run's port chooser hands out, and hangs up on every connection."""
-    hostile = socket.socket()
-    hostile.bind(("127.0.0.1", 0))
-    hostile.listen(16)
-    port = hostile.getsockname()[1]
+    server's port was chosen free, released, and bound by uvicorn only after its start-up (seconds
+    later), and meanwhile another process took it. The port must listen, held by the run, from
+    before the server process starts until the run ends."""
+    import subprocess as subprocess_module
 
-    def hang_up():
-        while True:
-            try:
-                connection, _ = hostile.accept()
-            except OSError:  # closed by the test
-                return
-            connection.close()
+    from patchwatch.flows import runner
 
-    threading.Thread(target=hang_up, daemon=True).start()
-    script = ("import patchwatch.flows.runner as runner\n"
-              f"runner.free_port = lambda: {port}\n" + SERVER_SCRIPT)
-    env = cli_env(tmp_path, None)
-    env.pop("PREFECT_API_URL", None)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    server = runner._server_class()()
+    listening_at_launch = []
+    real_popen = subprocess_module.Popen
+
+    def launch(*args, **kwargs):
+        with socket.socket() as probe:
+            listening_at_launch.append(probe.connect_ex(("127.0.0.1", server.port)) == 0)
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess_module, "Popen", launch)
     try:
-        run = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True,
-                             text=True, timeout=240)
+        server.start(timeout=120)
+        with urllib.request.urlopen(server.api_url + "/health", timeout=30) as response:
+            assert response.read() == b"true"
     finally:
-        hostile.close()
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["health"] == "true" and f":{port}/" not in result["url"], result
+        server.stop()
+    assert listening_at_launch and all(listening_at_launch), listening_at_launch
