@@ -91,17 +91,6 @@ def peak_on_defect(amap: np.ndarray, mask: np.ndarray) -> bool:
     return bool(near.flat[int(np.argmax(amap))])
 
 
-def on_border(amap: np.ndarray) -> bool:
-    """Whether the map's maximum lies in the border band the quality benchmark's border/inner uses."""
-    band = quality.border_band(amap.shape)
-    y, x = np.unravel_index(int(np.argmax(amap)), amap.shape)
-    return bool(min(y, x) < band or y >= amap.shape[0] - band or x >= amap.shape[1] - band)
-
-
-def border_share(shape: tuple[int, int]) -> float:
-    band = quality.border_band(shape)
-    return 1 - (shape[0] - 2 * band) * (shape[1] - 2 * band) / (shape[0] * shape[1])
-
 
 def measure(data, candidate, tiling) -> dict:
     import torch
@@ -134,6 +123,7 @@ def measure(data, candidate, tiling) -> dict:
     rise = scores[defective] / clean - 1
     on_defect = [peak_on_defect(test[row].map, data.masks[row]) for row in defective]
     alarm = np.quantile(good, 1 - FALSE_ALARMS)
+    bands = [quality.border_mask(test[row].map.shape) for row in good_rows]  # border/inner's band
     per_defect = [{"set": data.name, "config": candidate.name, "kind": render.defect_type,
                    "visibility": visibility(render.image, render.clean, render.mask),
                    "found": bool(scores[row] > alarm), "above clean": bool(scores[row] > clean[k]),
@@ -148,8 +138,9 @@ def measure(data, candidate, tiling) -> dict:
             "clean shots vs good test images AUROC": roc_auc_score(
                 np.r_[np.ones(len(clean)), np.zeros(len(good))], np.r_[clean, good]),
             "peak on defect": float(np.mean(on_defect)),
-            "good maxima on the border": float(np.mean([on_border(test[row].map) for row in good_rows])),
-            "border band's share": float(np.mean([border_share(test[row].map.shape) for row in good_rows])),
+            "good maxima on the border": float(np.mean([band.flat[int(np.argmax(test[row].map))]
+                                                        for band, row in zip(bands, good_rows)])),
+            "border band's share": float(np.mean([band.mean() for band in bands])),
             "s": time.perf_counter() - started}
 
 

@@ -194,20 +194,21 @@ def run_config(data: DataSet, candidate, tiling) -> dict:
             "border_ratio": float(np.mean([border_ratio(m) for m in nominal])) if nominal else None}
 
 
-def border_band(shape: tuple[int, int]) -> int:
-    """Width in px of the band along a map's border that border/inner (and the sensitivity
-    benchmark's border maxima) look at: 1/16 of the shorter side, at least 4."""
-    return max(4, min(shape) // 16)
+def border_mask(shape: tuple[int, int]) -> np.ndarray:
+    """The band along a map's border that border/inner (and the sensitivity benchmark's border
+    maxima) look at: 1/16 of the shorter side wide, at least 4 px."""
+    band = max(4, min(shape) // 16)
+    mask = np.ones(shape, bool)
+    mask[band:-band, band:-band] = False
+    return mask
 
 
 def border_ratio(amap: np.ndarray) -> float:
     """Mean map value in a band along the image's border over the mean inside it, on a nominal
     image: well above 1 means the map is hot at the borders (the CNN's zero padding), which
     raises every image's maximum and hides small defects."""
-    band = border_band(amap.shape)
-    inner = amap[band:-band, band:-band]
-    border_sum = amap.sum() - inner.sum()
-    return float((border_sum / (amap.size - inner.size)) / max(float(inner.mean()), 1e-12))
+    border = border_mask(amap.shape)
+    return float(amap[border].mean() / max(float(amap[~border].mean()), 1e-12))
 
 
 def run_auto(data: DataSet, candidates: list, tiling) -> dict:

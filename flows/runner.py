@@ -270,14 +270,14 @@ def _server_class():
             starts = 1
             with httpx.Client(timeout=5) as client:
                 while time.monotonic() < deadline:
-                    if self.server_process.poll() == UVICORN_STARTUP_FAILED and starts < SERVER_STARTS:
+                    code = self.server_process.poll()
+                    if code == UVICORN_STARTUP_FAILED and starts < SERVER_STARTS:
                         # as Prefect's own start does: two runs at once on a new database both
                         # migrate it, and the loser's start fails; the next try finds it migrated
                         self.server_process = self._run_uvicorn_command(listener.fileno())
                         starts += 1
-                    elif self.server_process.poll() is not None:
-                        raise RuntimeError(f"Prefect's temporary server exited with code "
-                                           f"{self.server_process.returncode} before it answered")
+                    elif code is not None:
+                        raise RuntimeError(f"Prefect's temporary server exited with code {code} before it answered")
                     try:
                         if client.get(f"{self.api_url}/health").status_code == 200:
                             return
