@@ -205,8 +205,9 @@ def border_mask(shape: tuple[int, int]) -> np.ndarray:
 
 def border_ratio(amap: np.ndarray) -> float:
     """Mean map value in a band along the image's border over the mean inside it, on a nominal
-    image: well above 1 means the map is hot at the borders (the CNN's zero padding), which
-    raises every image's maximum and hides small defects."""
+    image: well above 1 means the map is hot at the borders (not the CNN's zero padding alone:
+    README, "PatchCore's maps peak on the image border"), which raises every image's maximum and
+    hides small defects."""
     border = border_mask(amap.shape)
     return float(amap[border].mean() / max(float(amap[~border].mean()), 1e-12))
 
