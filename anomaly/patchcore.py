@@ -134,20 +134,36 @@ class _Ranking:
         """(the bfloat16 squared distances' bit patterns as int16, memory rows by queries, ||q||)
         for centred queries; the matrix has a column for each of the product's padded query rows
         (:func:`query_rows`), its first ``len(centred)`` those of the queries."""
-        part, count, dims = centred[:, self.columns], len(centred), self.dims
+        query, norms = self._query_operand(centred[:, self.columns])
+        return (self.operand @ query.t()).view(torch.int16).numpy(), norms
+
+    def distances_by_query(self, part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`distances` transposed, padded query rows by memory rows, for queries already
+        reduced to the ranking's dimensions: each query's smallest is then found along a
+        contiguous row (numpy's argmin along the other axis is ~50x slower)."""
+        query, norms = self._query_operand(part)
+        return (query @ self.operand.t()).view(torch.int16).numpy(), norms
+
+    def _query_operand(self, part: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """[-2 q, ||q||^2 (two parts), 1] in bfloat16, padded to :func:`query_rows` rows; ||q||."""
+        count, dims = len(part), self.dims
         squared = np.einsum("ij,ij->i", part, part, dtype=np.float64)
         query = np.empty((query_rows(count, self.block), dims + 4), np.float32)  # written in place: no temporaries
         np.multiply(part, -2, out=query[:count, :dims], casting="unsafe")
         query[:count, dims:dims + 2] = _two_parts(squared).T
         query[:count, dims + 2:] = 1
         query[count:] = 0
-        product = self.operand @ torch.from_numpy(query).to(torch.bfloat16).t()
-        return product.view(torch.int16).numpy(), np.sqrt(squared)
+        return torch.from_numpy(query).to(torch.bfloat16), np.sqrt(squared)
 
-    def warm_up(self) -> None:
-        """One product of each shape :meth:`distances` can use (oneDNN compiles each once a process)."""
+    def warm_up(self, by_query: bool = False) -> None:
+        """One product of each shape :meth:`distances` (or :meth:`distances_by_query`) can use
+        (oneDNN compiles each once a process)."""
         for rows in query_row_sizes(self.block):
-            self.operand @ torch.zeros((rows, self.dims + 4), dtype=torch.bfloat16).t()
+            query = torch.zeros((rows, self.dims + 4), dtype=torch.bfloat16)
+            if by_query:
+                query @ self.operand.t()
+            else:
+                self.operand @ query.t()
 
     def error(self, query_norms: np.ndarray, memory_norms: np.ndarray) -> np.ndarray:
         """A bound on |computed - exact| squared distance, less the result's own rounding (at most
@@ -159,6 +175,83 @@ class _Ranking:
         cross = 2 * q * m
         sizes = (1 + u) ** 2 * cross + (1 + u) * (q * q + m * m)
         return 1.25 * ((2 * u + u * u) * cross + u * u * (q * q + m * m) + (self.dims + 4) * 2.0 ** -24 * sizes)
+
+
+# Scoring's nearest-neighbour passes (the map's over every patch, the full vectors' over the patches
+# that can hold their image's score) rank the memory on the centred memory's leading principal axes,
+# 1/PROJECTION_SHARE of the pass's dimensions: a product that many times smaller, whose distances
+# bound the true ones from below, then the few rows that bound keeps, exactly (MTD, 8k rows: ~5 a
+# patch; bench/results/score_profile.md). Not where those axes hold less than PROJECTION_VARIANCE
+# of the memory's variance (the bound would keep too many rows), nor below PROJECTION_MIN_DIMS
+# dimensions (nothing to gain).
+PROJECTION_SHARE = 2
+PROJECTION_VARIANCE = 0.9
+PROJECTION_MIN_DIMS = 32
+
+
+@dataclass
+class _Projection:
+    """A nearest-neighbour pass over ``columns`` ranked on k principal axes B of the centred memory.
+
+    For any vectors, ||(q - m) B|| <= s ||q - m|| (s^2 = ||B^T B||, 1 but for B's float32
+    rounding), so no row whose projected distance, less its bounds, exceeds s times the true distance
+    to some row can be the nearest. That row, per query: the nearest in projection, its distance
+    computed exactly. The rows kept are then compared exactly, as :meth:`PatchCore._nearest_over`
+    compares its candidates: the same nearest rows and distances as the unprojected ranking."""
+
+    columns: slice
+    basis: np.ndarray      # (dims, k) float32
+    ranking: _Ranking      # the projected centred memory, every column
+    stretch: float         # s
+    rounding: float        # a bound on the projection's float32 error, per unit of ||q|| + ||m||
+    widest: float          # the largest ||m|| over ``columns`` (centred)
+
+    @classmethod
+    def of(cls, centred: np.ndarray, columns: slice, block: int) -> "_Projection | None":
+        # float64, through torch (the process's threads, as everywhere in scoring)
+        part = torch.from_numpy(np.ascontiguousarray(centred[:, columns], dtype=np.float64))
+        dims = part.shape[1]
+        kept = dims // PROJECTION_SHARE
+        if dims < PROJECTION_MIN_DIMS or len(part) < dims:
+            return None
+        variances, axes = torch.linalg.eigh(part.T @ part)   # ascending; centred: the covariance's axes
+        if variances[-kept:].sum() < PROJECTION_VARIANCE * variances.sum():
+            return None
+        basis = axes.flip(1)[:, :kept].float().contiguous()
+        exact = basis.double()
+        stretch = float(torch.linalg.matrix_norm(exact.T @ exact, ord=2).sqrt())
+        # a float32 product over dims terms errs by at most (dims + 2) 2^-24 ||x|| s per coordinate;
+        # the query's centring by 2^-24 ||x|| s more; doubled as a margin
+        rounding = 2 * stretch * (np.sqrt(kept) * (dims + 2) + 2) * 2.0 ** -24
+        return cls(columns, basis.numpy(), _Ranking.of((part @ exact).numpy(), slice(None), block), stretch,
+                   float(rounding), float(part.norm(dim=1).max()))
+
+    def warm_up(self) -> None:
+        self.ranking.warm_up(by_query=True)
+
+    def candidates(self, queries: np.ndarray, centred: np.ndarray, memory: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(query, row) pairs: every row that can be each query's nearest over ``columns``."""
+        u, count, ranking = BF16_ROUNDOFF, len(queries), self.ranking
+        part = np.ascontiguousarray(centred[:, self.columns], dtype=np.float32)
+        # through torch: its thread count is the process's (one on the workers; anomaly.maps._product)
+        projected = (torch.from_numpy(part) @ torch.from_numpy(self.basis)).numpy()
+        bits, query_norms = ranking.distances_by_query(projected)
+        best = bits[:count].argmin(1)   # any row will do: its distance is an upper bound
+        known = np.sqrt(((queries[:, self.columns] - memory[best, self.columns]) ** 2).sum(1, dtype=np.float32))
+        margin = self.rounding * (np.sqrt(np.einsum("ij,ij->i", part, part)) + self.widest)
+        # the float32 distance errs by at most (dims + 2) 2^-24 relative: 2^-12 is ample
+        ceiling = (self.stretch * known * (1 + 2.0 ** -12) + margin) ** 2
+        widest = ranking.error(query_norms, ranking.norms.max())
+        loose = (ceiling + widest) / (1 - 2 * u)
+        limit = np.full(len(bits), np.iinfo(np.int16).min, np.int16)  # padding rows: no candidates
+        finite = np.isfinite(loose)     # NaN features: none, as in the unprojected ranking
+        limit[:count][finite] = _bits_at_least(np.maximum(loose[finite], 2.0 ** -100))
+        line, row = np.divmod(_flat_true(bits <= limit[:, None]), bits.shape[1])
+        value = _as_float(bits[line, row])
+        slack = np.abs(value) * u / (1 - u) + ranking.error(query_norms[line], ranking.norms[row])
+        kept = value - slack <= ceiling[line]
+        return line[kept], row[kept]
 
 
 def _flat_true(mask: np.ndarray) -> np.ndarray:
@@ -233,6 +326,11 @@ class PatchCore:
         if self.precision == "bfloat16":
             self._full = _Ranking.of(centred, slice(None), self._block)
             self._head = _Ranking.of(centred, slice(0, self.map_split), self._block) if self.map_split else None
+            # nearest-neighbour passes on the memory's principal axes where they hold it (else None:
+            # the rankings above); eq. 7's neighbourhoods stay on the full ranking
+            self._full_projection = _Projection.of(centred, slice(None), self._block)
+            self._map_projection = (_Projection.of(centred, slice(0, self.map_split), self._block)
+                                    if self.map_split else None)
             self.warm_up()
         else:
             # float32 (no native bfloat16): each half transposed into its own contiguous (dims, rows)
@@ -249,7 +347,7 @@ class PatchCore:
         model is made once per worker (tasks.scoring.load_model), so its first tasks no longer pay
         them: they had been about half the kNN time of a fresh model's first 20 MTD images."""
         if self.precision == "bfloat16":
-            for ranking in (self._full, self._head):
+            for ranking in (self._full, self._head, self._full_projection, self._map_projection):
                 if ranking is not None:
                     ranking.warm_up()
 
@@ -279,8 +377,8 @@ class PatchCore:
         for start in range(0, len(queries), self._block):
             done = slice(start, start + self._block)
             if wants_map:
-                map_scores[done], _ = self._nearest_over(self._head, queries[done], centred[done])
-            scores[done], rows[done] = self._nearest_over(self._full, queries[done], centred[done])
+                map_scores[done], _ = self._nearest_over(self._map_pass(), queries[done], centred[done])
+            scores[done], rows[done] = self._nearest_over(self._full_pass(), queries[done], centred[done])
         if not with_map:
             return scores, rows, None
         return scores, rows, (map_scores if wants_map else scores)
@@ -314,9 +412,18 @@ class PatchCore:
         map_scores = np.sqrt(((head - self.memory[map_rows, :split]) ** 2).sum(1, dtype=np.float32))
         return scores, rows, map_scores
 
-    def _nearest_over(self, ranking: _Ranking, queries: np.ndarray, centred: np.ndarray
+    def _full_pass(self) -> "_Ranking | _Projection":
+        return self._full_projection or self._full
+
+    def _map_pass(self) -> "_Ranking | _Projection":
+        return self._map_projection or self._head
+
+    def _nearest_over(self, ranking: "_Ranking | _Projection", queries: np.ndarray, centred: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray]:
         """(distance, row) of each query's nearest memory vector over ``ranking``'s dimensions."""
+        if isinstance(ranking, _Projection):
+            line, row = ranking.candidates(queries, centred, self.memory)
+            return self._closest(queries, line, row, ranking.columns)
         bits, query_norms = ranking.distances(centred)   # the padding's columns too: contiguous passes
         u, count, width = BF16_ROUNDOFF, len(queries), bits.shape[1]
         # any vector's computed distance plus its bound is at least the nearest one's true distance:
@@ -339,12 +446,16 @@ class PatchCore:
         tight = np.full(count, np.inf, np.float32)
         np.minimum.at(tight, line, value + slack)
         kept = value - slack <= tight[line]
-        line, row = line[kept], row[kept]
+        return self._closest(queries, line[kept], row[kept], ranking.columns)
+
+    def _closest(self, queries: np.ndarray, line: np.ndarray, row: np.ndarray, columns: slice
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(distance, row) of each query's nearest among its candidates (``row[i]`` of query
+        ``line[i]``), computed exactly over ``columns``; ties: the lower row."""
         # a query without candidates (NaN features) gets row 0, so its (NaN) score in its own place
-        lost = np.flatnonzero(np.bincount(line, minlength=count) == 0)
+        lost = np.flatnonzero(np.bincount(line, minlength=len(queries)) == 0)
         if len(lost):
             line, row = np.concatenate([line, lost]), np.concatenate([row, np.zeros_like(lost)])
-        columns = ranking.columns
         squared = ((queries[line, columns] - self.memory[row, columns]) ** 2).sum(1, dtype=np.float32)
         order = np.lexsort((row, squared, line))  # by query, then distance, then the lower row
         first = order[np.r_[True, line[order][1:] != line[order][:-1]]]
@@ -373,7 +484,7 @@ class PatchCore:
             return WorstPatches(map_scores, worst, scores[worst], rows[worst])
         queries = np.ascontiguousarray(vectors, dtype=np.float32)
         centred = queries - self._centre
-        map_scores, map_rows = self._nearest_blocks(self._head, queries, centred)
+        map_scores, map_rows = self._nearest_blocks(self._map_pass(), queries, centred)
         upper = np.sqrt(((queries - self.memory[map_rows]) ** 2).sum(1, dtype=np.float32))
         image = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
         # by image, then the largest bound first (non-finite ones, NaN features, before all)
@@ -383,7 +494,7 @@ class PatchCore:
         scores = np.full(len(queries), -np.inf, np.float32)
         rows = np.zeros(len(queries), np.int64)
         first = np.flatnonzero((rank < FIRST_ROUND) | ~np.isfinite(upper))
-        scores[first], rows[first] = self._nearest_blocks(self._full, queries[first], centred[first])
+        scores[first], rows[first] = self._nearest_blocks(self._full_pass(), queries[first], centred[first])
         largest = np.full(len(bounds) - 1, -np.inf, np.float32)
         with np.errstate(invalid="ignore"):  # NaN features: NaN scores, all found in the first round
             np.maximum.at(largest, image[first], scores[first])
@@ -392,7 +503,7 @@ class PatchCore:
         # largest score found only grows, so one more round leaves no patch that could exceed it
         second = np.flatnonzero((scores == -np.inf) & (upper >= largest[image] * (1 - 2.0 ** -16)))
         if len(second):
-            scores[second], rows[second] = self._nearest_blocks(self._full, queries[second], centred[second])
+            scores[second], rows[second] = self._nearest_blocks(self._full_pass(), queries[second], centred[second])
         worst = np.array([start + int(np.argmax(scores[start:stop])) for start, stop in zip(bounds[:-1], bounds[1:])],
                          np.int64)
         return WorstPatches(map_scores, worst, scores[worst], rows[worst])

@@ -145,6 +145,122 @@ def test_the_nearest_memory_vector_is_the_float64_one_where_no_float32_tie(case,
         np.testing.assert_array_equal(rows[:50], np.arange(50))
 
 
+MIXING = np.random.default_rng(10).standard_normal((6, 64))
+
+
+def low_rank(rng, count: int, noise: float = 0.05, offset: float = 20.0) -> np.ndarray:
+    """Features as a CNN's are: most of their variance on a few axes (MIXING's), far from the origin."""
+    return rng.standard_normal((count, len(MIXING))) @ MIXING + noise * rng.standard_normal((count, MIXING.shape[1])) + offset
+
+
+def moved_along_the_leading_axes(rng, rows: np.ndarray, step: float = 0.3) -> np.ndarray:
+    """Queries whose difference to their own memory row lies on the memory's leading axes: there a
+    projected distance is the whole distance, and a bound a little too tight loses the nearest row."""
+    return rows + step * rng.standard_normal((len(rows), len(MIXING))) @ MIXING
+
+
+def unprojected(model):
+    """The same model ranking on every dimension (the passes before the principal-axes ranking)."""
+    import copy
+
+    plain = copy.copy(model)
+    plain._full_projection = plain._map_projection = None
+    return plain
+
+
+@pytest.mark.parametrize("case", ["spread", "moved along the leading axes", "near ties", "duplicates",
+                                  "a query far from everything", "a NaN query", "an infinite query", "small norms"])
+def test_ranking_on_the_memorys_principal_axes_finds_the_same_nearest_rows(case):
+    """Both nearest-neighbour passes rank on the memory's leading principal axes when they hold
+    its variance: the distances, rows and map distances must be those of the full ranking, bit for
+    bit, and the float64 ones where no float32 tie."""
+    from patchwatch.anomaly.patchcore import QUERY_BLOCK, PatchCore, PatchCoreConfig
+
+    rng = np.random.default_rng(11)
+    memory, queries = low_rank(rng, 1500), low_rank(rng, QUERY_BLOCK + 70)
+    if case == "moved along the leading axes":
+        queries = moved_along_the_leading_axes(rng, memory[rng.integers(0, 1500, len(queries))])
+    elif case == "near ties":          # many memory vectors within 1e-3 of each other, around 8 points
+        memory = memory[rng.integers(0, 8, 1500)] + 1e-3 * rng.standard_normal((1500, 64))
+        queries = memory[rng.integers(0, 1500, len(queries))] + 0.02 * rng.standard_normal((len(queries), 64))
+    elif case == "duplicates":
+        memory[1000:1300] = memory[:300]
+        queries[:50] = memory[1000:1050]                      # equal to rows 0..49 and 1000..1049
+    elif case == "a query far from everything":
+        queries[::5] += 300.0 * rng.standard_normal((1, 64))
+    elif case == "a NaN query":
+        queries[7] = np.nan
+    elif case == "an infinite query":
+        queries[7, 3] = np.inf
+    elif case == "small norms":
+        memory, queries = memory * 1e-3, queries * 1e-3
+    memory, queries = memory.astype(np.float32), queries.astype(np.float32)
+    model = PatchCore(memory, PatchCoreConfig(map_dims=32), precision="bfloat16")
+    assert model._full_projection is not None and model._map_projection is not None
+    assert model._full_projection.basis.shape == (64, 32) and model._map_projection.basis.shape == (32, 16)
+    got, plain = model.nearest(queries), unprojected(model).nearest(queries)
+    for projected, full in zip(got, plain):
+        np.testing.assert_array_equal(projected, full)
+    scores, rows, map_scores = got
+    finite = np.isfinite(queries).all(1)
+    if case in ("a NaN query", "an infinite query"):
+        assert not np.isfinite(scores[7]) and rows[7] == 0 and finite.sum() == len(queries) - 1
+    expected, expected_rows, gap = brute_force(queries[finite], memory)
+    np.testing.assert_allclose(scores[finite], expected, rtol=1e-5, atol=1e-5 * expected.max())
+    clear = gap > 1e-4 * expected.max()
+    np.testing.assert_array_equal(rows[finite][clear], expected_rows[clear])
+    expected_map, _, _ = brute_force(queries[finite][:, :32], memory[:, :32])
+    np.testing.assert_allclose(map_scores[finite], expected_map, rtol=1e-5, atol=1e-5 * expected_map.max())
+    if case == "duplicates":
+        np.testing.assert_array_equal(scores[:50], 0)
+        np.testing.assert_array_equal(rows[:50], np.arange(50))   # the lower of equal rows
+    sizes = [100, 1, 250, 60, 130]       # and each image's worst patch, as from every patch's pass
+    bounds = np.cumsum([0] + sizes)
+    found, found_plain = model.worst_patches(queries[:bounds[-1]], bounds), unprojected(model).worst_patches(
+        queries[:bounds[-1]], bounds)
+    for name in ("map_scores", "patches", "scores", "rows"):
+        np.testing.assert_array_equal(getattr(found, name), getattr(found_plain, name))
+
+
+def test_the_projected_distances_stay_within_the_bound_the_candidates_rest_on():
+    """The candidates rest on: projected distance (computed, in bfloat16) <= s x the true
+    distance + the projection's rounding + the bfloat16 bound; it must hold and not be vacuous."""
+    from patchwatch.anomaly.patchcore import BF16_ROUNDOFF, _as_float, _Projection
+
+    rng = np.random.default_rng(12)
+    memory = low_rank(rng, 900)
+    queries = np.concatenate([low_rank(rng, 150), moved_along_the_leading_axes(rng, memory[:150])])
+    centre = memory.mean(0)
+    projection = _Projection.of(memory - centre, slice(None), 512)
+    part = np.ascontiguousarray((queries - centre).astype(np.float32))
+    bits, query_norms = projection.ranking.distances_by_query(part @ projection.basis)
+    computed = _as_float(bits[:len(queries)]).astype(np.float64)
+    true = np.sqrt(((queries[:, None, :] - memory[None]) ** 2).sum(-1))
+    u, ranking = BF16_ROUNDOFF, projection.ranking
+    slack = np.abs(computed) * u / (1 - u) + ranking.error(query_norms[:, None], ranking.norms[None])
+    margin = projection.rounding * (np.linalg.norm(part, axis=1)[:, None] + projection.widest)
+    allowed = (projection.stretch * true + margin) ** 2
+    assert ((computed - slack) <= allowed).all()
+    # not vacuous: a query moved along the leading axes from its row is as far from it in projection
+    moved = np.arange(150, 300)
+    assert ((computed - slack)[moved, moved - 150] / allowed[moved, moved - 150]).max() > 0.97
+
+
+def test_a_memory_without_a_few_dominant_axes_ranks_on_every_dimension():
+    """Isotropic features: half the axes hold about half the variance, and a bound on them would
+    keep most rows; the model ranks on all dimensions and still finds the nearest rows."""
+    from patchwatch.anomaly.patchcore import PatchCore, PatchCoreConfig
+
+    rng = np.random.default_rng(13)
+    memory, queries = rng.standard_normal((1500, 64)).astype(np.float32), rng.standard_normal((300, 64)).astype(np.float32)
+    model = PatchCore(memory, PatchCoreConfig(map_dims=32), precision="bfloat16")
+    assert model._full_projection is None and model._map_projection is None
+    expected, expected_rows, _ = brute_force(queries, memory)
+    scores, rows, _ = model.nearest(queries)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+    np.testing.assert_array_equal(rows, expected_rows)
+
+
 # ---- a score batch's images share one pass ------------------------------------------------------
 class FeaturesOf:
     """An extractor stand-in: each 'image' is already its patch features, or an exception to raise."""
@@ -282,7 +398,8 @@ def test_query_blocks_are_padded_to_a_few_row_counts():
     assert query_rows(600, 512) == 640   # more than a block (eq. 7's neighbourhoods of many images)
 
 
-def test_scoring_multiplies_only_shapes_the_model_compiled_when_made(monkeypatch):
+@pytest.mark.parametrize("features", ["isotropic", "low rank"])
+def test_scoring_multiplies_only_shapes_the_model_compiled_when_made(monkeypatch, features):
     """oneDNN compiles a kernel per product shape (~3 ms at 8k rows): a model makes them all when it is
     made (warm_up), and any number of queries, eq. 7's neighbourhoods included, uses only those."""
     import torch
@@ -293,18 +410,21 @@ def test_scoring_multiplies_only_shapes_the_model_compiled_when_made(monkeypatch
     plain = torch.Tensor.__matmul__
 
     def spy(left, right):
-        shapes.append((tuple(left.shape), tuple(right.shape), left.dtype))
+        if left.dtype == torch.bfloat16:   # float32 products (the queries' projection) compile nothing
+            shapes.append((tuple(left.shape), tuple(right.shape), left.dtype))
         return plain(left, right)
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
     rng = np.random.default_rng(6)
-    memory = rng.standard_normal((1200, 24)).astype(np.float32)
-    model = PatchCore(memory, PatchCoreConfig(map_dims=12, num_neighbors=5), precision="bfloat16")
+    dims = 24 if features == "isotropic" else 64
+    memory = (rng.standard_normal((1200, dims)) if features == "isotropic" else low_rank(rng, 1200)).astype(np.float32)
+    model = PatchCore(memory, PatchCoreConfig(map_dims=dims // 2, num_neighbors=5), precision="bfloat16")
     compiled = set(shapes)
-    assert len(compiled) == 2 * 6                     # (full, head) x (64, 128, 192, 256, 384, 512 rows)
+    # (full, head, and on the principal axes: full and head) x (64, 128, 192, 256, 384, 512 rows)
+    assert len(compiled) == (2 if features == "isotropic" else 4) * 6
     shapes.clear()
     for count in (1, 63, 64, 65, 200, 511, 512, 513, 1100):
-        queries = rng.standard_normal((count, 24)).astype(np.float32)
+        queries = (rng.standard_normal((count, dims)) if features == "isotropic" else low_rank(rng, count)).astype(np.float32)
         scores, rows, _ = model.nearest(queries)
         expected, _, _ = brute_force(queries, memory)
         np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
