@@ -183,10 +183,12 @@ class _Ranking:
 # bound the true ones from below, then the few rows that bound keeps, exactly (MTD, 8k rows: ~5 a
 # patch; bench/results/score_profile.md). Not where those axes hold less than PROJECTION_VARIANCE
 # of the memory's variance (the bound would keep too many rows), nor below PROJECTION_MIN_DIMS
-# dimensions (nothing to gain).
+# dimensions or PROJECTION_MIN_ROWS rows (the extra steps cost more than the product saves: 1.04-1.26x
+# the time at 500-1500 rows of MTD's memory, 0.88-0.92x at 2000-4000, 0.8x at 8k).
 PROJECTION_SHARE = 2
 PROJECTION_VARIANCE = 0.9
 PROJECTION_MIN_DIMS = 32
+PROJECTION_MIN_ROWS = 2048
 
 
 @dataclass
@@ -212,7 +214,7 @@ class _Projection:
         part = torch.from_numpy(np.ascontiguousarray(centred[:, columns], dtype=np.float64))
         dims = part.shape[1]
         kept = dims // PROJECTION_SHARE
-        if dims < PROJECTION_MIN_DIMS or len(part) < dims:
+        if dims < PROJECTION_MIN_DIMS or len(part) < max(dims, PROJECTION_MIN_ROWS):
             return None
         variances, axes = torch.linalg.eigh(part.T @ part)   # ascending; centred: the covariance's axes
         if variances[-kept:].sum() < PROJECTION_VARIANCE * variances.sum():
@@ -297,7 +299,10 @@ class PatchCore:
     over the full vectors and over the map's primary ``map_dims``). Candidates are ranked by bfloat16
     matrix products (on CPUs with AMX ~5x a float32 one) whose error is bounded, so every memory
     vector that could be the nearest stays a candidate (~2 per patch on MTD) and the candidates'
-    distances are then computed exactly. Scoring images (:meth:`image_scores_and_grids`) needs the
+    distances are then computed exactly. Where the memory's variance lies on a few axes (CNN
+    features: MTD's 128 map dimensions hold 97 % of it on 64), the products run on the leading half
+    of its principal axes (:class:`_Projection`): half the product, the same rows and distances.
+    Scoring images (:meth:`image_scores_and_grids`) needs the
     full vectors' distance only of each image's worst patch: :meth:`worst_patches` runs that pass
     only on patches that can be it (~8 % on MTD). A model compiles its product shapes when made
     (:meth:`warm_up`). CPUs without native bfloat16 rank in float32 as before
@@ -306,7 +311,7 @@ class PatchCore:
     """
 
     def __init__(self, memory: np.ndarray, config: PatchCoreConfig = PatchCoreConfig(),
-                 index: faiss.Index | None = None, precision: str | None = None):
+                 index: faiss.Index | None = None, precision: str | None = None, principal_axes: bool = True):
         self.memory = np.ascontiguousarray(memory, dtype=np.float32)
         self.config = config
         self.index = index if index is not None else build_index(self.memory)
@@ -328,9 +333,10 @@ class PatchCore:
             self._head = _Ranking.of(centred, slice(0, self.map_split), self._block) if self.map_split else None
             # nearest-neighbour passes on the memory's principal axes where they hold it (else None:
             # the rankings above); eq. 7's neighbourhoods stay on the full ranking
-            self._full_projection = _Projection.of(centred, slice(None), self._block)
+            # (``principal_axes=False``: never; the same results, for comparisons)
+            self._full_projection = _Projection.of(centred, slice(None), self._block) if principal_axes else None
             self._map_projection = (_Projection.of(centred, slice(0, self.map_split), self._block)
-                                    if self.map_split else None)
+                                    if self.map_split and principal_axes else None)
             self.warm_up()
         else:
             # float32 (no native bfloat16): each half transposed into its own contiguous (dims, rows)

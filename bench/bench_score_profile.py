@@ -11,7 +11,8 @@ other (alternating which goes first), so "before" and "after" share the machine'
   ``anomaly.tiling.upsample_block`` and ``smooth_block``, i.e. ``render_block``, per Zarr chunk),
   maps written through zarr with its default codec (zstd);
 - after: as the score-batch and score-tiles tasks do now: a task's images (16) or tiles (16) share
-  one ``PatchCore.worst_patches`` pass (bfloat16-ranked candidates, exact distances: every patch's
+  one ``PatchCore.worst_patches`` pass (bfloat16-ranked candidates, on the memory's principal axes
+  where they hold it, exact distances: every patch's
   map distance, the full vectors' only where a patch can hold its image's score), eq. 7,
   ``anomaly.maps`` (upsample and smooth as two small matrix products; tiles: ``StitchedMap``),
   ``ResultStore.write_map`` / ``create_map`` (Blosc LZ4).
@@ -180,6 +181,49 @@ def after_grids(clock: dict, model, features: list) -> list[tuple[float, np.ndar
                    found.rows[k:k + 1], model.memory, model.index, model.config.num_neighbors, supports[k]),
              found.map_scores[bounds[k]:bounds[k + 1]].reshape(item.grid))
             for k, item in enumerate(features)]
+
+
+# ---- the kNN on the memory's principal axes ---------------------------------------------------------
+def profile_principal_axes(model, features: list, rounds: int = 5) -> dict:
+    """``worst_patches`` as scoring runs it (on the memory's leading principal axes where they hold
+    it) against the same model ranking every dimension (``principal_axes=False``), task by task
+    (16 images), alternating which goes first; per pass, the axes' share of the memory's variance
+    and the candidates a patch keeps (computed exactly afterwards)."""
+    from patchwatch.anomaly.patchcore import PatchCore
+
+    plain = PatchCore(model.memory, model.config, model.index, model.precision, principal_axes=False)
+    paths = {"principal axes": model, "every dimension": plain}
+    clocks, equal = {name: 0.0 for name in paths}, True
+    tasks = [features[first:first + TASK_BATCH] for first in range(0, len(features), TASK_BATCH)]
+    for number in range(rounds * len(tasks)):
+        task = tasks[number % len(tasks)]
+        vectors = np.concatenate([item.vectors for item in task])
+        bounds = np.cumsum([0] + [len(item.vectors) for item in task])
+        found = {}
+        for name in (list(paths) if number % 2 == 0 else list(paths)[::-1]):
+            started = time.perf_counter()
+            found[name] = paths[name].worst_patches(vectors, bounds)
+            clocks[name] += time.perf_counter() - started
+        equal &= all(np.array_equal(getattr(found["principal axes"], field), getattr(found["every dimension"], field))
+                     for field in ("map_scores", "patches", "scores", "rows"))
+    vectors = np.concatenate([item.vectors for item in features])
+    centred_memory = (model.memory - model.memory.mean(0)).astype(np.float64)
+    passes = []
+    for name, projection in (("map", model._map_projection), ("full vectors", model._full_projection)):
+        if projection is None:
+            passes.append({"pass": name, "principal axes": "none (ranks every dimension)"})
+            continue
+        columns = centred_memory[:, projection.columns]
+        variances = np.linalg.eigvalsh(columns.T @ columns)[::-1]
+        axes = projection.basis.shape[1]
+        kept = sum(len(projection.candidates(vectors[first:first + model._block],
+                                             vectors[first:first + model._block] - model._centre, model.memory)[0])
+                   for first in range(0, len(vectors), model._block))
+        passes.append({"pass": name, "dimensions": columns.shape[1], "principal axes": axes,
+                       "their share of the variance": round(float(variances[:axes].sum() / variances.sum()), 3),
+                       "candidates per patch": round(kept / len(vectors), 2)})
+    images = rounds * len(features)
+    return {"ms": {name: 1e3 * clock / images for name, clock in clocks.items()}, "equal": equal, "passes": passes}
 
 
 # ---- whole images --------------------------------------------------------------------------------------
@@ -446,6 +490,7 @@ def main() -> None:
             store.prepare()
             print(f"memory: {len(model.memory)} rows from {train_count} train images", flush=True)
             whole = profile_whole(extractor, model, test_images, store)
+            axes = profile_principal_axes(model, [extractor.extract([image])[0] for image in test_images])
             tiled = profile_tiled(extractor, model, large, store)
             profiles = {"MTD": whole, f"{args.large_side}px": tiled}
             title = f"Score time by stage, memory of {len(model.memory):,} rows ({train_count} MTD train images)"
@@ -453,8 +498,9 @@ def main() -> None:
                      f"MTD test images in {tiled['tiles']} tiles of 512 px (overlap 128), per image",
                      "share: of the path's own score time (the sum of its stages); before and after ran on the same "
                      "features, task by task (16 images or tiles), alternating which went first",
-                     f"after: kNN ranked in {model.precision} (anomaly.patchcore.default_precision on this CPU), "
-                     "candidates re-ranked exactly in float32; every patch's map distance, the full vectors' only "
+                     f"after: kNN ranked in {model.precision} (anomaly.patchcore.default_precision on this CPU), on "
+                     "the memory's leading principal axes where they hold it (next table), candidates re-ranked "
+                     "exactly in float32; every patch's map distance, the full vectors' only "
                      "for patches that can hold their image's score (PatchCore.worst_patches)",
                      f"after vs before, largest |difference|: image score MTD {whole['score_diff']:.2g}, "
                      f"{args.large_side}px {tiled['score_diff']:.2g}; map MTD {whole['map_diff']:.2g} "
@@ -464,6 +510,20 @@ def main() -> None:
                              "memory_rows": len(model.memory), "train_images": train_count,
                              "score_diff": {"MTD": whole["score_diff"], "large": tiled["score_diff"]},
                              "map_diff": {"MTD": whole["map_diff"], "large": tiled["map_diff"]}})
+            ms = axes["ms"]
+            sections.append({"title": f"kNN on the memory's principal axes, memory of {len(model.memory):,} rows",
+                             "rows": [{**row, "memory rows": f"{len(model.memory):,}"} for row in axes["passes"]]
+                             + [{"memory rows": f"{len(model.memory):,}", "pass": "worst_patches, ms per MTD image",
+                                 "principal axes (now)": round(ms["principal axes"], 3),
+                                 "every dimension (before)": round(ms["every dimension"], 3),
+                                 "now / before": round(ms["principal axes"] / ms["every dimension"], 3),
+                                 "same results": "yes" if axes["equal"] else "NO"}],
+                             "notes": [f"{whole['images']} MTD test images in tasks of {TASK_BATCH}, 5 rounds, alternating "
+                                       "which model went first; 'every dimension': PatchCore(principal_axes=False), "
+                                       "the ranking before; same results: map distances, worst patches, their "
+                                       "distances and rows, bit for bit",
+                                       "candidates per patch: rows the projected bound keeps (then compared exactly), "
+                                       "over every test patch"]})
             for name, profile in profiles.items():
                 totals = {path: sum(profile["clocks"][path].values()) for path in ("before", "after")}
                 summary.append({"detector": "PatchCore", "memory rows": f"{len(model.memory):,}", "images": name,

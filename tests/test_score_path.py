@@ -148,6 +148,15 @@ def test_the_nearest_memory_vector_is_the_float64_one_where_no_float32_tie(case,
 MIXING = np.random.default_rng(10).standard_normal((6, 64))
 
 
+@pytest.fixture
+def small_memories_projected(monkeypatch):
+    """The principal-axes ranking for memories of any size (it waits for 2048 rows, a speed choice):
+    these tests' memories stay small enough for a float64 brute force."""
+    from patchwatch.anomaly import patchcore
+
+    monkeypatch.setattr(patchcore, "PROJECTION_MIN_ROWS", 0)
+
+
 def low_rank(rng, count: int, noise: float = 0.05, offset: float = 20.0) -> np.ndarray:
     """Features as a CNN's are: most of their variance on a few axes (MIXING's), far from the origin."""
     return rng.standard_normal((count, len(MIXING))) @ MIXING + noise * rng.standard_normal((count, MIXING.shape[1])) + offset
@@ -161,16 +170,16 @@ def moved_along_the_leading_axes(rng, rows: np.ndarray, step: float = 0.3) -> np
 
 def unprojected(model):
     """The same model ranking on every dimension (the passes before the principal-axes ranking)."""
-    import copy
+    from patchwatch.anomaly.patchcore import PatchCore
 
-    plain = copy.copy(model)
-    plain._full_projection = plain._map_projection = None
+    plain = PatchCore(model.memory, model.config, model.index, model.precision, principal_axes=False)
+    assert plain._full_projection is None and plain._map_projection is None
     return plain
 
 
 @pytest.mark.parametrize("case", ["spread", "moved along the leading axes", "near ties", "duplicates",
                                   "a query far from everything", "a NaN query", "an infinite query", "small norms"])
-def test_ranking_on_the_memorys_principal_axes_finds_the_same_nearest_rows(case):
+def test_ranking_on_the_memorys_principal_axes_finds_the_same_nearest_rows(case, small_memories_projected):
     """Both nearest-neighbour passes rank on the memory's leading principal axes when they hold
     its variance: the distances, rows and map distances must be those of the full ranking, bit for
     bit, and the float64 ones where no float32 tie."""
@@ -222,7 +231,7 @@ def test_ranking_on_the_memorys_principal_axes_finds_the_same_nearest_rows(case)
         np.testing.assert_array_equal(getattr(found, name), getattr(found_plain, name))
 
 
-def test_the_projected_distances_stay_within_the_bound_the_candidates_rest_on():
+def test_the_projected_distances_stay_within_the_bound_the_candidates_rest_on(small_memories_projected):
     """The candidates rest on: projected distance (computed, in bfloat16) <= s x the true
     distance + the projection's rounding + the bfloat16 bound; it must hold and not be vacuous."""
     from patchwatch.anomaly.patchcore import BF16_ROUNDOFF, _as_float, _Projection
@@ -246,7 +255,7 @@ def test_the_projected_distances_stay_within_the_bound_the_candidates_rest_on():
     assert ((computed - slack)[moved, moved - 150] / allowed[moved, moved - 150]).max() > 0.97
 
 
-def test_a_memory_without_a_few_dominant_axes_ranks_on_every_dimension():
+def test_a_memory_without_a_few_dominant_axes_ranks_on_every_dimension(small_memories_projected):
     """Isotropic features: half the axes hold about half the variance, and a bound on them would
     keep most rows; the model ranks on all dimensions and still finds the nearest rows."""
     from patchwatch.anomaly.patchcore import PatchCore, PatchCoreConfig
@@ -399,7 +408,7 @@ def test_query_blocks_are_padded_to_a_few_row_counts():
 
 
 @pytest.mark.parametrize("features", ["isotropic", "low rank"])
-def test_scoring_multiplies_only_shapes_the_model_compiled_when_made(monkeypatch, features):
+def test_scoring_multiplies_only_shapes_the_model_compiled_when_made(monkeypatch, features, small_memories_projected):
     """oneDNN compiles a kernel per product shape (~3 ms at 8k rows): a model makes them all when it is
     made (warm_up), and any number of queries, eq. 7's neighbourhoods included, uses only those."""
     import torch
