@@ -180,11 +180,12 @@ class _Ranking:
 # Scoring's nearest-neighbour passes (the map's over every patch, the full vectors' over the patches
 # that can hold their image's score) rank the memory on the centred memory's leading principal axes,
 # 1/PROJECTION_SHARE of the pass's dimensions: a product that many times smaller, whose distances
-# bound the true ones from below, then the few rows that bound keeps, exactly (MTD, 8k rows: ~5 a
-# patch; bench/results/score_profile.md). Not where those axes hold less than PROJECTION_VARIANCE
-# of the memory's variance (the bound would keep too many rows), nor below PROJECTION_MIN_DIMS
-# dimensions or PROJECTION_MIN_ROWS rows (the extra steps cost more than the product saves: 1.04-1.26x
-# the time at 500-1500 rows of MTD's memory, 0.88-0.92x at 2000-4000, 0.8x at 8k).
+# bound the true ones from below, then the few rows that bound keeps, exactly (MTD, 8k rows: 4.5 and
+# 3.9 a patch, worst_patches in 0.76x the time; bench/results/score_profile.md). Not where those
+# axes hold less than PROJECTION_VARIANCE of the memory's variance (the bound would keep too many
+# rows), nor below PROJECTION_MIN_DIMS dimensions or PROJECTION_MIN_ROWS rows (the extra steps cost
+# more than the product saves: a one-off script on random subsets of MTD's memory measured
+# 1.04-1.26x the time at 500-1500 rows, 0.88-0.92x at 2000-4000).
 PROJECTION_SHARE = 2
 PROJECTION_VARIANCE = 0.9
 PROJECTION_MIN_DIMS = 32
