@@ -82,6 +82,9 @@ def configurations() -> dict:
         # sets measured, 0.1 within noise: results/generalisation-padim-covariance.md)
         Candidate.make("padim-eps-0.1", "padim", None, {"epsilon": 0.1}),
         Candidate.make("padim-eps-1", "padim", None, {"epsilon": 1.0}),
+        # wide-strip's tiles (256 x 512) at their own aspect with the short side at 320, as the
+        # 320 x 320 square has it: is the square's lead there its taller input or its aspect?
+        Candidate.make("padim-320x640", "padim", {"fixed_shape": (320, 640)}),
     ]
     configs.update({c.name: c for c in extra})
     return configs
