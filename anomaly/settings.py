@@ -95,7 +95,8 @@ class FeatureConfig:
 
 # the area of native_shape's input size: at most 512 x 512 (a per-position model grows with it:
 # PaDiM's float64 inverse covariances take positions x 256 x 256 x 8 bytes, 537 MB at 32 x 32
-# positions, 210 MB at 20 x 20), at least 320 x 320 (a smaller image is scaled up: on
+# positions, 210 MB at 20 x 20), at least 320 x 320 (a smaller image is scaled up, and so is a
+# thinner one's short side to 320, where the upper bound allows: native_shape; on
 # tests/test_quality.py's 256 x 256 fine texture, PaDiM's maps peak on the 4-pixel defect in 8 of 8
 # images at 320 x 320, 7 of 8 at the texture's own size; the default square until 2026-11-30)
 NATIVE_AREA = (320 * 320, 512 * 512)
@@ -261,8 +262,9 @@ def with_input_size(detector: str, features: FeatureConfig, image_shapes: list[t
                     tiling: TilingConfig | None = None) -> FeatureConfig:
     """``features`` with the input size ``detector`` needs set from the (height, width) of the
     nominal images, each counted as what the network sees of it (its tiles, where ``tiling`` tiles
-    it): their median area, within 320 x 320 to 512 x 512, at their shared aspect, else square
-    (:func:`anomaly.settings.native_shape`); unchanged where nothing is needed."""
+    it): their median area, at most 512 x 512, with a short side of at least 320 where that allows,
+    at their shared aspect, else square (:func:`anomaly.settings.native_shape`); unchanged where
+    nothing is needed."""
     if not needs_input_size(detector, features):
         return features
     views = [tiling.view_shape(*shape) for shape in image_shapes] if tiling else list(image_shapes)

@@ -255,7 +255,8 @@ def _input_size(registry: ModelRegistry, records: list[ImageRecord], detector: s
     resolved = with_input_size(detector, features, sizes, tiling)
     tiled = sum(tiling.needs_tiling(*size) for size in sizes)
     logger.info("%s input size %dx%d (height x width), from %d nominal images%s (%dx%d to %dx%d): their median "
-                "area within 320x320 to 512x512, at their shared aspect, else square",
+                "area, at most 512x512, a short side of at least 320 where that allows, at their shared aspect, "
+                "else square",
                 detector, *resolved.fixed_shape, len(sizes), f" ({tiled} large: their tiles)" if tiled else "",
                 *min(sizes), *max(sizes))
     return resolved
