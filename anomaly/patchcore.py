@@ -207,7 +207,8 @@ class _Projection:
     ranking: _Ranking      # the projected centred memory, every column
     stretch: float         # s
     rounding: float        # a bound on the projection's float32 error, per unit of ||q|| + ||m||
-    widest: float          # the largest ||m|| over ``columns`` (centred)
+    largest_norm: float    # the largest ||m|| over ``columns`` (centred)
+    variance_share: float  # of the memory's variance over ``columns``, on the k axes
 
     @classmethod
     def of(cls, centred: np.ndarray, columns: slice, block: int) -> "_Projection | None":
@@ -218,7 +219,8 @@ class _Projection:
         if dims < PROJECTION_MIN_DIMS or len(part) < max(dims, PROJECTION_MIN_ROWS):
             return None
         variances, axes = torch.linalg.eigh(part.T @ part)   # ascending; centred: the covariance's axes
-        if variances[-kept:].sum() < PROJECTION_VARIANCE * variances.sum():
+        share = float(variances[-kept:].sum() / variances.sum())
+        if not share >= PROJECTION_VARIANCE:   # NaN too: a memory of one repeated vector
             return None
         basis = axes.flip(1)[:, :kept].float().contiguous()
         exact = basis.double()
@@ -227,7 +229,7 @@ class _Projection:
         # the query's centring by 2^-24 ||x|| s more; doubled as a margin
         rounding = 2 * stretch * (np.sqrt(kept) * (dims + 2) + 2) * 2.0 ** -24
         return cls(columns, basis.numpy(), _Ranking.of((part @ exact).numpy(), slice(None), block), stretch,
-                   float(rounding), float(part.norm(dim=1).max()))
+                   float(rounding), float(part.norm(dim=1).max()), share)
 
     def warm_up(self) -> None:
         self.ranking.warm_up(by_query=True)
@@ -242,16 +244,11 @@ class _Projection:
         bits, query_norms = ranking.distances_by_query(projected)
         best = bits[:count].argmin(1)   # any row will do: its distance is an upper bound
         known = np.sqrt(((queries[:, self.columns] - memory[best, self.columns]) ** 2).sum(1, dtype=np.float32))
-        margin = self.rounding * (np.sqrt(np.einsum("ij,ij->i", part, part)) + self.widest)
+        margin = self.rounding * (np.sqrt(np.einsum("ij,ij->i", part, part)) + self.largest_norm)
         # the float32 distance errs by at most (dims + 2) 2^-24 relative: 2^-12 is ample
         ceiling = (self.stretch * known * (1 + 2.0 ** -12) + margin) ** 2
         widest = ranking.error(query_norms, ranking.norms.max())
-        loose = (ceiling + widest) / (1 - 2 * u)
-        limit = np.full(len(bits), np.iinfo(np.int16).min, np.int16)  # padding rows: no candidates
-        finite = np.isfinite(loose)     # NaN features: none, as in the unprojected ranking
-        limit[:count][finite] = _bits_at_least(np.maximum(loose[finite], 2.0 ** -100))
-        line, row = np.divmod(_flat_true(bits <= limit[:, None]), bits.shape[1])
-        value = _as_float(bits[line, row])
+        line, row, value = _results_within(bits, (ceiling + widest) / (1 - 2 * u), count, by_query=True)
         slack = np.abs(value) * u / (1 - u) + ranking.error(query_norms[line], ranking.norms[row])
         kept = value - slack <= ceiling[line]
         return line[kept], row[kept]
@@ -264,6 +261,21 @@ def _flat_true(mask: np.ndarray) -> np.ndarray:
     hit = np.flatnonzero(words != 0)
     byte = np.flatnonzero(words[hit].view(np.uint8))
     return hit[byte >> 3] * 8 + (byte & 7)
+
+
+def _results_within(bits: np.ndarray, loose: np.ndarray, count: int, by_query: bool
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query, memory row, computed distance) of every result of a ranking's matrix (bit patterns,
+    memory rows by padded queries, or ``by_query`` transposed) at most its query's ``loose``; the
+    padding's queries and queries whose ``loose`` is not finite (NaN features) have none."""
+    limit = np.full(bits.shape[0] if by_query else bits.shape[1], np.iinfo(np.int16).min, np.int16)
+    finite = np.flatnonzero(np.isfinite(loose))
+    limit[finite] = _bits_at_least(np.maximum(loose[finite], 2.0 ** -100))
+    flat = _flat_true(bits <= (limit[:, None] if by_query else limit))
+    major, minor = np.divmod(flat, bits.shape[1])
+    line, row = (major, minor) if by_query else (minor, major)
+    kept = line < count   # a padding query's limit still admits -0.0
+    return line[kept], row[kept], _as_float(bits.ravel()[flat[kept]])
 
 
 def _as_float(bits: np.ndarray) -> np.ndarray:
@@ -432,7 +444,7 @@ class PatchCore:
             line, row = ranking.candidates(queries, centred, self.memory)
             return self._closest(queries, line, row, ranking.columns)
         bits, query_norms = ranking.distances(centred)   # the padding's columns too: contiguous passes
-        u, count, width = BF16_ROUNDOFF, len(queries), bits.shape[1]
+        u, count = BF16_ROUNDOFF, len(queries)
         # any vector's computed distance plus its bound is at least the nearest one's true distance:
         # so is each query's smallest result plus the largest norm's bound (negative results, at most
         # rounding, are the smallest bit patterns: negative integers; among them any will do)
@@ -442,13 +454,7 @@ class PatchCore:
         # a vector is a candidate unless its distance less its bound exceeds that: first the whole
         # matrix against the largest norm's bound (in bit patterns), then those few exactly, against
         # the smallest distance plus bound among them (at most the ceiling: fewer candidates)
-        loose = (ceiling + widest) / (1 - 2 * u)
-        limit = np.full(width, np.iinfo(np.int16).min, np.int16)  # padding: -0.0 at most, dropped below
-        limit[:count] = _bits_at_least(np.maximum(loose, 2.0 ** -100))
-        flat = _flat_true(bits <= limit)
-        row, line = np.divmod(flat, width)
-        flat, row, line = flat[line < count], row[line < count], line[line < count]
-        value = _as_float(bits.ravel()[flat])
+        line, row, value = _results_within(bits, (ceiling + widest) / (1 - 2 * u), count, by_query=False)
         slack = np.abs(value) * u / (1 - u) + ranking.error(query_norms[line], ranking.norms[row])
         tight = np.full(count, np.inf, np.float32)
         np.minimum.at(tight, line, value + slack)

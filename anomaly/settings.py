@@ -95,8 +95,8 @@ class FeatureConfig:
 
 # the area of native_shape's input size: at most 512 x 512 (a per-position model grows with it:
 # PaDiM's float64 inverse covariances take positions x 256 x 256 x 8 bytes, 537 MB at 32 x 32
-# positions, 210 MB at 20 x 20), at least 320 x 320 (a smaller image is scaled up, and so is a
-# thinner one's short side to 320, where the upper bound allows: native_shape; on
+# positions, 210 MB at 20 x 20), at least 320 x 320 for a square and a short side of 320 for any
+# other shape, where the upper bound allows (a smaller or thinner image is scaled up: on
 # tests/test_quality.py's 256 x 256 fine texture, PaDiM's maps peak on the 4-pixel defect in 8 of 8
 # images at 320 x 320, 7 of 8 at the texture's own size; the default square until 2026-11-30)
 NATIVE_AREA = (320 * 320, 512 * 512)
@@ -125,8 +125,8 @@ def native_shape(shapes: list[tuple[int, int]], area: tuple[int, int] = NATIVE_A
     share, tolerance = SHARED_ASPECT
     if np.mean(np.abs(np.log(aspects / aspect)) <= np.log1p(tolerance)) < share:
         aspect = 1.0
-    pixels = float(np.clip(np.median(sizes[:, 0] * sizes[:, 1]), *area))
-    pixels = min(max(pixels, area[0] * max(aspect, 1 / aspect)), area[1])   # the short side's floor
+    # the least area at this aspect: the short side's floor (for a square, the least area)
+    pixels = min(max(float(np.median(sizes[:, 0] * sizes[:, 1])), area[0] * max(aspect, 1 / aspect)), area[1])
     height, width = (pixels * aspect) ** 0.5, (pixels / aspect) ** 0.5
     return (max(multiple, round(height / multiple) * multiple), max(multiple, round(width / multiple) * multiple))
 

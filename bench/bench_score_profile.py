@@ -207,20 +207,16 @@ def profile_principal_axes(model, features: list, rounds: int = 5) -> dict:
         equal &= all(np.array_equal(getattr(found["principal axes"], field), getattr(found["every dimension"], field))
                      for field in ("map_scores", "patches", "scores", "rows"))
     vectors = np.concatenate([item.vectors for item in features])
-    centred_memory = (model.memory - model.memory.mean(0)).astype(np.float64)
     passes = []
     for name, projection in (("map", model._map_projection), ("full vectors", model._full_projection)):
         if projection is None:
             passes.append({"pass": name, "principal axes": "none (ranks every dimension)"})
             continue
-        columns = centred_memory[:, projection.columns]
-        variances = np.linalg.eigvalsh(columns.T @ columns)[::-1]
-        axes = projection.basis.shape[1]
         kept = sum(len(projection.candidates(vectors[first:first + model._block],
                                              vectors[first:first + model._block] - model._centre, model.memory)[0])
                    for first in range(0, len(vectors), model._block))
-        passes.append({"pass": name, "dimensions": columns.shape[1], "principal axes": axes,
-                       "their share of the variance": round(float(variances[:axes].sum() / variances.sum()), 3),
+        passes.append({"pass": name, "dimensions": projection.basis.shape[0], "principal axes": projection.basis.shape[1],
+                       "their share of the variance": round(projection.variance_share, 3),
                        "candidates per patch": round(kept / len(vectors), 2)})
     images = rounds * len(features)
     return {"ms": {name: 1e3 * clock / images for name, clock in clocks.items()}, "equal": equal, "passes": passes}
@@ -264,7 +260,7 @@ def profile_whole(extractor, model, images: list[np.ndarray], store) -> dict:
 
     before_model = BeforePatchCore(model)
     clocks = {"before": defaultdict(float), "after": defaultdict(float)}
-    score_diff, map_diff, map_scale = 0.0, 0.0, 0.0
+    score_diff, map_diff, map_scale, every_feature = 0.0, 0.0, 0.0, []
     warm_up_outputs(store, extractor.extract(images[:1])[0], model.config.sigma)  # warm-up: sessions, caches
     for first in range(0, len(images), TASK_BATCH):
         numbers = range(first, min(first + TASK_BATCH, len(images)))
@@ -273,6 +269,7 @@ def profile_whole(extractor, model, images: list[np.ndarray], store) -> dict:
             started = time.perf_counter()
             features.append(extractor.extract([images[number]])[0])
             backbone += time.perf_counter() - started
+        every_feature.extend(features)
         results = {}
         for path in (("before", "after") if (first // TASK_BATCH) % 2 == 0 else ("after", "before")):
             clock = clocks[path]
@@ -298,7 +295,7 @@ def profile_whole(extractor, model, images: list[np.ndarray], store) -> dict:
             map_diff = max(map_diff, float(np.abs(map_before - map_after).max()))
             map_scale = max(map_scale, float(np.abs(map_before).max()))
     return {"clocks": clocks, "images": len(images), "score_diff": score_diff, "map_diff": map_diff,
-            "map_scale": map_scale}
+            "map_scale": map_scale, "features": every_feature}
 
 
 def profile_padim(extractor, model, images: list[np.ndarray], store) -> dict:
@@ -506,7 +503,7 @@ def main() -> None:
             store.prepare()
             print(f"memory: {len(model.memory)} rows from {train_count} train images", flush=True)
             whole = profile_whole(extractor, model, test_images, store)
-            axes = profile_principal_axes(model, [extractor.extract([image])[0] for image in test_images])
+            axes = profile_principal_axes(model, whole.pop("features"))
             tiled = profile_tiled(extractor, model, large, store)
             profiles = {"MTD": whole, f"{args.large_side}px": tiled}
             title = f"Score time by stage, memory of {len(model.memory):,} rows ({train_count} MTD train images)"

@@ -207,7 +207,8 @@ def test_ranking_on_the_memorys_principal_axes_finds_the_same_nearest_rows(case,
     model = PatchCore(memory, PatchCoreConfig(map_dims=32), precision="bfloat16")
     assert model._full_projection is not None and model._map_projection is not None
     assert model._full_projection.basis.shape == (64, 32) and model._map_projection.basis.shape == (32, 16)
-    got, plain = model.nearest(queries), unprojected(model).nearest(queries)
+    plain_model = unprojected(model)
+    got, plain = model.nearest(queries), plain_model.nearest(queries)
     for projected, full in zip(got, plain):
         np.testing.assert_array_equal(projected, full)
     scores, rows, map_scores = got
@@ -225,8 +226,8 @@ def test_ranking_on_the_memorys_principal_axes_finds_the_same_nearest_rows(case,
         np.testing.assert_array_equal(rows[:50], np.arange(50))   # the lower of equal rows
     sizes = [100, 1, 250, 60, 130]       # and each image's worst patch, as from every patch's pass
     bounds = np.cumsum([0] + sizes)
-    found, found_plain = model.worst_patches(queries[:bounds[-1]], bounds), unprojected(model).worst_patches(
-        queries[:bounds[-1]], bounds)
+    found = model.worst_patches(queries[:bounds[-1]], bounds)
+    found_plain = plain_model.worst_patches(queries[:bounds[-1]], bounds)
     for name in ("map_scores", "patches", "scores", "rows"):
         np.testing.assert_array_equal(getattr(found, name), getattr(found_plain, name))
 
@@ -247,7 +248,7 @@ def test_the_projected_distances_stay_within_the_bound_the_candidates_rest_on(sm
     true = np.sqrt(((queries[:, None, :] - memory[None]) ** 2).sum(-1))
     u, ranking = BF16_ROUNDOFF, projection.ranking
     slack = np.abs(computed) * u / (1 - u) + ranking.error(query_norms[:, None], ranking.norms[None])
-    margin = projection.rounding * (np.linalg.norm(part, axis=1)[:, None] + projection.widest)
+    margin = projection.rounding * (np.linalg.norm(part, axis=1)[:, None] + projection.largest_norm)
     allowed = (projection.stretch * true + margin) ** 2
     assert ((computed - slack) <= allowed).all()
     # not vacuous: a query moved along the leading axes from its row is as far from it in projection
