@@ -28,9 +28,13 @@ SERVER_STARTS = 5  # tries when it does
 # Dask's default pre-spawn MALLOC_TRIM_THRESHOLD_=65536 also switches glibc's dynamic mmap threshold
 # off: every block above 128 KiB (each backbone activation) is then a fresh mmap, page-faulted in and
 # unmapped again on free, and the backbone ran ~3x slower. A fixed 32 MiB mmap threshold keeps those
-# blocks on the heap and reused (bench/bench_workers.py); trimming still returns freed heap to the OS.
-# glibc reads these once, at process start: they must be in the environment the worker is spawned with.
-WORKER_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
+# blocks on the heap; a 64 MiB trim threshold keeps them there once freed: at 65536 each freed block
+# at the heap's top went back to the OS and was faulted in again by the next task, and PatchCore's kNN
+# (an 8 MiB distance matrix per query block at 8k memory rows) took 1.8x the CPU, for ~30 MiB less
+# resident memory (bench/bench_workers.py). glibc reads these once, at process start: they must be in
+# the environment the worker is spawned with (the nanny's pre-spawn-environ, which overrides a
+# container's own variables of the same names).
+WORKER_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "67108864"}
 
 
 @contextlib.contextmanager

@@ -694,3 +694,28 @@ def test_dockerfile_parses_with_buildkit_parser():
     user = [c for c in commands if c.cmd.upper() == "USER"]
     assert user and not user[-1].value[0].startswith(("root", "0")), "final USER must not be root"
     assert commands[-1].cmd.upper() in ("CMD", "ENTRYPOINT")
+
+
+def _pre_spawn_environ(value: str) -> dict:
+    """The worker allocator settings a ``DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON`` value gives,
+    as dask reads it (the nanny sets them before it spawns the worker: glibc reads them at start)."""
+    import dask
+
+    parsed = dask.config.collect_env({"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": value})
+    return {str(k): str(v) for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", config=parsed).items()}
+
+
+def test_deployed_workers_get_the_local_clusters_allocator_settings():
+    """The workers the infra files start run with flows.runner's allocator settings: a container
+    variable MALLOC_TRIM_THRESHOLD_ would be overwritten by the nanny's own (65536), which made
+    PatchCore's kNN 1.8x slower in a worker (bench/results/workers.md)."""
+    from patchwatch.flows.runner import WORKER_ALLOCATOR_ENV
+
+    compose = _load_compose()["services"]["dask-worker"]["environment"]
+    assert _pre_spawn_environ(compose["DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"]) == WORKER_ALLOCATOR_ENV
+    worker = next(c for doc in _all_k8s_docs() for c in _containers(doc)
+                  if _doc_id(doc) == "Deployment/dask-worker" and c["name"] == "dask-worker")
+    k8s = {item["name"]: item.get("value") for item in worker["env"]}
+    assert _pre_spawn_environ(k8s["DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"]) == WORKER_ALLOCATOR_ENV
+    for env in (compose, k8s):
+        assert not {"MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"} & set(env)
