@@ -39,6 +39,7 @@ Nightly scoring keeps one such result root per night, and a history of nightly s
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -155,6 +156,10 @@ class MapWriter:
 
     def write_block(self, top: int, left: int, values: np.ndarray) -> None:
         """The chunk whose first pixel is (top, left): ``values`` cover it, cut at the map's edge."""
+        self._put(*self.encoded_block(top, left, values))
+
+    def encoded_block(self, top: int, left: int, values: np.ndarray) -> tuple[str, bytes]:
+        """(key, encoded chunk) of :meth:`write_block`."""
         chunk_h, chunk_w = self.chunks
         expected = (min(chunk_h, self.shape[0] - top), min(chunk_w, self.shape[1] - left))
         if top % chunk_h or left % chunk_w or tuple(values.shape) != expected:
@@ -164,10 +169,22 @@ class MapWriter:
             padded = np.full(self.chunks, np.nan, np.float32)
             padded[:block.shape[0], :block.shape[1]] = block
             block = padded
-        self._put(f"c/{top // chunk_h}/{left // chunk_w}", self._codec.encode(block))
+        return f"c/{top // chunk_h}/{left // chunk_w}", self._codec.encode(block)
+
+    def whole_map_objects(self, values: np.ndarray) -> dict[str, bytes]:
+        """{path in the file system: encoded chunk} of a whole map, every chunk."""
+        objects = {}
+        for top in range(0, self.shape[0], self.chunks[0]):
+            for left in range(0, self.shape[1], self.chunks[1]):
+                key, data = self.encoded_block(top, left, values[top:top + self.chunks[0], left:left + self.chunks[1]])
+                objects[f"{self._path}/{key}"] = data
+        return objects
 
     def write_metadata(self) -> None:
-        self._put("zarr.json", json.dumps(self.metadata).encode())  # no indent: json's C encoder
+        self._put("zarr.json", self.metadata_document())
+
+    def metadata_document(self) -> bytes:
+        return json.dumps(self.metadata).encode()  # no indent: json's C encoder
 
     def _put(self, key: str, data: bytes) -> None:
         if self._local:
@@ -182,6 +199,30 @@ class MapWriter:
                 handle.write(data)
         else:
             self._fs.pipe_file(f"{self._path}/{key}", data)
+
+
+async def _gathered(coroutines: list) -> list:
+    return await asyncio.gather(*coroutines)
+
+
+def write_maps_together(writers: list[MapWriter], maps: list[np.ndarray]) -> None:
+    """Whole maps on one asynchronous object store (s3fs, gcsfs, ...), each request of a kind sent
+    together: a listing per map (an earlier array of its name goes whole, in one batched delete),
+    every map's chunks, then every map's metadata (a reader never meets metadata without its
+    chunks). One by one, each map cost its requests' round trips in turn: ~33 ms a map (~50 ms
+    replacing one) on a loopback S3 endpoint, three times an MTD image's backbone pass."""
+    from fsspec.asyn import sync
+
+    fs = writers[0]._fs
+    listed = sync(fs.loop, _gathered, [fs._find(writer._path) for writer in writers])
+    earlier = [path for paths in listed for path in paths]
+    if earlier:
+        fs.rm(earlier)
+    chunks = {}
+    for writer, values in zip(writers, maps):
+        chunks.update(writer.whole_map_objects(values))
+    fs.pipe(chunks)
+    fs.pipe({f"{writer._path}/zarr.json": writer.metadata_document() for writer in writers})
 
 
 # chunk codecs read_map_array decodes itself (decoding needs no settings); any other goes through zarr
@@ -371,6 +412,30 @@ class ResultStore:
         writer.write_metadata()
         return writer.url
 
+    def write_maps(self, maps: list[tuple[str, str, str, np.ndarray]]) -> list[str | OSError]:
+        """:meth:`write_map` of each (image_id, uri, version, map): per map its URL, or the OSError
+        writing it raised. On an asynchronous object store the maps' requests go out together
+        (:func:`write_maps_together`); should that fail, each map is written again on its own, for
+        its own outcome. Elsewhere (a local folder: no round trips to save) one after another."""
+        if not maps:
+            return []
+        if is_local(self.root) or not getattr(filesystem(self.root)[0], "async_impl", False):
+            return [self._write_map_or_error(*item) for item in maps]
+        try:
+            values = [np.ascontiguousarray(item[3], dtype=np.float32) for item in maps]
+            writers = [self._map_writer(image_id, uri, version, array.shape, whole=True, remove_earlier=False)
+                       for (image_id, uri, version, _), array in zip(maps, values)]
+            write_maps_together(writers, values)
+            return [writer.url for writer in writers]
+        except OSError:
+            return [self._write_map_or_error(*item) for item in maps]
+
+    def _write_map_or_error(self, image_id: str, uri: str, version: str, anomaly_map: np.ndarray) -> str | OSError:
+        try:
+            return self.write_map(image_id, uri, version, anomaly_map)
+        except OSError as error:
+            return error
+
     def open_map(self, image_id: str, uri: str, version: str, shape: tuple[int, int]) -> "MapWriter":
         """A map to be written block by block (MAP_CHUNK-aligned blocks: a tiled image's stitched
         map), replacing any earlier array of that name; its metadata first, so a region never
@@ -380,7 +445,7 @@ class ResultStore:
         return writer
 
     def _map_writer(self, image_id: str, uri: str, version: str, shape: tuple[int, int],
-                    whole: bool = False) -> "MapWriter":
+                    whole: bool = False, remove_earlier: bool = True) -> "MapWriter":
         self._require_groups(version)
         height, width = int(shape[0]), int(shape[1])
         if whole and height * width <= WHOLE_MAP_PIXELS:
@@ -390,7 +455,8 @@ class ResultStore:
         metadata = {**_map_metadata(height, width, *chunks),
                     "attributes": self._map_attributes(image_id, uri, version, height, width)}
         writer = MapWriter(self.map_url(image_id, uri, version), (height, width), chunks, metadata)
-        writer.remove_earlier()
+        if remove_earlier:
+            writer.remove_earlier()
         return writer
 
     def _map_attributes(self, image_id: str, uri: str, version: str, height: int, width: int) -> dict:

@@ -133,11 +133,10 @@ def _unusable(error: Exception) -> Unusable:
     return Unusable(f"cannot score it ({type(error).__name__}: {' '.join(str(error).split())[:60]})")
 
 
-def score_image(record: ImageRecord, image, extractor, detector, out: ResultStore, model: ModelRef,
-                features=None, scored: tuple[float, np.ndarray] | None = None) -> dict:
-    """Score one decoded image and write its map; :class:`Unusable` if this image cannot be,
-    anything else (storage trouble) propagates to the task's retries. ``features``, ``scored``
-    (its image score and map): already computed, see :func:`score_images`."""
+def scored_image(image, extractor, detector, features=None, scored: tuple[float, np.ndarray] | None = None
+                 ) -> tuple[float, np.ndarray]:
+    """(image score, map) of one decoded image; :class:`Unusable` if this image cannot be scored.
+    ``features``, ``scored`` (its image score and map): already computed, see :func:`score_images`."""
     try:
         if scored is None:
             scored = detector.score(features if features is not None else extractor.extract([image])[0])
@@ -148,22 +147,19 @@ def score_image(record: ImageRecord, image, extractor, detector, out: ResultStor
         raise _unusable(error) from error
     if not np.isfinite(score) or not np.isfinite(amap).all():
         raise Unusable("its score is not finite (NaN or infinite values)")
-    try:
-        url = out.write_map(record.image_id, record.uri, model.version, amap)
-    except OSError as error:
-        if error.errno not in IMAGE_WRITE_ERRNOS:
-            raise
-        raise Unusable(f"cannot write its map ({os.strerror(error.errno)})") from error
-    return score_row(record, score, amap.shape, url, model)
+    return score, amap
 
 
 def score_images(records: list[ImageRecord], images: list, extractor, detector, out: ResultStore,
                  model: ModelRef) -> tuple[list[dict], list[dict]]:
-    """(score rows, error rows) of :func:`score_image` on each image, in order, the batch scored by
-    the detector's ``scores`` where it has one. PatchCore finds the nearest memory vectors of all
-    the batch's patches in one pass: its matrix product is several
-    times faster per row on a batch's ~1,500 rows than on one MTD image's ~100; PaDiM reads each
-    position's inverse covariance once for the batch."""
+    """(score rows, error rows) of the decoded images, in order: each scored
+    (:func:`scored_image`), the batch by the detector's ``scores`` where it has one, then their
+    maps written together (``ResultStore.write_maps``: on an object store their requests go out at
+    once). PatchCore finds the nearest memory vectors of all the batch's patches in one pass: its
+    matrix product is several times faster per row on a batch's ~1,500 rows than on one MTD
+    image's ~100; PaDiM reads each position's inverse covariance once for the batch. A map that
+    cannot be written for its own name (IMAGE_WRITE_ERRNOS) is that image's error row; any other
+    storage trouble propagates to the task's retries."""
     features: dict[int, object] = {}
     outcomes: dict[int, dict | Unusable] = {}
     if getattr(extractor, "batch_size", 1) > 1:  # a GPU: the batch's images in shared forward passes
@@ -180,12 +176,23 @@ def score_images(records: list[ImageRecord], images: list, extractor, detector, 
     batch: dict[int, tuple[float, np.ndarray]] = {}
     if isinstance(detector, (PatchCore, Padim)) and len(features) > 1:
         batch = _shared_pass(lambda: detector.scores(list(features.values())), list(features))
+    scored: dict[int, tuple[float, np.ndarray]] = {}
     for number, item in features.items():
         try:
-            outcomes[number] = score_image(records[number], images[number], extractor, detector, out, model,
-                                           features=item, scored=batch.get(number))
+            scored[number] = scored_image(images[number], extractor, detector, features=item,
+                                          scored=batch.get(number))
         except Unusable as unusable:
             outcomes[number] = unusable
+    numbers = sorted(scored)
+    written = out.write_maps([(records[n].image_id, records[n].uri, model.version, scored[n][1]) for n in numbers])
+    for number, url in zip(numbers, written):
+        if isinstance(url, OSError):
+            if url.errno not in IMAGE_WRITE_ERRNOS:
+                raise url
+            outcomes[number] = Unusable(f"cannot write its map ({os.strerror(url.errno)})")
+        else:
+            score, amap = scored[number]
+            outcomes[number] = score_row(records[number], score, amap.shape, url, model)
     rows, errors = [], []
     for number in sorted(outcomes):
         outcome = outcomes[number]

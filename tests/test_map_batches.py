@@ -1,0 +1,79 @@
+"""A score task's maps written together on an object store (issue 15, item 2): on S3 each map was
+its requests' round trips in turn (~33 ms a map on a loopback endpoint, three times an MTD image's
+backbone pass). Written together they must read back exactly as one by one: every chunk and
+value, an earlier array of the same name replaced whole, and one map's own failure its own."""
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+import zarr
+
+from patchwatch.storage import results_store
+from patchwatch.storage.results_store import MapDescription, ResultStore
+
+
+@pytest.fixture
+def s3_store(s3_environment, request):
+    store = ResultStore(s3_environment.url(f"map-batches-{request.node.name}"))
+    store.prepare()
+    store.describe_maps("v0001", MapDescription(image_threshold=2.0, pixel_threshold=1.0, units="u"))
+    return store
+
+
+def _maps(count: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.random((40 + 7 * k, 30 + 3 * k)).astype(np.float32) for k in range(count)]
+
+
+def _objects(store: ResultStore, url: str) -> list[str]:
+    fs, path = results_store.filesystem(url)
+    return sorted(found[len(path) + 1:] for found in fs.find(path))
+
+
+def test_maps_written_together_on_s3_read_back_as_written_one_by_one(s3_store, s3_environment):
+    maps = _maps(5)
+    together = s3_store.write_maps([(f"scans/t{k}.png", f"/src/scans/t{k}.png", "v0001", m) for k, m in enumerate(maps)])
+    alone = [s3_store.write_map(f"scans/a{k}.png", f"/src/scans/a{k}.png", "v0001", m) for k, m in enumerate(maps)]
+    for url, other, values in zip(together, alone, maps):
+        np.testing.assert_array_equal(zarr.open_array(url, mode="r")[...], values)
+        assert zarr.open_array(url, mode="r").attrs.asdict() | {"image_id": None, "source_uri": None} == \
+            zarr.open_array(other, mode="r").attrs.asdict() | {"image_id": None, "source_uri": None}
+        assert _objects(s3_store, url) == _objects(s3_store, other) == ["c/0/0", "zarr.json"]
+
+
+def test_a_map_written_together_replaces_an_earlier_larger_array_whole(s3_store):
+    large = np.arange(1100 * 1000, dtype=np.float32).reshape(1100, 1000)  # above WHOLE_MAP_PIXELS: 3 x 2 chunks
+    url = s3_store.write_map("a.png", "/src/a.png", "v0001", large)
+    assert len(_objects(s3_store, url)) == 7
+    small = _maps(1)[0]
+    [again, other] = s3_store.write_maps([("a.png", "/src/a.png", "v0001", small),
+                                          ("a.png.bak", "/src/a.png.bak", "v0001", small)])
+    assert again == url and _objects(s3_store, url) == ["c/0/0", "zarr.json"]
+    np.testing.assert_array_equal(s3_store.read_map(url), small)
+    np.testing.assert_array_equal(s3_store.read_map(other), small)
+
+
+def test_when_the_batch_fails_each_map_gets_its_own_outcome(s3_store, monkeypatch):
+    def failing_together(writers, maps):
+        raise OSError(errno.EIO, "the batch failed")
+
+    real_write = ResultStore.write_map
+
+    def write_map(self, image_id, uri, version, anomaly_map):
+        if image_id == "bad.png":
+            raise OSError(errno.ENAMETOOLONG, "File name too long", uri)
+        return real_write(self, image_id, uri, version, anomaly_map)
+
+    monkeypatch.setattr(results_store, "write_maps_together", failing_together)
+    monkeypatch.setattr(ResultStore, "write_map", write_map)
+    maps = _maps(3)
+    outcomes = s3_store.write_maps([(name, f"/src/{name}", "v0001", m) for name, m in zip(["a.png", "bad.png", "c.png"], maps)])
+    assert isinstance(outcomes[1], OSError) and outcomes[1].errno == errno.ENAMETOOLONG
+    for url, values in zip([outcomes[0], outcomes[2]], [maps[0], maps[2]]):
+        np.testing.assert_array_equal(s3_store.read_map(url), values)
+
+
+def test_an_empty_batch_writes_nothing(s3_store):
+    assert s3_store.write_maps([]) == []
