@@ -158,6 +158,16 @@ class MapWriter:
         """The chunk whose first pixel is (top, left): ``values`` cover it, cut at the map's edge."""
         self._put(*self.encoded_block(top, left, values))
 
+    def write_blocks(self, blocks: list[tuple[int, int, np.ndarray]]) -> None:
+        """:meth:`write_block` of each (top, left, values); on an asynchronous object store their
+        requests go out at once (one by one each waited for its round trip)."""
+        if self._local or not getattr(self._fs, "async_impl", False):
+            for top, left, values in blocks:
+                self.write_block(top, left, values)
+            return
+        encoded = [self.encoded_block(top, left, values) for top, left, values in blocks]
+        self._fs.pipe({f"{self._path}/{key}": data for key, data in encoded})
+
     def encoded_block(self, top: int, left: int, values: np.ndarray) -> tuple[str, bytes]:
         """(key, encoded chunk) of :meth:`write_block`."""
         chunk_h, chunk_w = self.chunks

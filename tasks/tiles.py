@@ -118,6 +118,11 @@ def score_tiles_task(model: ModelRef, uri: str, tiles: list[Tile], staged: str |
             for tile, item, (tile_score, grid) in zip(tiles, features, grids)]
 
 
+# rendered map blocks written together (on an object store their requests go out at once): a row of
+# an 8192 px map's 512 px chunks, 16 MiB of float32 held at a time
+BLOCKS_TOGETHER = 16
+
+
 # transient() refuses to retry a vanished results root too (ResultsRootGoneError is a FileNotFoundError)
 @task(name="stitch-map", task_run_name="stitch-map {image_id}", retries=3, retry_delay_seconds=retry_delay(10), retry_condition_fn=transient)
 def stitch_map_task(results: str, image_id: str, uri: str, version: str, shape: tuple[int, int],
@@ -134,8 +139,13 @@ def stitch_map_task(results: str, image_id: str, uri: str, version: str, shape: 
         out.describe_maps(version, first["map_description"])
     writer = out.open_map(image_id, uri, version, shape)
     rendered = StitchedMap(grid, stitcher.stride, shape, sigma_px)
+    pending = []
     for block in blocks(shape[0], shape[1], MAP_CHUNK):
-        writer.write_block(block.top, block.left, rendered.block(block.top, block.left, block.bottom, block.right))
+        pending.append((block.top, block.left, rendered.block(block.top, block.left, block.bottom, block.right)))
+        if len(pending) == BLOCKS_TOGETHER:
+            writer.write_blocks(pending)
+            pending = []
+    writer.write_blocks(pending)
     best = max(tile_scores, key=lambda item: item["max"])  # the image's max patch, eq. 7 weighted
     preview = _preview(grid, float(np.percentile(grid, 50)), float(grid.max()))
     preview_url = out.write_file(f"previews/{map_key(image_id, uri, version)}.png", preview)

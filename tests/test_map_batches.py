@@ -77,3 +77,16 @@ def test_when_the_batch_fails_each_map_gets_its_own_outcome(s3_store, monkeypatc
 
 def test_an_empty_batch_writes_nothing(s3_store):
     assert s3_store.write_maps([]) == []
+
+
+def test_a_stitched_maps_blocks_written_together_on_s3_read_back_and_an_unwritten_block_is_nan(s3_store):
+    values = np.random.default_rng(3).random((1100, 1000)).astype(np.float32)  # 3 x 2 chunks of 512
+    writer = s3_store.open_map("big.tif", "/src/big.tif", "v0001", values.shape)
+    blocks = [(top, left, values[top:top + 512, left:left + 512]) for top in (0, 512, 1024) for left in (0, 512)]
+    writer.write_blocks(blocks[:4])
+    writer.write_blocks(blocks[5:])  # the block at (1024, 0) never comes
+    found = s3_store.read_map(writer.url)
+    expected = values.copy()
+    expected[1024:, :512] = np.nan
+    np.testing.assert_array_equal(found, expected)
+    assert _objects(s3_store, writer.url) == ["c/0/0", "c/0/1", "c/1/0", "c/1/1", "c/2/1", "zarr.json"]
