@@ -92,6 +92,20 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
 
+def as_on_the_workers() -> str:
+    """Run this script on with the Dask workers' glibc allocator settings
+    (flows.runner.WORKER_ALLOCATOR_ENV), re-executing it with them if its environment lacks them:
+    glibc reads them only at process start, and they change what a task's transient blocks cost
+    (PatchCore's kNN took 1.8x the CPU under Dask's default: bench/results/workers.md). Returns
+    the settings as text, for the report."""
+    from patchwatch.flows.runner import WORKER_ALLOCATOR_ENV
+
+    if any(os.environ.get(key) != value for key, value in WORKER_ALLOCATOR_ENV.items()):
+        os.environ.update(WORKER_ALLOCATOR_ENV)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    return ", ".join(f"{key}={value}" for key, value in WORKER_ALLOCATOR_ENV.items())
+
+
 # ---- fresh processes and memory ------------------------------------------------------------------
 def _status_mib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():

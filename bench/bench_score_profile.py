@@ -22,7 +22,8 @@ with its own default features: backbone, Mahalanobis distances, map, Zarr write.
 
 The PatchCore model is fitted in process on evenly spread MTD train images, once per
 ``--train-limits`` entry (the memory's size is what the kNN costs scale with). Every stage runs
-with one thread (torch, faiss, ONNX Runtime, BLAS), as on the Dask workers.
+with one thread (torch, faiss, ONNX Runtime, BLAS) and the workers' glibc allocator settings
+(``flows.runner.WORKER_ALLOCATOR_ENV``: the script re-runs itself with them), as on the Dask workers.
 
     python bench/bench_score_profile.py                               # 30 and all 763 train images
     python bench/bench_score_profile.py --train-limits 30 --test-limit 20 --large-side 4096 --out /tmp/bench
@@ -238,7 +239,7 @@ def warm_up_outputs(store, item, sigma: float) -> None:
     before_write_map(store, "warm-up-before", before_anomaly_map(defaultdict(float), zeros, item, sigma))
 
 
-def finite_check(score: float, amap: np.ndarray) -> bool:  # what tasks.scoring.score_image checks
+def finite_check(score: float, amap: np.ndarray) -> bool:  # what tasks.scoring.scored_image checks
     return bool(np.isfinite(score) and np.isfinite(amap).all())
 
 
@@ -475,6 +476,7 @@ def main() -> None:
     parser.add_argument("--runtime", default=None, help="backbone runtime (default: PATCHWATCH_RUNTIME, else auto)")
     parser.add_argument("--tmp", default=None, help="folder for the Zarr maps (default: a temporary one)")
     args = parser.parse_args()
+    allocator = common.as_on_the_workers()
 
     import faiss
     import torch
@@ -575,7 +577,8 @@ def main() -> None:
                                   "8192px"]})
     meta = {"command": common.command_line(), "date": common.utc_now(), "machine": machine,
             "wall_s": time.perf_counter() - wall, "measures_memory": False,
-            "parameters": {"runtime": runtime, "threads": 1, "train limits": args.train_limits,
+            "parameters": {"runtime": runtime, "threads": 1, "allocator (as the workers')": allocator,
+                           "train limits": args.train_limits,
                            "test images": len(test_images), "large side": args.large_side}}
     common.report(args.out, args.name, "Score time around the backbone: before and after (issue 15, item 2)", meta, sections)
 
