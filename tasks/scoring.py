@@ -185,14 +185,14 @@ def score_images(records: list[ImageRecord], images: list, extractor, detector, 
             outcomes[number] = unusable
     numbers = sorted(scored)
     written = out.write_maps([(records[n].image_id, records[n].uri, model.version, scored[n][1]) for n in numbers])
-    for number, url in zip(numbers, written):
-        if isinstance(url, OSError):
-            if url.errno not in IMAGE_WRITE_ERRNOS:
-                raise url
-            outcomes[number] = Unusable(f"cannot write its map ({os.strerror(url.errno)})")
+    for number, url_or_error in zip(numbers, written):
+        if isinstance(url_or_error, OSError):
+            if url_or_error.errno not in IMAGE_WRITE_ERRNOS:
+                raise url_or_error
+            outcomes[number] = Unusable(f"cannot write its map ({os.strerror(url_or_error.errno)})")
         else:
             score, amap = scored[number]
-            outcomes[number] = score_row(records[number], score, amap.shape, url, model)
+            outcomes[number] = score_row(records[number], score, amap.shape, url_or_error, model)
     rows, errors = [], []
     for number in sorted(outcomes):
         outcome = outcomes[number]
