@@ -71,6 +71,27 @@ def writes_die_half_way(monkeypatch):
     return lambda: monkeypatch.setattr(local.LocalFileOpener, "write", dies_half_way)
 
 
+@pytest.fixture
+def map_name_too_long(monkeypatch):
+    """Call it with an image id: writing that image's map (``ResultStore.write_map``) then fails
+    with ENAMETOOLONG, as for a key its store refuses; other maps are written as usual."""
+    import errno
+
+    from patchwatch.storage.results_store import ResultStore
+
+    real_write = ResultStore.write_map
+
+    def refuse(refused_id: str) -> None:
+        def write_map(self, image_id, uri, version, anomaly_map):
+            if image_id == refused_id:
+                raise OSError(errno.ENAMETOOLONG, "File name too long", uri)
+            return real_write(self, image_id, uri, version, anomaly_map)
+
+        monkeypatch.setattr(ResultStore, "write_map", write_map)
+
+    return refuse
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
     """Logs and events that flows run in this process queued for a Prefect server are sent while

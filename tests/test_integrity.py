@@ -14,7 +14,6 @@ Dask worker and the session's Prefect and S3 servers:
 """
 from __future__ import annotations
 
-import errno
 import io
 import json
 import subprocess
@@ -125,7 +124,7 @@ def test_a_250_byte_file_name_is_scored_and_the_batch_goes_on(odd_names):
     assert len(relative.encode()) < 200 and all(len(p.encode()) < 100 for p in relative.split("/"))
 
 
-def test_a_map_write_failing_for_one_image_is_one_error_row_not_a_failed_batch(work, tmp_path, monkeypatch):
+def test_a_map_write_failing_for_one_image_is_one_error_row_not_a_failed_batch(work, tmp_path, map_name_too_long):
     """Any image-level failure, ENAMETOOLONG on its map included, is that image's error row."""
     from patchwatch.storage.images import ImageRecord
     from patchwatch.storage.model_store import ModelRegistry
@@ -138,14 +137,7 @@ def test_a_map_write_failing_for_one_image_is_one_error_row_not_a_failed_batch(w
     for i in SIZED[:3]:
         (folder / f"img{i}.jpg").write_bytes(mtd_test_image(i))
         records.append(ImageRecord(image_id=f"img{i}.jpg", uri=str(folder / f"img{i}.jpg")))
-    real_write = ResultStore.write_map
-
-    def write_map(self, image_id, uri, version, anomaly_map):
-        if image_id == "img3.jpg":
-            raise OSError(errno.ENAMETOOLONG, "File name too long", uri)
-        return real_write(self, image_id, uri, version, anomaly_map)
-
-    monkeypatch.setattr(ResultStore, "write_map", write_map)
+    map_name_too_long("img3.jpg")
     model = ModelRef.of(ModelRegistry(str(work["root"])).resolve())
     out = ResultStore(str(tmp_path / "results"))
     out.prepare()

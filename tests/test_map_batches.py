@@ -55,19 +55,12 @@ def test_a_map_written_together_replaces_an_earlier_larger_array_whole(s3_store)
     np.testing.assert_array_equal(s3_store.read_map(other), small)
 
 
-def test_when_the_batch_fails_each_map_gets_its_own_outcome(s3_store, monkeypatch):
+def test_when_the_batch_fails_each_map_gets_its_own_outcome(s3_store, monkeypatch, map_name_too_long):
     def failing_together(writers, maps):
         raise OSError(errno.EIO, "the batch failed")
 
-    real_write = ResultStore.write_map
-
-    def write_map(self, image_id, uri, version, anomaly_map):
-        if image_id == "bad.png":
-            raise OSError(errno.ENAMETOOLONG, "File name too long", uri)
-        return real_write(self, image_id, uri, version, anomaly_map)
-
     monkeypatch.setattr(results_store, "write_maps_together", failing_together)
-    monkeypatch.setattr(ResultStore, "write_map", write_map)
+    map_name_too_long("bad.png")
     maps = _maps(3)
     outcomes = s3_store.write_maps([(name, f"/src/{name}", "v0001", m) for name, m in zip(["a.png", "bad.png", "c.png"], maps)])
     assert isinstance(outcomes[1], OSError) and outcomes[1].errno == errno.ENAMETOOLONG
