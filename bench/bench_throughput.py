@@ -52,11 +52,11 @@ PARTS = ("runtime", "score", "metrics", "png", "noop")
 REDUCED = {"runtime_rounds": 3, "runtime_images": 150, "runtime_train": 20, "runtime_passes": 3,
            "score_train": "all", "score_test": 100, "large_side": 8192,
            "metrics_train": 0, "metrics_test": 0, "metrics_scales": "1,4",
-           "png_side": 12000, "png_repeats": 1, "noop_images": 6, "noop_repeats": 3}
+           "png_side": 12000, "png_repeats": 3, "noop_images": 6, "noop_repeats": 3}
 FULL = {"runtime_rounds": 7, "runtime_images": 0, "runtime_train": 100, "runtime_passes": 2,
         "score_train": "30,all", "score_test": 200, "large_side": 8192,
         "metrics_train": 0, "metrics_test": 0, "metrics_scales": "1,4",
-        "png_side": 12000, "png_repeats": 1, "noop_images": 6, "noop_repeats": 3}
+        "png_side": 12000, "png_repeats": 3, "noop_images": 6, "noop_repeats": 3}
 NOOP_LIMIT_S = 5.0
 
 
