@@ -93,10 +93,10 @@ def command_line() -> str:
 
 
 def as_on_the_workers() -> str:
-    """Run this script on with the Dask workers' glibc allocator settings
+    """Run this script with the Dask workers' glibc allocator settings
     (flows.runner.WORKER_ALLOCATOR_ENV), re-executing it with them if its environment lacks them:
     glibc reads them only at process start, and they change what a task's transient blocks cost
-    (PatchCore's kNN took 1.8x the CPU under Dask's default: bench/results/workers.md). Returns
+    (PatchCore's kNN took 2.6x the CPU under Dask's default: bench/results/workers.md). Returns
     the settings as text, for the report."""
     from patchwatch.flows.runner import WORKER_ALLOCATOR_ENV
 
@@ -143,6 +143,16 @@ def run_fresh(function, *args, **kwargs):
 
 
 # ---- images ---------------------------------------------------------------------------------------
+def fit_default_patchcore(extractor, uris: list[str]):
+    """PatchCore with its default settings fitted in this process on these images' features."""
+    from patchwatch.anomaly.detectors import default_features, detector_config, for_features
+    from patchwatch.anomaly.patchcore import PatchCore
+    from patchwatch.storage.images import read_image
+
+    bank = np.concatenate([extractor.extract([read_image(uri)])[0].vectors for uri in uris])
+    return PatchCore.fit(bank, for_features("patchcore", detector_config("patchcore"), default_features("patchcore")))
+
+
 def spread(items: list, limit: int | None) -> list:
     """``limit`` items evenly spread over ``items`` (all if no limit): a split CSV is ordered by
     class / defect type, so its head would not be representative."""

@@ -15,8 +15,8 @@ stitch-map task writes them now.
 
 Moto answers on loopback from one Python process on this machine's 2 cores: its CPU, not the
 network, bounds the requests there. A second phase puts ``bench/latency_proxy.py`` between the
-client and moto (``--delay-ms`` each way: 20 ms round trips by default, S3's order from a worker),
-as a store whose requests each wait for their round trip.
+client and moto (``--delay-ms`` each way: 20 ms round trips by default, a figure chosen for a
+networked store, not S3's measured here), as a store whose requests each wait for their round trip.
 
     python bench/bench_map_writes.py [--maps 64] [--stitched-side 4096] [--rounds 3]
 """
@@ -136,43 +136,40 @@ def main() -> None:
     stitched = np.ascontiguousarray(stitched[:args.stitched_side, :args.stitched_side])
     stitched_timings: dict[tuple[str, str], list[tuple[float, float]]] = {}
     timings: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+
+    def run_phase(roots: dict[str, str], endpoint: str) -> None:
+        """Interleaved rounds over the stores at ``roots``, S3 reached at ``endpoint``."""
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+        s3fs.S3FileSystem.clear_instance_cache()  # s3fs reads the endpoint when an instance is made
+        stores = {where: ResultStore(root) for where, root in roots.items()}
+        for store in stores.values():
+            store.prepare()
+            store.describe_maps("v0001", MapDescription(image_threshold=1.0, pixel_threshold=1.0, units="u"))
+            store.write_maps([("warm.png", "/src/warm.png", "v0001", maps[0])])  # sessions, group metadata
+        for round_ in range(args.rounds):
+            order = (False, True) if round_ % 2 == 0 else (True, False)
+            for where, store in stores.items():
+                for names in ("new names", "same names again"):
+                    for together in order:
+                        # the same prefix in both passes: the second replaces the first's arrays
+                        prefix = f"r{round_}-{'together' if together else 'one'}"
+                        key = (where, names, "together" if together else "one by one")
+                        timings.setdefault(key, []).append(timed_writes(store, maps, prefix, together))
+                for together in order:
+                    mode = "16 blocks together" if together else "block by block"
+                    stitched_timings.setdefault((where, mode), []).append(
+                        timed_stitched(store, stitched, f"r{round_}-{'together' if together else 'one'}", together))
+                print(f"round {round_ + 1} {where}: " + ", ".join(
+                    f"{n} {m} {timings[(where, n, m)][-1][0] / len(maps) * 1000:.1f} ms"
+                    for n in ("new names", "same names again") for m in ("one by one", "together")), flush=True)
+
     with tempfile.TemporaryDirectory(prefix="map-writes-") as work, running_s3_server(Path(work) / "s3") as s3:
         os.environ.update(s3.env)
-        delayed = f"S3 (moto) at {2 * args.delay_ms:g} ms round trips (bench/latency_proxy.py)"
-        phases = [{"S3 (moto, loopback)": s3.endpoint, "local folder": None}]
+        run_phase({"S3 (moto, loopback)": s3.url("results"), "local folder": str(Path(work) / "local")}, s3.endpoint)
         if args.delay_ms > 0:
-            phases.append({delayed: None})
-        for phase in phases:
-            with contextlib.ExitStack() as stack:
-                endpoints = {where: endpoint for where, endpoint in phase.items()}
-                if delayed in phase:
-                    endpoints[delayed] = stack.enter_context(latency_proxy(s3.endpoint, args.delay_ms))
-                stores = {}
-                for where, endpoint in endpoints.items():
-                    if endpoint is not None:  # s3fs reads the endpoint when an instance is made
-                        os.environ["AWS_ENDPOINT_URL"] = endpoint
-                        s3fs.S3FileSystem.clear_instance_cache()
-                    prefix = "results-delayed" if where == delayed else "results"
-                    stores[where] = ResultStore(s3.url(prefix) if endpoint else str(Path(work) / "local"))
-                    stores[where].prepare()
-                    stores[where].describe_maps("v0001", MapDescription(image_threshold=1.0, pixel_threshold=1.0, units="u"))
-                    stores[where].write_maps([("warm.png", "/src/warm.png", "v0001", maps[0])])  # sessions, groups
-                for round_ in range(args.rounds):
-                    for where, store in stores.items():
-                        for names in ("new names", "same names again"):
-                            order = (False, True) if round_ % 2 == 0 else (True, False)
-                            for together in order:
-                                # the same prefix in both passes: the second replaces the first's arrays
-                                prefix = f"r{round_}-{'together' if together else 'one'}"
-                                key = (where, names, "together" if together else "one by one")
-                                timings.setdefault(key, []).append(timed_writes(store, maps, prefix, together))
-                        for together in ((False, True) if round_ % 2 == 0 else (True, False)):
-                            mode = "16 blocks together" if together else "block by block"
-                            stitched_timings.setdefault((where, mode), []).append(
-                                timed_stitched(store, stitched, f"r{round_}-{'together' if together else 'one'}", together))
-                        print(f"round {round_ + 1} {where}: " + ", ".join(
-                            f"{n} {m} {timings[(where, n, m)][-1][0] / len(maps) * 1000:.1f} ms"
-                            for n in ("new names", "same names again") for m in ("one by one", "together")), flush=True)
+            with latency_proxy(s3.endpoint, args.delay_ms) as proxied:
+                run_phase({f"S3 (moto) at {2 * args.delay_ms:g} ms round trips (bench/latency_proxy.py)":
+                           s3.url("results-delayed")}, proxied)
     rows = []
     for (where, names, mode), values in timings.items():
         wall = float(np.median([w for w, _ in values])) / len(maps) * 1000

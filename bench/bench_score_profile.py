@@ -429,14 +429,8 @@ def share_rows(profiles: dict[str, dict]) -> list[dict]:
 
 
 def fit(extractor, split: str, limit: int | None):
-    from patchwatch.anomaly.detectors import default_features, detector_config, for_features
-    from patchwatch.anomaly.patchcore import PatchCore
-    from patchwatch.storage.images import read_image
-
     records = common.select_records(split, "train", limit)
-    bank = np.concatenate([extractor.extract([read_image(r.uri)])[0].vectors for r in records])
-    config = for_features("patchcore", detector_config("patchcore"), default_features("patchcore"))
-    return PatchCore.fit(bank, config), len(records)
+    return common.fit_default_patchcore(extractor, [r.uri for r in records]), len(records)
 
 
 def padim_features(split: str):

@@ -23,7 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import base_parser, command_line, machine_info, report, select_records, utc_now  # noqa: E402
+from _common import (base_parser, command_line, fit_default_patchcore, machine_info, report,  # noqa: E402
+                     select_records, utc_now)
 
 DASK_DEFAULT = "Dask default (MALLOC_TRIM_THRESHOLD_=65536)"
 SETTINGS = {  # name -> allocator variables over Dask's pre-spawn-environ (None: unset)
@@ -74,17 +75,13 @@ def fit_memory(uris: list[str]) -> np.ndarray:
     """PatchCore's default memory (coreset) of these train images, fitted in this process."""
     import torch
 
-    from patchwatch.anomaly.detectors import default_features, detector_config, for_features
+    from patchwatch.anomaly.detectors import default_features
     from patchwatch.anomaly.features import PatchFeatureExtractor
-    from patchwatch.anomaly.patchcore import PatchCore
     from patchwatch.anomaly.runtime import resolve_runtime
-    from patchwatch.storage.images import read_image
 
     torch.set_num_threads(1)
-    features = default_features("patchcore")
-    extractor = PatchFeatureExtractor(features, runtime=resolve_runtime(None), threads=1)
-    bank = np.concatenate([extractor.extract([read_image(uri)])[0].vectors for uri in uris])
-    return PatchCore.fit(bank, for_features("patchcore", detector_config("patchcore"), features)).memory
+    extractor = PatchFeatureExtractor(default_features("patchcore"), runtime=resolve_runtime(None), threads=1)
+    return fit_default_patchcore(extractor, uris).memory
 
 
 def main() -> None:

@@ -30,8 +30,8 @@ SERVER_STARTS = 5  # tries when it does
 # unmapped again on free, and the backbone ran ~3x slower. A fixed 32 MiB mmap threshold keeps those
 # blocks on the heap; a 64 MiB trim threshold keeps them there once freed: at 65536 each freed block
 # at the heap's top went back to the OS and was faulted in again by the next task, and PatchCore's kNN
-# (an 8 MiB distance matrix per query block at 8k memory rows) took 1.8x the CPU, for ~30 MiB less
-# resident memory (bench/bench_workers.py). glibc reads these once, at process start: they must be in
+# (an 8 MiB distance matrix per query block at 8k memory rows) took 1.7x the CPU (4.00 against 2.36
+# ms an MTD image), for 17 MiB less resident memory (bench/results/workers.md). glibc reads these once, at process start: they must be in
 # the environment the worker is spawned with (the nanny's pre-spawn-environ, which overrides a
 # container's own variables of the same names).
 WORKER_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "67108864"}

@@ -161,12 +161,12 @@ class MapWriter:
     def write_blocks(self, blocks: list[tuple[int, int, np.ndarray]]) -> None:
         """:meth:`write_block` of each (top, left, values); on an asynchronous object store their
         requests go out at once (one by one each waited for its round trip)."""
-        if self._local or not getattr(self._fs, "async_impl", False):
-            for top, left, values in blocks:
-                self.write_block(top, left, values)
-            return
         encoded = [self.encoded_block(top, left, values) for top, left, values in blocks]
-        self._fs.pipe({f"{self._path}/{key}": data for key, data in encoded})
+        if sends_together(self._fs):
+            self._fs.pipe({f"{self._path}/{key}": data for key, data in encoded})
+        else:
+            for key, data in encoded:
+                self._put(key, data)
 
     def encoded_block(self, top: int, left: int, values: np.ndarray) -> tuple[str, bytes]:
         """(key, encoded chunk) of :meth:`write_block`."""
@@ -181,14 +181,11 @@ class MapWriter:
             block = padded
         return f"c/{top // chunk_h}/{left // chunk_w}", self._codec.encode(block)
 
-    def whole_map_objects(self, values: np.ndarray) -> dict[str, bytes]:
-        """{path in the file system: encoded chunk} of a whole map, every chunk."""
-        objects = {}
-        for top in range(0, self.shape[0], self.chunks[0]):
-            for left in range(0, self.shape[1], self.chunks[1]):
-                key, data = self.encoded_block(top, left, values[top:top + self.chunks[0], left:left + self.chunks[1]])
-                objects[f"{self._path}/{key}"] = data
-        return objects
+    def whole_map_blocks(self, values: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+        """(top, left, values) of every chunk of a whole map."""
+        chunk_h, chunk_w = self.chunks
+        return [(top, left, values[top:top + chunk_h, left:left + chunk_w])
+                for top in range(0, self.shape[0], chunk_h) for left in range(0, self.shape[1], chunk_w)]
 
     def write_metadata(self) -> None:
         self._put("zarr.json", self.metadata_document())
@@ -211,6 +208,12 @@ class MapWriter:
             self._fs.pipe_file(f"{self._path}/{key}", data)
 
 
+def sends_together(fs) -> bool:
+    """Whether requests to ``fs`` go out together (an asynchronous object store: s3fs, gcsfs, ...);
+    a local folder or a synchronous store writes one after another (no round trips to overlap)."""
+    return not is_local_filesystem(fs) and bool(getattr(fs, "async_impl", False))
+
+
 async def _gathered(coroutines: list) -> list:
     return await asyncio.gather(*coroutines)
 
@@ -228,10 +231,8 @@ def write_maps_together(writers: list[MapWriter], maps: list[np.ndarray]) -> Non
     earlier = [path for paths in listed for path in paths]
     if earlier:
         fs.rm(earlier)
-    chunks = {}
-    for writer, values in zip(writers, maps):
-        chunks.update(writer.whole_map_objects(values))
-    fs.pipe(chunks)
+    fs.pipe({f"{writer._path}/{key}": data for writer, values in zip(writers, maps)
+             for key, data in (writer.encoded_block(*block) for block in writer.whole_map_blocks(values))})
     fs.pipe({f"{writer._path}/zarr.json": writer.metadata_document() for writer in writers})
 
 
@@ -416,9 +417,8 @@ class ResultStore:
         through zarr a small map cost ~5 ms, up to a fifth of an MTD image's score time."""
         values = np.ascontiguousarray(anomaly_map, dtype=np.float32)
         writer = self._map_writer(image_id, uri, version, values.shape, whole=True)
-        for top in range(0, writer.shape[0], writer.chunks[0]):
-            for left in range(0, writer.shape[1], writer.chunks[1]):
-                writer.write_block(top, left, values[top:top + writer.chunks[0], left:left + writer.chunks[1]])
+        for block in writer.whole_map_blocks(values):
+            writer.write_block(*block)
         writer.write_metadata()
         return writer.url
 
@@ -426,10 +426,10 @@ class ResultStore:
         """:meth:`write_map` of each (image_id, uri, version, map): per map its URL, or the OSError
         writing it raised. On an asynchronous object store the maps' requests go out together
         (:func:`write_maps_together`); should that fail, each map is written again on its own, for
-        its own outcome. Elsewhere (a local folder: no round trips to save) one after another."""
+        its own outcome. Elsewhere (:func:`sends_together`) one after another."""
         if not maps:
             return []
-        if is_local(self.root) or not getattr(filesystem(self.root)[0], "async_impl", False):
+        if not sends_together(filesystem(self.root)[0]):
             return [self._write_map_or_error(*item) for item in maps]
         try:
             values = [np.ascontiguousarray(item[3], dtype=np.float32) for item in maps]

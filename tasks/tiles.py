@@ -139,13 +139,10 @@ def stitch_map_task(results: str, image_id: str, uri: str, version: str, shape: 
         out.describe_maps(version, first["map_description"])
     writer = out.open_map(image_id, uri, version, shape)
     rendered = StitchedMap(grid, stitcher.stride, shape, sigma_px)
-    pending = []
-    for block in blocks(shape[0], shape[1], MAP_CHUNK):
-        pending.append((block.top, block.left, rendered.block(block.top, block.left, block.bottom, block.right)))
-        if len(pending) == BLOCKS_TOGETHER:
-            writer.write_blocks(pending)
-            pending = []
-    writer.write_blocks(pending)
+    every_block = blocks(shape[0], shape[1], MAP_CHUNK)
+    for first in range(0, len(every_block), BLOCKS_TOGETHER):
+        writer.write_blocks([(block.top, block.left, rendered.block(block.top, block.left, block.bottom, block.right))
+                             for block in every_block[first:first + BLOCKS_TOGETHER]])
     best = max(tile_scores, key=lambda item: item["max"])  # the image's max patch, eq. 7 weighted
     preview = _preview(grid, float(np.percentile(grid, 50)), float(grid.max()))
     preview_url = out.write_file(f"previews/{map_key(image_id, uri, version)}.png", preview)

@@ -707,8 +707,8 @@ def _pre_spawn_environ(value: str) -> dict:
 
 def test_deployed_workers_get_the_local_clusters_allocator_settings():
     """The workers the infra files start run with flows.runner's allocator settings: a container
-    variable MALLOC_TRIM_THRESHOLD_ would be overwritten by the nanny's own (65536), which made
-    PatchCore's kNN 1.8x slower in a worker (bench/results/workers.md)."""
+    variable MALLOC_TRIM_THRESHOLD_ would be overwritten by the nanny's own (65536), under which
+    PatchCore's kNN took 1.7x the CPU in a worker (bench/results/workers.md)."""
     from patchwatch.flows.runner import WORKER_ALLOCATOR_ENV
 
     compose = _load_compose()["services"]["dask-worker"]["environment"]
