@@ -83,3 +83,10 @@ def test_a_stitched_maps_blocks_written_together_on_s3_read_back_and_an_unwritte
     expected[1024:, :512] = np.nan
     np.testing.assert_array_equal(found, expected)
     assert _objects(writer.url) == ["c/0/0", "c/0/1", "c/1/0", "c/1/1", "c/2/1", "zarr.json"]
+
+
+def test_s3_takes_a_tasks_requests_together_and_a_local_folder_one_after_another(s3_store, tmp_path):
+    """The batched path above is the one S3 gets (else these tests would pass on the one-by-one
+    path alone); a local folder has no round trips to overlap."""
+    assert results_store.sends_together(results_store.filesystem(s3_store.root)[0])
+    assert not results_store.sends_together(results_store.filesystem(str(tmp_path))[0])
