@@ -599,10 +599,14 @@ class NightlyResults:
         return sorted(posixpath.basename(p.rstrip("/")) for p in list_dir(join(self.root, "nights")))
 
     def done(self, version: str | None = None) -> set[str]:
-        """URIs scored (or found unusable) on any night: by ``version``, or by any version."""
-        parts = [path for night in self.nights() for table in ("scores", "errors")
-                 for path in numbered_parts(join(self.root, "nights", night, table), "part").values()]
-        frame = read_parquet_parts(self.root, parts, columns=["uri", "model_version"])
+        """URIs scored (or found unusable) on any night: by ``version``, or by any version.
+
+        Read from the nights' merged tables, not their parts: a run killed before it merged
+        left parts that no table a user reads holds, and its images must be scored again (the
+        next merge of that night keeps one row per image and version)."""
+        merged = [path for night in self.nights() for path in list_dir(join(self.root, "nights", night))
+                  if posixpath.basename(path) in ("scores.parquet", "errors.parquet")]
+        frame = read_parquet_parts(self.root, merged, columns=["uri", "model_version"])
         if not len(frame):
             return set()
         return set(frame.uri if version is None else frame.uri[frame.model_version == version])

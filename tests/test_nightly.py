@@ -223,3 +223,24 @@ def test_nightly_scoring_scores_each_image_once_per_version(work, fitted):
     assert (later.model_version == "v0001").sum() == N_ARCHIVE + 1
     assert later["map"].nunique() == len(later)
     admin(work, "promote", "v0002", "--root", root)
+
+
+def test_images_of_a_score_new_killed_before_it_merged_its_night_are_scored_again(work, fitted):
+    """A run killed after its tasks wrote their parts and maps, before it merged the night's
+    tables: those images are in no table a user reads, so the next run must score them (the
+    soak test met it: it found them 'scored already' and merged nothing)."""
+    root, results, archive = work["root"], work["results"], work["folder"] / "archive"
+    night = "2026-11-26"
+    arrived = copy_mtd_images(archive, "test", 2, label="defect", start=110)
+    patchwatch(work, "score-new", "--archive", archive, "--root", root, "--results", results, "--night", night)
+    # what a kill before the merge leaves: the run's parts and maps, no merged table, no history row
+    for merged in ("scores.parquet", "summary.json"):
+        (results / "nights" / night / merged).unlink()
+    (results / "history" / f"{night}.parquet").unlink()
+    assert night_parts(results, night)
+
+    patchwatch(work, "score-new", "--archive", archive, "--root", root, "--results", results, "--night", night)
+    table = pd.read_parquet(results / "nights" / night / "scores.parquet")
+    assert sorted(table.uri) == sorted(str(path) for path in arrived)
+    assert not table.duplicated(["uri", "model_version"]).any()
+    assert pd.read_parquet(results / "history" / f"{night}.parquet").images.item() == len(arrived)
