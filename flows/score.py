@@ -92,6 +92,8 @@ def publish_scores(logger, out: ResultStore, summary: dict, errors: list[dict], 
     summary["score_table"] = out.write_table("scores", table) if len(table) else None
     error_rows = out.errors()
     if len(error_rows):
+        # a run killed before its merge left error parts its re-run writes again
+        error_rows = error_rows.drop_duplicates(["uri", "model_version"], keep="last").reset_index(drop=True)
         out.write_table("errors", error_rows)
     latest = table.drop_duplicates("uri", keep="last") if len(table) else table
     summary.update(images=int(len(latest)), rows=int(len(table)), errors_total=int(len(error_rows)))

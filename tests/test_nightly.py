@@ -232,9 +232,11 @@ def test_images_of_a_score_new_killed_before_it_merged_its_night_are_scored_agai
     root, results, archive = work["root"], work["results"], work["folder"] / "archive"
     night = "2026-11-26"
     arrived = copy_mtd_images(archive, "test", 2, label="defect", start=110)
+    broken = archive / "arrived-broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     patchwatch(work, "score-new", "--archive", archive, "--root", root, "--results", results, "--night", night)
     # what a kill before the merge leaves: the run's parts and maps, no merged table, no history row
-    for merged in ("scores.parquet", "summary.json"):
+    for merged in ("scores.parquet", "errors.parquet", "summary.json"):
         (results / "nights" / night / merged).unlink()
     (results / "history" / f"{night}.parquet").unlink()
     assert night_parts(results, night)
@@ -243,4 +245,5 @@ def test_images_of_a_score_new_killed_before_it_merged_its_night_are_scored_agai
     table = pd.read_parquet(results / "nights" / night / "scores.parquet")
     assert sorted(table.uri) == sorted(str(path) for path in arrived)
     assert not table.duplicated(["uri", "model_version"]).any()
+    assert list(pd.read_parquet(results / "nights" / night / "errors.parquet").uri) == [str(broken)]
     assert pd.read_parquet(results / "history" / f"{night}.parquet").images.item() == len(arrived)
