@@ -62,7 +62,7 @@ def score_new_flow(archive: str, root: str, results: str, night: str | None = No
     summary = {"night": night, "results": out.root, "model_version": model.version, "threshold": model.threshold,
                "pixel_threshold": model.pixel_threshold,
                "listed": len(records), "already_scored": len(records) - len(todo), "rescore": rescore}
-    if not todo:
+    if not todo and nightly.published(night):
         logger.info("nothing to score: all %d images of %s were scored already%s", len(records), archive,
                     f" by {model.version}" if rescore else "")
         summary.update(scored_now=0, skipped_now=0, score_s=time.perf_counter() - started)
@@ -70,9 +70,14 @@ def score_new_flow(archive: str, root: str, results: str, night: str | None = No
                                  + markdown_table(summary), description=f"scoring of {archive}")
         _publish_trend(nightly)
     else:
-        logger.info("scoring %d of %d images of %s with %s into %s", len(todo), len(records), archive,
-                    model.version, out.root)
-        scored = score_records(todo, model, manifest, out, out.next_part(), batch_size, tiles_per_task)
+        if todo:
+            logger.info("scoring %d of %d images of %s with %s into %s", len(todo), len(records), archive,
+                        model.version, out.root)
+            scored = score_records(todo, model, manifest, out, out.next_part(), batch_size, tiles_per_task)
+        else:
+            logger.warning("nothing to score, but a run of night %s was cut short after merging its tables: "
+                           "writing its summary, history row and report now", night)
+            scored = {"errors": [], "staged": {}}
         summary.update(scored_now=len(todo) - len(scored["errors"]), skipped_now=len(scored["errors"]),
                        score_s=time.perf_counter() - started)
         # publish_scores merged every run of the night: its counts and quantiles are the night's,
@@ -93,7 +98,7 @@ def score_new_flow(archive: str, root: str, results: str, night: str | None = No
         trend_chart = _publish_trend(nightly)
         if summary["images"]:
             write_scoring_report(out, summary, overlays, f"{title}: {out.root}", trend_chart)
-        if not summary["scored_now"]:
+        if todo and not summary["scored_now"]:
             raise NothingScoredError(f"none of the {len(todo)} images to score in {archive} could be scored "
                                      f"({len(scored['errors'])} error rows in {out.root})")
     return summary

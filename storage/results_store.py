@@ -611,6 +611,22 @@ class NightlyResults:
             return set()
         return set(frame.uri if version is None else frame.uri[frame.model_version == version])
 
+    def published(self, date: str) -> bool:
+        """Whether the night's history row counts its merged tables' rows (false where a run was
+        cut short after its merge, before the row: the trend would miss the night). A night
+        without a merged table has nothing to publish."""
+        night = self.night(date)
+        counts = {table: len(read_parquet_parts(night.root, [url], columns=["uri"]))
+                  for table in ("scores", "errors") if exists(url := join(night.root, f"{table}.parquet"))}
+        if not counts:
+            return True
+        history = join(self.root, "history", f"{date}.parquet")
+        if not exists(history):
+            return False
+        row = read_parquet_parts(self.root, [history], columns=["rows", "errors"])
+        return len(row) == 1 and (int(row.rows.iloc[0]), int(row.errors.iloc[0])) == (
+            counts.get("scores", 0), counts.get("errors", 0))
+
     def write_history(self, date: str, row: dict) -> None:
         write_parquet(join(self.root, "history", f"{date}.parquet"), pd.DataFrame([row]))
 

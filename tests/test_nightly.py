@@ -247,3 +247,23 @@ def test_images_of_a_score_new_killed_before_it_merged_its_night_are_scored_agai
     assert not table.duplicated(["uri", "model_version"]).any()
     assert list(pd.read_parquet(results / "nights" / night / "errors.parquet").uri) == [str(broken)]
     assert pd.read_parquet(results / "history" / f"{night}.parquet").images.item() == len(arrived)
+
+
+def test_a_score_new_killed_after_its_merge_before_its_history_row_is_published_by_the_next_run(work, fitted):
+    """Killed after it merged the night's tables, before it wrote the night's history row (the
+    trend's source): its images count as scored, and the next run, with nothing to score, still
+    writes the row for the merged tables, or the trend would miss the night for good."""
+    root, results, archive = work["root"], work["results"], work["folder"] / "archive"
+    night = "2026-11-27"
+    copy_mtd_images(archive, "test", 1, label="good", start=60)
+    patchwatch(work, "score-new", "--archive", archive, "--root", root, "--results", results, "--night", night)
+    history = results / "history" / f"{night}.parquet"
+    written = pd.read_parquet(history)
+    history.unlink()
+
+    output = patchwatch(work, "score-new", "--archive", archive, "--root", root, "--results", results,
+                        "--night", night)
+    assert re.search(r"scored_now\s*│\s*0\s*│", output), output
+    again = pd.read_parquet(history)
+    assert (again.images.item(), again.rows.item(), again.errors.item()) == (
+        written.images.item(), written.rows.item(), written.errors.item()) == (1, 1, 0)
