@@ -4,8 +4,8 @@ outright (SIGKILL of the process group at a random moment), then one clean score
 Bounded: a fixed seed, CYCLES cycles of tiny synthetic images, one local Dask worker per command
 (``--workers 1``: the cluster's processes are the command's and must die with it), and the
 session's Prefect server. Afterwards: no process of any command is left, the night's tables hold
-no duplicate (image, model_version) row, every archive image is scored or has an error row, and
-``current.json`` names a complete version.
+no duplicate (image, model_version) row, every archive image is scored or has an error row, the
+night's history row counts its tables, and ``current.json`` names a complete version.
 """
 from __future__ import annotations
 
@@ -114,6 +114,9 @@ def test_soak_fit_score_new_promote_with_random_kills(tmp_path, prefect_server):
     listed = {str(p) for p in archive.glob("*.png")}
     assert listed <= set(scores.uri) | set(errors.uri), (log, sorted(listed - set(scores.uri) - set(errors.uri)))
     assert set(errors.uri) == {str(archive / "broken.png")}, errors
+    assert not errors.duplicated(["uri", "model_version"]).any(), errors
+    history = pd.read_parquet(results / "history" / f"{NIGHT}.parquet")   # the trend's row counts the tables
+    assert (history.rows.item(), history.errors.item()) == (len(scores), len(errors)), (log, history)
     current = json.loads((root / "current.json").read_text())["version"]
     assert (root / "versions" / current / "manifest.json").exists(), current
     elapsed = time.monotonic() - started
