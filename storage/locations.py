@@ -187,6 +187,15 @@ def read_parquet(url: str, columns: list[str] | None = None):
     return pd.read_parquet(io.BytesIO(read_bytes(url)), columns=columns)
 
 
+def parquet_rows(url: str, path: str) -> int:
+    """Rows of the Parquet file at ``path`` (as listed below ``url``), read from its footer alone."""
+    import pyarrow.parquet as pq
+
+    fs, _ = filesystem(url)
+    with fs.open(path, "rb") as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
 def read_parquet_parts(url: str, paths, columns: list[str] | None = None):
     """The non-empty tables at ``paths`` (as listed below ``url``, in its filesystem's own path
     form) concatenated; an empty frame when there are none."""

@@ -57,8 +57,9 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
-from .locations import (exists, filesystem, is_local, is_local_filesystem, join, list_dir, numbered_parts, read_json,
-                        read_parquet_parts, remove_numbered_parts, write_bytes_atomically, write_json, write_parquet)
+from .locations import (exists, filesystem, is_local, is_local_filesystem, join, list_dir, numbered_parts,
+                        parquet_rows, read_json, read_parquet, read_parquet_parts, remove_numbered_parts,
+                        write_bytes_atomically, write_json, write_parquet)
 
 MAP_CHUNK = 512
 # a map written whole of at most this many pixels is one chunk: an image below the tiling threshold
@@ -604,8 +605,7 @@ class NightlyResults:
         Read from the nights' merged tables, not their parts: a run killed before it merged
         left parts that no table a user reads holds, and its images must be scored again (the
         next merge of that night keeps one row per image and version)."""
-        merged = [path for night in self.nights() for path in list_dir(join(self.root, "nights", night))
-                  if posixpath.basename(path) in ("scores.parquet", "errors.parquet")]
+        merged = [path for night in self.nights() for path in self._merged_tables(night).values()]
         frame = read_parquet_parts(self.root, merged, columns=["uri", "model_version"])
         if not len(frame):
             return set()
@@ -615,17 +615,20 @@ class NightlyResults:
         """Whether the night's history row counts its merged tables' rows (false where a run was
         cut short after its merge, before the row: the trend would miss the night). A night
         without a merged table has nothing to publish."""
-        night = self.night(date)
-        counts = {table: len(read_parquet_parts(night.root, [url], columns=["uri"]))
-                  for table in ("scores", "errors") if exists(url := join(night.root, f"{table}.parquet"))}
+        counts = {table: parquet_rows(self.root, path) for table, path in self._merged_tables(date).items()}
         if not counts:
             return True
         history = join(self.root, "history", f"{date}.parquet")
         if not exists(history):
             return False
-        row = read_parquet_parts(self.root, [history], columns=["rows", "errors"])
+        row = read_parquet(history, columns=["rows", "errors"])
         return len(row) == 1 and (int(row.rows.iloc[0]), int(row.errors.iloc[0])) == (
             counts.get("scores", 0), counts.get("errors", 0))
+
+    def _merged_tables(self, date: str) -> dict[str, str]:
+        """{"scores" / "errors": path} of the night's merged tables that exist, from one listing."""
+        return {name.removesuffix(".parquet"): path for path in list_dir(join(self.root, "nights", date))
+                if (name := posixpath.basename(path)) in ("scores.parquet", "errors.parquet")}
 
     def write_history(self, date: str, row: dict) -> None:
         write_parquet(join(self.root, "history", f"{date}.parquet"), pd.DataFrame([row]))

@@ -140,9 +140,9 @@ def stitch_map_task(results: str, image_id: str, uri: str, version: str, shape: 
     writer = out.open_map(image_id, uri, version, shape)
     rendered = StitchedMap(grid, stitcher.stride, shape, sigma_px)
     every_block = blocks(shape[0], shape[1], MAP_CHUNK)
-    for first in range(0, len(every_block), BLOCKS_TOGETHER):
+    for start in range(0, len(every_block), BLOCKS_TOGETHER):
         writer.write_blocks([(block.top, block.left, rendered.block(block.top, block.left, block.bottom, block.right))
-                             for block in every_block[first:first + BLOCKS_TOGETHER]])
+                             for block in every_block[start:start + BLOCKS_TOGETHER]])
     best = max(tile_scores, key=lambda item: item["max"])  # the image's max patch, eq. 7 weighted
     preview = _preview(grid, float(np.percentile(grid, 50)), float(grid.max()))
     preview_url = out.write_file(f"previews/{map_key(image_id, uri, version)}.png", preview)
