@@ -69,13 +69,11 @@ def timed_writes(store, maps: list[np.ndarray], prefix: str, together: bool) -> 
 
 def timed_stitched(store, values: np.ndarray, name: str, together: bool) -> tuple[float, float]:
     """(wall s, CPU s) of writing ``values`` as a stitched map, block by block or 16 at a time."""
-    from patchwatch.storage.results_store import MAP_CHUNK
     from patchwatch.tasks.tiles import BLOCKS_TOGETHER
 
     wall, cpu = time.perf_counter(), time.process_time()
     writer = store.open_map(f"{name}.tif", f"/src/{name}.tif", "v0001", values.shape)
-    blocks = [(top, left, values[top:top + MAP_CHUNK, left:left + MAP_CHUNK])
-              for top in range(0, values.shape[0], MAP_CHUNK) for left in range(0, values.shape[1], MAP_CHUNK)]
+    blocks = writer.whole_map_blocks(values)  # the map's 512 px chunks
     if together:
         for first in range(0, len(blocks), BLOCKS_TOGETHER):
             writer.write_blocks(blocks[first:first + BLOCKS_TOGETHER])
