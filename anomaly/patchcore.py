@@ -1,6 +1,7 @@
 """PatchCore (Roth et al., CVPR 2022): memory bank, coreset, nearest-neighbour scoring."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import faiss
@@ -86,8 +87,7 @@ def query_row_sizes(block: int) -> list[int]:
 
 def default_precision() -> str:
     """'bfloat16' where the CPU multiplies it natively (AMX or AVX512-BF16: ~5x float32 there),
-    else 'float32': torch emulates bfloat16 elsewhere, and there the float32 ranking of before
-    (two products of half the dimensions, no padding columns) is the faster one."""
+    else 'float32': torch emulates bfloat16 elsewhere (far slower than a float32 product)."""
     try:
         native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     except AttributeError:  # a torch without these probes
@@ -95,8 +95,9 @@ def default_precision() -> str:
     return "bfloat16" if native else "float32"
 
 
-# unit roundoff of bfloat16 (8 significant bits)
+# unit roundoff of bfloat16 (8 significant bits) and of float32 (24)
 BF16_ROUNDOFF = 2.0 ** -8
+F32_ROUNDOFF = 2.0 ** -24
 
 
 def _two_parts(values: np.ndarray) -> np.ndarray:
@@ -106,60 +107,89 @@ def _two_parts(values: np.ndarray) -> np.ndarray:
     return np.stack([high, low])
 
 
+def _one_part(values: np.ndarray) -> np.ndarray:
+    """(1, n) float32: ``values`` within float32's roundoff, relative."""
+    return np.asarray(values, dtype=np.float32)[None]
+
+
+@dataclass(frozen=True)
+class _Format:
+    """The number format of a ranking's product: its operands and its result."""
+
+    name: str
+    dtype: torch.dtype          # the operands' and the result's
+    bits: torch.dtype           # the result read as integers of its width: they order positive floats as the floats
+    roundoff: float             # unit roundoff of the operands and of the result
+    norm_residue: float         # relative error of a squared norm as the operand holds it
+    norm_parts: "Callable[[np.ndarray], np.ndarray]"  # a squared norm as the operand's columns
+
+
+# bfloat16 where the CPU multiplies it natively (default_precision); float32 elsewhere: a bounded
+# ranking there too, so both find the exact nearest rows, and both rank on principal axes
+FORMATS = {"bfloat16": _Format("bfloat16", torch.bfloat16, torch.int16, BF16_ROUNDOFF, BF16_ROUNDOFF ** 2, _two_parts),
+           "float32": _Format("float32", torch.float32, torch.int32, F32_ROUNDOFF, F32_ROUNDOFF, _one_part)}
+
+
 @dataclass
 class _Ranking:
-    """Squared distances to the memory over some of its dimensions, as one bfloat16 matrix product:
-    [m, 1, ||m||^2] . [-2 q, ||q||^2, 1] (centred vectors; the squared norms each as a high and a
-    low bfloat16 part), memory rows by queries: oneDNN then packs only the queries' small operand
-    for AMX, not the memory's (25-30 % less time than queries by memory rows, measured at 8k rows).
-    The product's result is a distance, read as its int16 bit patterns (which order positive floats
+    """Squared distances to the memory over some of its dimensions, as one matrix product in a
+    :class:`_Format` (bfloat16 or float32) with a bounded error (:meth:`error`): [m, 1, ||m||^2] .
+    [-2 q, ||q||^2, 1] (centred vectors; in bfloat16 the squared norms each as a high and a low
+    part), memory rows by queries: oneDNN then packs only the queries' small operand for AMX, not
+    the memory's (25-30 % less time than queries by memory rows, measured at 8k rows). The
+    product's result is a distance, read as its integer bit patterns (which order positive floats
     as the floats), so the column minimum and the candidate test are the only passes over the
-    (memory x queries) matrix, on 2 bytes a pair: those passes and the product are the cost."""
+    (memory x queries) matrix: those passes and the product are the cost."""
 
     columns: slice
-    operand: torch.Tensor     # (rows, dims + 4) bfloat16
+    operand: torch.Tensor     # (rows, dims + 2 x norm columns) in the format's dtype
     norms: np.ndarray         # ||m|| of the centred rows
     dims: int
     block: int = QUERY_BLOCK  # most queries in one product (the model's query block)
+    format: _Format = FORMATS["bfloat16"]
 
     @classmethod
-    def of(cls, centred: np.ndarray, columns: slice, block: int = QUERY_BLOCK) -> "_Ranking":
+    def of(cls, centred: np.ndarray, columns: slice, block: int = QUERY_BLOCK,
+           precision: str = "bfloat16") -> "_Ranking":
+        number_format = FORMATS[precision]
         part = centred[:, columns]
         squared = (part ** 2).sum(1)
-        operand = np.concatenate([part, np.ones((len(part), 2)), _two_parts(squared).T], axis=1).astype(np.float32)
-        return cls(columns, torch.from_numpy(np.ascontiguousarray(operand)).to(torch.bfloat16),
-                   np.sqrt(squared).astype(np.float32), part.shape[1], block)
+        parts = number_format.norm_parts(squared)
+        operand = np.concatenate([part, np.ones((len(part), len(parts))), parts.T], axis=1).astype(np.float32)
+        return cls(columns, torch.from_numpy(np.ascontiguousarray(operand)).to(number_format.dtype),
+                   np.sqrt(squared).astype(np.float32), part.shape[1], block, number_format)
 
     def distances(self, centred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(the bfloat16 squared distances' bit patterns as int16, memory rows by queries, ||q||)
+        """(the squared distances' bit patterns as integers, memory rows by queries, ||q||)
         for centred queries; the matrix has a column for each of the product's padded query rows
         (:func:`query_rows`), its first ``len(centred)`` those of the queries."""
         query, norms = self._query_operand(centred[:, self.columns])
-        return (self.operand @ query.t()).view(torch.int16).numpy(), norms
+        return (self.operand @ query.t()).view(self.format.bits).numpy(), norms
 
     def distances_by_query(self, part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`distances` transposed, padded query rows by memory rows, for queries already
         reduced to the ranking's dimensions: each query's smallest is then found along a
         contiguous row (numpy's argmin along the other axis is ~50x slower)."""
         query, norms = self._query_operand(part)
-        return (query @ self.operand.t()).view(torch.int16).numpy(), norms
+        return (query @ self.operand.t()).view(self.format.bits).numpy(), norms
 
     def _query_operand(self, part: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """[-2 q, ||q||^2 (two parts), 1] in bfloat16, padded to :func:`query_rows` rows; ||q||."""
+        """[-2 q, ||q||^2, 1] in the format, padded to :func:`query_rows` rows; ||q||."""
         count, dims = len(part), self.dims
         squared = np.einsum("ij,ij->i", part, part, dtype=np.float64)
-        query = np.empty((query_rows(count, self.block), dims + 4), np.float32)  # written in place: no temporaries
+        parts = self.format.norm_parts(squared)
+        query = np.empty((query_rows(count, self.block), self.operand.shape[1]), np.float32)  # in place: no temporaries
         np.multiply(part, -2, out=query[:count, :dims], casting="unsafe")
-        query[:count, dims:dims + 2] = _two_parts(squared).T
-        query[:count, dims + 2:] = 1
+        query[:count, dims:dims + len(parts)] = parts.T
+        query[:count, dims + len(parts):] = 1
         query[count:] = 0
-        return torch.from_numpy(query).to(torch.bfloat16), np.sqrt(squared)
+        return torch.from_numpy(query).to(self.format.dtype), np.sqrt(squared)
 
     def warm_up(self, by_query: bool = False) -> None:
         """One product of each shape :meth:`distances` (or :meth:`distances_by_query`) can use
         (oneDNN compiles each once a process)."""
         for rows in query_row_sizes(self.block):
-            query = torch.zeros((rows, self.dims + 4), dtype=torch.bfloat16)
+            query = torch.zeros((rows, self.operand.shape[1]), dtype=self.format.dtype)
             if by_query:
                 query @ self.operand.t()
             else:
@@ -167,14 +197,16 @@ class _Ranking:
 
     def error(self, query_norms: np.ndarray, memory_norms: np.ndarray) -> np.ndarray:
         """A bound on |computed - exact| squared distance, less the result's own rounding (at most
-        u |computed| / (1 - u)): q and m rounded to bfloat16 (||q - q~|| <= u ||q||, in -2 q.m:
-        2 (2u + u^2) ||q|| ||m||), the norms' two-part residue (u^2 each) and float32 summation in
-        any order ((dims + 4) 2^-24 times the sum of the terms' sizes); u = 2^-8. A quarter more as
-        a margin: it costs only a few candidates (the result's rounding, measured, never exceeded u)."""
-        u, q, m = BF16_ROUNDOFF, query_norms, memory_norms
+        u |computed| / (1 - u)): q and m rounded to the format (||q - q~|| <= u ||q||, in -2 q.m:
+        2 (2u + u^2) ||q|| ||m||), the norms' residue (bfloat16's two parts: u^2 each; float32: u)
+        and float32 summation in any order ((terms) 2^-24 times the sum of the terms' sizes); u
+        the format's roundoff. A quarter more as a margin: it costs only a few candidates (the
+        result's rounding, measured in bfloat16, never exceeded u)."""
+        u, residue, q, m = self.format.roundoff, self.format.norm_residue, query_norms, memory_norms
         cross = 2 * q * m
         sizes = (1 + u) ** 2 * cross + (1 + u) * (q * q + m * m)
-        return 1.25 * ((2 * u + u * u) * cross + u * u * (q * q + m * m) + (self.dims + 4) * 2.0 ** -24 * sizes)
+        terms = self.operand.shape[1]
+        return 1.25 * ((2 * u + u * u) * cross + residue * (q * q + m * m) + terms * F32_ROUNDOFF * sizes)
 
 
 # Scoring's nearest-neighbour passes (the map's over every patch, the full vectors' over the patches
@@ -211,7 +243,7 @@ class _Projection:
     variance_share: float  # of the memory's variance over ``columns``, on the k axes
 
     @classmethod
-    def of(cls, centred: np.ndarray, columns: slice, block: int) -> "_Projection | None":
+    def of(cls, centred: np.ndarray, columns: slice, block: int, precision: str = "bfloat16") -> "_Projection | None":
         # float64, through torch (the process's threads, as everywhere in scoring)
         part = torch.from_numpy(np.ascontiguousarray(centred[:, columns], dtype=np.float64))
         dims = part.shape[1]
@@ -228,7 +260,7 @@ class _Projection:
         # a float32 product over dims terms errs by at most (dims + 2) 2^-24 ||x|| s per coordinate;
         # the query's centring by 2^-24 ||x|| s more; doubled as a margin
         rounding = 2 * stretch * (np.sqrt(kept) * (dims + 2) + 2) * 2.0 ** -24
-        return cls(columns, basis.numpy(), _Ranking.of((part @ exact).numpy(), slice(None), block), stretch,
+        return cls(columns, basis.numpy(), _Ranking.of((part @ exact).numpy(), slice(None), block, precision), stretch,
                    float(rounding), float(part.norm(dim=1).max()), share)
 
     def warm_up(self) -> None:
@@ -237,7 +269,8 @@ class _Projection:
     def candidates(self, queries: np.ndarray, centred: np.ndarray, memory: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:
         """(query, row) pairs: every row that can be each query's nearest over ``columns``."""
-        u, count, ranking = BF16_ROUNDOFF, len(queries), self.ranking
+        count, ranking = len(queries), self.ranking
+        u = ranking.format.roundoff
         part = np.ascontiguousarray(centred[:, self.columns], dtype=np.float32)
         # through torch: its thread count is the process's (one on the workers; anomaly.maps._product)
         projected = (torch.from_numpy(part) @ torch.from_numpy(self.basis)).numpy()
@@ -268,9 +301,9 @@ def _results_within(bits: np.ndarray, loose: np.ndarray, count: int, by_query: b
     """(query, memory row, computed distance) of every result of a ranking's matrix (bit patterns,
     memory rows by padded queries, or ``by_query`` transposed) at most its query's ``loose``; the
     padding's queries and queries whose ``loose`` is not finite (NaN features) have none."""
-    limit = np.full(bits.shape[0] if by_query else bits.shape[1], np.iinfo(np.int16).min, np.int16)
+    limit = np.full(bits.shape[0] if by_query else bits.shape[1], np.iinfo(bits.dtype).min, bits.dtype)
     finite = np.flatnonzero(np.isfinite(loose))
-    limit[finite] = _bits_at_least(np.maximum(loose[finite], 2.0 ** -100))
+    limit[finite] = _bits_at_least(np.maximum(loose[finite], 2.0 ** -100), bits.dtype)
     flat = _flat_true(bits <= (limit[:, None] if by_query else limit))
     major, minor = np.divmod(flat, bits.shape[1])
     line, row = (major, minor) if by_query else (minor, major)
@@ -279,13 +312,21 @@ def _results_within(bits: np.ndarray, loose: np.ndarray, count: int, by_query: b
 
 
 def _as_float(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (int16) as float32 values."""
+    """Bit patterns as float32 values: bfloat16's (int16) or float32's (int32)."""
+    if bits.dtype == np.int32:
+        return bits.view(np.float32)
     return (bits.astype(np.int32) << 16).view(np.float32)
 
 
-def _bits_at_least(values: np.ndarray) -> np.ndarray:
-    """int16 bit patterns of the smallest bfloat16 values >= ``values`` (all positive)."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.int32)
+def _bits_at_least(values: np.ndarray, dtype=np.int16) -> np.ndarray:
+    """Bit patterns of the smallest bfloat16 (``dtype`` int16) or float32 (int32) values >=
+    ``values`` (all positive)."""
+    values = np.asarray(values)
+    single = values.astype(np.float32)
+    single = np.where(single < values, np.nextafter(single, np.float32(np.inf)), single)  # rounded up
+    bits = np.ascontiguousarray(single, dtype=np.float32).view(np.int32)
+    if np.dtype(dtype) == np.int32:
+        return bits
     return ((bits + 0xFFFF) >> 16).astype(np.int16)
 
 
@@ -310,7 +351,8 @@ class PatchCore:
 
     Patch scores come from exact nearest-neighbour passes (:meth:`nearest`: every patch's distance
     over the full vectors and over the map's primary ``map_dims``). Candidates are ranked by bfloat16
-    matrix products (on CPUs with AMX ~5x a float32 one) whose error is bounded, so every memory
+    matrix products (on CPUs with AMX ~5x a float32 one; float32 ones on CPUs without native
+    bfloat16, :func:`default_precision`) whose error is bounded, so every memory
     vector that could be the nearest stays a candidate (~2 per patch on MTD) and the candidates'
     distances are then computed exactly. Where the memory's variance lies on a few axes (CNN
     features: MTD's 128 map dimensions hold 97 % of it on 64), the products run on the leading half
@@ -318,9 +360,8 @@ class PatchCore:
     Scoring images (:meth:`image_scores_and_grids`) needs the
     full vectors' distance only of each image's worst patch: :meth:`worst_patches` runs that pass
     only on patches that can be it (~8 % on MTD). A model compiles its product shapes when made
-    (:meth:`warm_up`). CPUs without native bfloat16 rank in float32 as before
-    (:func:`default_precision`), every patch in both passes. The faiss index still serves eq. 7's
-    neighbourhood search for a single image (:meth:`image_score_and_grid`).
+    (:meth:`warm_up`). The faiss index still serves eq. 7's neighbourhood search for a single
+    image (:meth:`image_score_and_grid`).
     """
 
     def __init__(self, memory: np.ndarray, config: PatchCoreConfig = PatchCoreConfig(),
@@ -336,39 +377,32 @@ class PatchCore:
         # scale) are smaller: ReLU features all lie on one side of the origin
         self._centre = self.memory.mean(0, dtype=np.float64)
         centred = self.memory - self._centre
-        # 'bfloat16': bounded ranking, candidates re-ranked exactly; 'float32': ranked by the float32
-        # product alone, as before (another row where distances tie within its rounding)
+        # the ranking products' number format: bounded either way, candidates re-ranked exactly
         self.precision = precision or default_precision()
+        if self.precision not in FORMATS:
+            raise ValueError(f"precision {self.precision!r} is not one of {sorted(FORMATS)}")
         self._block = max(ROW_MULTIPLE, min(QUERY_BLOCK, BLOCK_BYTES // (4 * len(self.memory)))
                           // ROW_MULTIPLE * ROW_MULTIPLE)
-        if self.precision == "bfloat16":
-            self._full = _Ranking.of(centred, slice(None), self._block)
-            self._head = _Ranking.of(centred, slice(0, self.map_split), self._block) if self.map_split else None
-            # nearest-neighbour passes on the memory's principal axes where they hold it (else None:
-            # the rankings above); eq. 7's neighbourhoods stay on the full ranking
-            # (``principal_axes=False``: never; the same results, for comparisons)
-            self._full_projection = _Projection.of(centred, slice(None), self._block) if principal_axes else None
-            self._map_projection = (_Projection.of(centred, slice(0, self.map_split), self._block)
-                                    if self.map_split and principal_axes else None)
-            self.warm_up()
-        else:
-            # float32 (no native bfloat16): each half transposed into its own contiguous (dims, rows)
-            # product operand, and its squared norms; the full ranking is the head's plus the tail's
-            split = self.map_split or dims
-            self._head_t = torch.from_numpy(np.ascontiguousarray(centred[:, :split].T, dtype=np.float32))
-            self._tail_t = torch.from_numpy(np.ascontiguousarray(centred[:, split:].T, dtype=np.float32))
-            self._head_sq = (self._head_t.double() ** 2).sum(0).float()
-            self._tail_sq = (self._tail_t.double() ** 2).sum(0).float()
+        self._full = _Ranking.of(centred, slice(None), self._block, self.precision)
+        self._head = (_Ranking.of(centred, slice(0, self.map_split), self._block, self.precision)
+                      if self.map_split else None)
+        # nearest-neighbour passes on the memory's principal axes where they hold it (else None:
+        # the rankings above); eq. 7's neighbourhoods stay on the full ranking
+        # (``principal_axes=False``: never; the same results, for comparisons)
+        self._full_projection = (_Projection.of(centred, slice(None), self._block, self.precision)
+                                 if principal_axes else None)
+        self._map_projection = (_Projection.of(centred, slice(0, self.map_split), self._block, self.precision)
+                                if self.map_split and principal_axes else None)
+        self.warm_up()
 
     def warm_up(self) -> None:
         """Compile the few product shapes scoring uses (:func:`query_rows`), once a process: ~40 ms
         for a model of 8k memory rows (12 shapes; more in a process's first bfloat16 product). A
         model is made once per worker (tasks.scoring.load_model), so its first tasks no longer pay
         them: they had been about half the kNN time of a fresh model's first 20 MTD images."""
-        if self.precision == "bfloat16":
-            for ranking in (self._full, self._head, self._full_projection, self._map_projection):
-                if ranking is not None:
-                    ranking.warm_up()
+        for ranking in (self._full, self._head, self._full_projection, self._map_projection):
+            if ranking is not None:
+                ranking.warm_up()
 
     @classmethod
     def fit(cls, bank: np.ndarray, config: PatchCoreConfig = PatchCoreConfig()) -> "PatchCore":
@@ -380,13 +414,11 @@ class PatchCore:
         distance: over the primary ``map_dims`` only, or the same distance without them; None
         unless ``with_map``).
 
-        Exact nearest neighbours: a memory vector is a candidate unless its bfloat16 squared
+        Exact nearest neighbours: a memory vector is a candidate unless its ranked squared
         distance, less its error bound, exceeds the best one's plus its bound; the winner is the
         candidate with the smallest sum((q - m)^2) in float32 (ties: the lower row). A score thus
         differs from a float64 search only where two memory vectors tie within float32 rounding.
         """
-        if self.precision != "bfloat16":
-            return self._nearest_float32(vectors, with_map)
         queries = np.ascontiguousarray(vectors, dtype=np.float32)
         centred = queries - self._centre
         wants_map = with_map and self._head is not None
@@ -402,35 +434,6 @@ class PatchCore:
             return scores, rows, None
         return scores, rows, (map_scores if wants_map else scores)
 
-    def _nearest_float32(self, vectors: np.ndarray, with_map: bool
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """:meth:`nearest` from float32 products: candidates ranked by ||m||^2 - 2 q.m (head, then
-        head + tail), the winner's distance computed directly as sum((q - m)^2). A score differs
-        from a float64 search only where two memory vectors tie within the product's rounding."""
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        queries = torch.from_numpy((vectors - self._centre).astype(np.float32))  # ranked centred, as bfloat16
-        split = self._head_t.shape[0]
-        rows = np.empty(len(queries), np.int64)
-        map_rows = np.empty(len(queries), np.int64) if with_map and self.map_split else None
-        for start in range(0, len(queries), self._block):
-            block = queries[start:start + self._block]
-            done = slice(start, start + len(block))
-            # ||m_h||^2 - 2 q_h.m_h ranks the memory by the primary half (||q_h||^2 is common to all m)
-            ranking = torch.addmm(self._head_sq, block[:, :split].contiguous(), self._head_t, alpha=-2.0)
-            if map_rows is not None:
-                map_rows[done] = ranking.min(1).indices.numpy()  # min(1): ~2.5x faster than argmin(1)
-            if self._tail_t.shape[0]:
-                ranking.add_(self._tail_sq).addmm_(block[:, split:].contiguous(), self._tail_t, alpha=-2.0)
-            rows[done] = ranking.min(1).indices.numpy()
-        scores = np.sqrt(((vectors - self.memory[rows]) ** 2).sum(1, dtype=np.float32))
-        if not with_map:
-            return scores, rows, None
-        if map_rows is None:
-            return scores, rows, scores
-        head = vectors[:, :split]
-        map_scores = np.sqrt(((head - self.memory[map_rows, :split]) ** 2).sum(1, dtype=np.float32))
-        return scores, rows, map_scores
-
     def _full_pass(self) -> "_Ranking | _Projection":
         return self._full_projection or self._full
 
@@ -444,7 +447,7 @@ class PatchCore:
             line, row = ranking.candidates(queries, centred, self.memory)
             return self._closest(queries, line, row, ranking.columns)
         bits, query_norms = ranking.distances(centred)   # the padding's columns too: contiguous passes
-        u, count = BF16_ROUNDOFF, len(queries)
+        u, count = ranking.format.roundoff, len(queries)
         # any vector's computed distance plus its bound is at least the nearest one's true distance:
         # so is each query's smallest result plus the largest norm's bound (negative results, at most
         # rounding, are the smallest bit patterns: negative integers; among them any will do)
@@ -484,13 +487,13 @@ class PatchCore:
         vector; image ``k`` holds ``vectors[bounds[k]:bounds[k + 1]]``), that distance and row, and
         every patch's map distance, as from :meth:`nearest` over every patch.
 
-        With a map over the primary ``map_dims`` (bfloat16 ranking), only the map's nearest-neighbour
+        With a map over the primary ``map_dims``, only the map's nearest-neighbour
         pass covers every patch; a patch's full distance to its map-nearest row is at least its own
         score, so the full vectors' exact pass runs on each image's FIRST_ROUND patches with the
         largest such bounds, then on any other whose bound reaches the largest score found (MTD:
         ~8 % of the patches in all)."""
         bounds = np.asarray(bounds, np.int64)
-        if self.precision != "bfloat16" or self._head is None:
+        if self._head is None:
             scores, rows, map_scores = self.nearest(vectors)
             worst = np.array([start + int(np.argmax(scores[start:stop]))
                               for start, stop in zip(bounds[:-1], bounds[1:])], np.int64)
@@ -512,7 +515,7 @@ class PatchCore:
         with np.errstate(invalid="ignore"):  # NaN features: NaN scores, all found in the first round
             np.maximum.at(largest, image[first], scores[first])
         # a patch's float32 bound is below its own float32 score by rounding at most (its map-nearest
-        # row, if not a candidate, is farther than the ceiling by more than the bfloat16 bound); the
+        # row, if not a candidate, is farther than the ceiling by more than the ranking's bound); the
         # largest score found only grows, so one more round leaves no patch that could exceed it
         second = np.flatnonzero((scores == -np.inf) & (upper >= largest[image] * (1 - 2.0 ** -16)))
         if len(second):
@@ -551,8 +554,7 @@ class PatchCore:
         # eq. 7's m* of every image, their neighbourhoods in one ranked pass (a faiss search each
         # took ~0.6 ms)
         count = min(self.config.num_neighbors, len(self.memory))
-        supports = (self.neighbourhoods(found.rows, count) if self.precision == "bfloat16" and count >= 2
-                    else [None] * len(features))
+        supports = self.neighbourhoods(found.rows, count) if count >= 2 else [None] * len(features)
         return [(reweight_image_score(vectors[found.patches[k:k + 1]], found.scores[k:k + 1], found.rows[k:k + 1],
                                       self.memory, self.index, self.config.num_neighbors, supports[k]),
                  found.map_scores[bounds[k]:bounds[k + 1]].reshape(item.grid))
@@ -561,19 +563,19 @@ class PatchCore:
     def neighbourhoods(self, rows: np.ndarray, count: int) -> np.ndarray:
         """(len(rows), count): the ``count`` nearest memory rows of each memory row in ``rows``,
         nearest first (itself, at distance 0; ties: the lower row), as faiss's flat search finds
-        them but for ties within float32 rounding. Candidates: every vector the bfloat16 ranking's
+        them but for ties within float32 rounding. Candidates: every vector the ranking's
         bound cannot place beyond the count-th nearest; their distances computed exactly."""
         vectors = self.memory[rows]
         bits, query_norms = self._full.distances(vectors - self._centre)
         bits = np.ascontiguousarray(bits[:, :len(rows)].T)  # queries by memory rows: a partition along each
-        u, norms = BF16_ROUNDOFF, self._full.norms
-        # the count smallest results (negative ones, rounding of 0, first in int16 order) each have a
+        u, norms = self._full.format.roundoff, self._full.norms
+        # the count smallest results (negative ones, rounding of 0, first in integer order) each have a
         # true distance at most their result plus its bound: so has the count-th nearest vector
         kth = np.maximum(_as_float(np.partition(bits, count - 1, axis=1)[:, count - 1]), 0)
         ceiling = kth / (1 - u) + self._full.error(query_norms, norms.max())
         ceiling += np.abs(ceiling) * 2.0 ** -20 + 2.0 ** -20
         loose = (ceiling + self._full.error(query_norms, norms.max())) / (1 - 2 * u)
-        flat = np.flatnonzero(bits <= _bits_at_least(loose)[:, None])
+        flat = np.flatnonzero(bits <= _bits_at_least(loose, bits.dtype)[:, None])
         line, row = np.divmod(flat, bits.shape[1])
         value = _as_float(bits.ravel()[flat])
         kept = value - np.abs(value) * u / (1 - u) - self._full.error(query_norms[line], norms[row]) <= ceiling[line]
