@@ -417,7 +417,11 @@ class PatchCore:
         """Compile the few product shapes scoring uses (:func:`query_rows`), once a process: ~40 ms
         for a model of 8k memory rows (12 shapes; more in a process's first bfloat16 product). A
         model is made once per worker (tasks.scoring.load_model), so its first tasks no longer pay
-        them: they had been about half the kNN time of a fresh model's first 20 MTD images."""
+        them: they had been about half the kNN time of a fresh model's first 20 MTD images. A
+        float32 product (MKL) compiles nothing: there warming up cost 0.4-0.5 s a model (8k rows)
+        and its first task was no faster."""
+        if self.precision != "bfloat16":
+            return
         for ranking in (self._full, self._head, self._full_projection, self._map_projection):
             if ranking is not None:
                 ranking.warm_up()

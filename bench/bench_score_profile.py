@@ -11,7 +11,8 @@ other (alternating which goes first), so "before" and "after" share the machine'
   ``anomaly.tiling.upsample_block`` and ``smooth_block``, i.e. ``render_block``, per Zarr chunk),
   maps written through zarr with its default codec (zstd);
 - after: as the score-batch and score-tiles tasks do now: a task's images (16) or tiles (16) share
-  one ``PatchCore.worst_patches`` pass (bfloat16-ranked candidates, on the memory's principal axes
+  one ``PatchCore.worst_patches`` pass (candidates ranked in bfloat16, or float32 on CPUs without
+  it, with a bound on the error, on the memory's principal axes
   where they hold it, exact distances: every patch's
   map distance, the full vectors' only where a patch can hold its image's score), eq. 7,
   ``anomaly.maps`` (upsample and smooth as two small matrix products; tiles: ``StitchedMap``),
@@ -176,8 +177,7 @@ def after_grids(clock: dict, model, features: list) -> list[tuple[float, np.ndar
     bounds = np.cumsum([0] + [len(item.vectors) for item in features])
     found = timed(clock, "knn_once", model.worst_patches, vectors, bounds)
     count = min(model.config.num_neighbors, len(model.memory))
-    supports = (timed(clock, "eq7", model.neighbourhoods, found.rows, count) if model.precision == "bfloat16" and count >= 2
-                else [None] * len(features))
+    supports = timed(clock, "eq7", model.neighbourhoods, found.rows, count) if count >= 2 else [None] * len(features)
     return [(timed(clock, "eq7", reweight_image_score, vectors[found.patches[k:k + 1]], found.scores[k:k + 1],
                    found.rows[k:k + 1], model.memory, model.index, model.config.num_neighbors, supports[k]),
              found.map_scores[bounds[k]:bounds[k + 1]].reshape(item.grid))
