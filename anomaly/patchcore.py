@@ -116,20 +116,24 @@ def _one_part(values: np.ndarray) -> np.ndarray:
 class _Format:
     """The number format of a ranking's product: its operands and its result."""
 
-    name: str
     dtype: torch.dtype          # the operands' and the result's
     bits: torch.dtype           # the result read as integers of its width: they order positive floats as the floats
     roundoff: float             # unit roundoff of the operands and of the result
     norm_residue: float         # relative error of a squared norm as the operand holds it
     norm_parts: "Callable[[np.ndarray], np.ndarray]"  # a squared norm as the operand's columns
     projection_by_query: bool   # the principal-axes pass's product queries by memory rows (else transposed)
+    compiles_shapes: bool       # the product compiles a kernel per shape (oneDNN, bfloat16): warm up
 
 
 # bfloat16 where the CPU multiplies it natively (default_precision); float32 elsewhere: a bounded
 # ranking there too, so both find the exact nearest rows, and both rank on principal axes
-FORMATS = {"bfloat16": _Format("bfloat16", torch.bfloat16, torch.int16, BF16_ROUNDOFF, BF16_ROUNDOFF ** 2, _two_parts,
-                                True),
-           "float32": _Format("float32", torch.float32, torch.int32, F32_ROUNDOFF, F32_ROUNDOFF, _one_part, False)}
+# (float32: MKL compiles nothing; warming up cost 0.4-0.5 s a model of 8k rows, its first task no faster)
+FORMATS = {"bfloat16": _Format(dtype=torch.bfloat16, bits=torch.int16, roundoff=BF16_ROUNDOFF,
+                               norm_residue=BF16_ROUNDOFF ** 2, norm_parts=_two_parts,
+                               projection_by_query=True, compiles_shapes=True),
+           "float32": _Format(dtype=torch.float32, bits=torch.int32, roundoff=F32_ROUNDOFF,
+                              norm_residue=F32_ROUNDOFF, norm_parts=_one_part,
+                              projection_by_query=False, compiles_shapes=False)}
 
 
 @dataclass
@@ -189,7 +193,9 @@ class _Ranking:
 
     def warm_up(self, by_query: bool = False) -> None:
         """One product of each shape :meth:`distances` (or :meth:`distances_by_query`) can use
-        (oneDNN compiles each once a process)."""
+        (oneDNN compiles each once a process); nothing in a format that compiles nothing."""
+        if not self.format.compiles_shapes:
+            return
         for rows in query_row_sizes(self.block):
             query = torch.zeros((rows, self.operand.shape[1]), dtype=self.format.dtype)
             if by_query:
@@ -336,13 +342,13 @@ def _as_float(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.int32) << 16).view(np.float32)
 
 
-def _bits_at_least(values: np.ndarray, dtype=np.int16) -> np.ndarray:
+def _bits_at_least(values: np.ndarray, dtype) -> np.ndarray:
     """Bit patterns of the smallest bfloat16 (``dtype`` int16) or float32 (int32) values >=
     ``values`` (all positive)."""
     values = np.asarray(values)
     single = values.astype(np.float32)
     single = np.where(single < values, np.nextafter(single, np.float32(np.inf)), single)  # rounded up
-    bits = np.ascontiguousarray(single, dtype=np.float32).view(np.int32)
+    bits = np.ascontiguousarray(single).view(np.int32)
     if np.dtype(dtype) == np.int32:
         return bits
     return ((bits + 0xFFFF) >> 16).astype(np.int16)
@@ -417,11 +423,7 @@ class PatchCore:
         """Compile the few product shapes scoring uses (:func:`query_rows`), once a process: ~40 ms
         for a model of 8k memory rows (12 shapes; more in a process's first bfloat16 product). A
         model is made once per worker (tasks.scoring.load_model), so its first tasks no longer pay
-        them: they had been about half the kNN time of a fresh model's first 20 MTD images. A
-        float32 product (MKL) compiles nothing: there warming up cost 0.4-0.5 s a model (8k rows)
-        and its first task was no faster."""
-        if self.precision != "bfloat16":
-            return
+        them: they had been about half the kNN time of a fresh model's first 20 MTD images."""
         for ranking in (self._full, self._head, self._full_projection, self._map_projection):
             if ranking is not None:
                 ranking.warm_up()
