@@ -25,9 +25,10 @@ evaluate: install
 
 # two test processes, a test file each at a time (its module fixtures stay in one process): most
 # tests wait on servers, clusters and subprocesses, so two share the 2-core CI machine well. The
-# whole suite: 767 s against 1,214 s in one process (here, 2026-11-30, one run each)
+# whole suite: 767 s against 1,214 s in one process (here, 2026-11-30, one run each). Files go out
+# slowest first (tests/conftest.py's order; xdist's own puts files of many tests first)
 test: install
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: install
 	$(PYTHON) bench/bench_engine.py
