@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import create_backbone, normalisation
-from .runtime import backbone_stages
+from .runtime import backbone_stages, cached_export, exported_stages, record_export, resolve_runtime
 # the settings live in a module without torch; imported from here as ever
 from .settings import FeatureConfig, native_shape  # noqa: F401
 
@@ -66,15 +66,25 @@ class PatchFeatureExtractor:
         self.batch_size = default_batch_size(self.device) if batch_size is None else int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = create_backbone(config.backbone, features_only=True, out_indices=config.layers)
-        self.model.to(self.device)
-        self.stages = backbone_stages(self.model, config.backbone, config.layers, runtime, self.device, threads, shapes)
+        runtime = resolve_runtime(runtime, self.device)
+        cached = None if runtime == "torch" else cached_export(config.backbone, config.layers)
+        if cached is not None:  # an exported runtime needs no model once its export is cached
+            self.model, (path, description) = None, cached
+            self.stages = exported_stages(runtime, path, threads, shapes)
+        else:
+            self.model = create_backbone(config.backbone, features_only=True, out_indices=config.layers)
+            self.model.to(self.device)
+            self.stages = backbone_stages(self.model, config.backbone, config.layers, runtime, self.device,
+                                          threads, shapes)
+            mean, std = normalisation(config.backbone)
+            description = {"mean": mean, "std": std, "reductions": list(self.model.feature_info.reduction())}
+            if runtime != "torch":
+                record_export(self.stages.onnx_path, config.backbone, config.layers, description)
         self.runtime = self.stages.name
-        mean, std = normalisation(config.backbone)
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
-        self.reduction = min(self.model.feature_info.reduction())
-        self.min_side = max(self.model.feature_info.reduction())
+        self.mean = torch.tensor(description["mean"], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(description["std"], device=self.device).view(1, 3, 1, 1)
+        self.reduction = min(description["reductions"])
+        self.min_side = max(description["reductions"])
 
     def input_shape(self, height: int, width: int, scale: float | None = None) -> tuple[int, int]:
         """The network input size at ``scale`` (default: the primary ``input_scale``)."""

@@ -152,6 +152,74 @@ def exported_onnx(model: torch.nn.Module, backbone: str, layers: tuple[int, ...]
     return path
 
 
+def _packaged_export_key(backbone: str, layers: tuple[int, ...]) -> str | None:
+    """What an export of a packaged-weights backbone (anomaly.backbone.OFFLINE_WEIGHTS) is made
+    from, known without building the model: the weights file's bytes, the code that converts them
+    (anomaly/backbone.py), the layers and the torch and timm versions. None for a hub model."""
+    from importlib.metadata import version
+
+    from . import backbone as backbone_module
+
+    weights = backbone_module.offline_weights_path(backbone)
+    if weights is None:
+        return None
+    parts = [backbone, ",".join(map(str, layers)), _file_digest(weights), _file_digest(backbone_module.__file__),
+             torch.__version__, version("timm"), str(ONNX_OPSET), str(EXPORT_FORMAT)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _description_path(backbone: str, layers: tuple[int, ...], directory: Path | None) -> Path | None:
+    key = _packaged_export_key(backbone, tuple(layers))
+    if key is None:
+        return None
+    return Path(directory or cache_dir()) / "onnx" / f"{backbone}-l{'-'.join(map(str, layers))}-packaged-{key}.json"
+
+
+def cached_export(backbone: str, layers: tuple[int, ...], directory: Path | None = None) -> tuple[Path, dict] | None:
+    """(exported file, description) of a packaged-weights backbone exported before, found without
+    building the model: building it imports timm (~3 s a process, every worker of every command).
+    The description holds what the extractor needs of the model (:func:`record_export`). None when
+    nothing matching is cached, or for a hub model (its weights are known only by building it)."""
+    import json
+
+    described = _description_path(backbone, layers, directory)
+    if described is None or not described.exists():
+        return None
+    try:
+        description = json.loads(described.read_text())
+        path = described.parent / description["onnx"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable: the model is built and the description written again
+    return (path, description) if path.exists() else None
+
+
+def record_export(path: Path, backbone: str, layers: tuple[int, ...], description: dict,
+                  directory: Path | None = None) -> None:
+    """Write ``description`` (JSON values) of the export at ``path`` for :func:`cached_export`;
+    atomically, as :func:`exported_onnx` writes (workers record the same export at once)."""
+    import json
+
+    described = _description_path(backbone, layers, directory)
+    if described is None:
+        return
+    handle, temporary = tempfile.mkstemp(dir=described.parent, prefix=described.stem + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump({**description, "onnx": Path(path).name}, out)
+        os.replace(temporary, described)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
 class TorchStages:
     """torch eager: the reference, and the runtime on GPUs."""
 
@@ -255,6 +323,10 @@ def backbone_stages(model: torch.nn.Module, backbone: str, layers: tuple[int, ..
     runtime = resolve_runtime(runtime, device)
     if runtime == "torch":
         return TorchStages(model)
-    path = exported_onnx(model, backbone, tuple(layers))
+    return exported_stages(runtime, exported_onnx(model, backbone, tuple(layers)), threads, shapes)
+
+
+def exported_stages(runtime: str, path: Path, threads: int = 1, shapes: str = "fixed"):
+    """The stages callable of an exported ``runtime`` (onnxruntime, openvino) for the file at ``path``."""
     stages = OnnxRuntimeStages if runtime == "onnxruntime" else OpenVinoStages
     return stages(path, threads, shapes)

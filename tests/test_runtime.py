@@ -160,3 +160,67 @@ def test_runtime_option_reaches_the_workers_extractor(monkeypatch):
     assert feature_extractor(config).runtime == "torch"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["score", "--images", ".", "--root", ".", "--runtime", "tensorrt"])
+
+
+_FRESH_EXTRACTOR = """
+import json, sys
+import numpy as np
+from patchwatch.anomaly.features import FeatureConfig, PatchFeatureExtractor
+extractor = PatchFeatureExtractor(FeatureConfig(), runtime=sys.argv[1])
+image = (np.arange(160 * 224, dtype=np.float64).reshape(160, 224) % 251).astype(np.uint8)
+features = extractor.extract([image])[0]
+np.save(sys.argv[2], features.vectors)
+print(json.dumps({"timm": "timm" in sys.modules, "runtime": extractor.runtime}))
+"""
+
+
+def _fresh_extractor(runtime: str, out: Path, cache: Path) -> dict:
+    """A new process's extractor of the default features: what it imported, its features saved."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATCHWATCH_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _FRESH_EXTRACTOR, runtime, str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_a_process_with_the_export_cached_extracts_without_building_the_model(runtime, tmp_path):
+    """A worker process whose backbone's export is cached (every command's workers after the
+    first) finds it without building the model in timm (importing timm alone took ~3 s a
+    process), and extracts the same features as the process that built it."""
+    cache = tmp_path / "cache"
+    first = _fresh_extractor(runtime, tmp_path / "first.npy", cache)
+    assert first == {"timm": True, "runtime": runtime}   # nothing cached: the model is built, then exported
+    again = _fresh_extractor(runtime, tmp_path / "again.npy", cache)
+    assert again == {"timm": False, "runtime": runtime}
+    np.testing.assert_array_equal(np.load(tmp_path / "again.npy"), np.load(tmp_path / "first.npy"))
+    # torch itself runs the model: it is built
+    assert _fresh_extractor("torch", tmp_path / "torch.npy", cache)["timm"] is True
+
+
+def test_a_cached_export_is_found_for_its_own_weights_and_layers_only(tmp_path, monkeypatch):
+    from patchwatch.anomaly import backbone
+    from patchwatch.anomaly.runtime import cached_export, record_export
+
+    exported = tmp_path / "onnx" / "lite0.onnx"
+    exported.parent.mkdir()
+    exported.write_bytes(b"an exported model")
+    about = {"mean": [0.5] * 3, "std": [0.5] * 3, "reductions": [8, 16]}
+    record_export(exported, "tf_efficientnet_lite0", (3, 4), about, tmp_path)
+    assert cached_export("tf_efficientnet_lite0", (3, 4), tmp_path) == (exported, {**about, "onnx": "lite0.onnx"})
+    assert cached_export("tf_efficientnet_lite0", (2, 3), tmp_path) is None
+    assert cached_export("resnet18", (2, 3), tmp_path) is None   # hub weights: known by building the model only
+    # the packaged weights file changed (another package version): the export is not theirs
+    changed = tmp_path / "weights.pth"
+    data = bytearray(Path(backbone.offline_weights_path("tf_efficientnet_lite0")).read_bytes())
+    data[-1] ^= 1
+    changed.write_bytes(bytes(data))
+    with monkeypatch.context() as patched:
+        patched.setattr(backbone, "offline_weights_path", lambda name: str(changed))
+        assert cached_export("tf_efficientnet_lite0", (3, 4), tmp_path) is None
+    exported.unlink()  # the description alone is not an export
+    assert cached_export("tf_efficientnet_lite0", (3, 4), tmp_path) is None
