@@ -289,8 +289,10 @@ def profile_whole(extractor, model, images: list[np.ndarray], store) -> dict:
                     amap = timed(clock, "render", anomaly_map, grid, item.image_shape, model.config.sigma,
                                  item.input_shape)
                     timed(clock, "rest", finite_check, score, amap)
-                    timed(clock, "zarr", store.write_map, f"{path}-{number}", f"{path}-{number}", "v", amap)
                 results[path].append((score, amap))
+            if path == "after":  # as tasks.scoring.score_images: the task's maps written together, last
+                timed(clock, "zarr", store.write_maps, [(f"{path}-{number}", f"{path}-{number}", "v", amap)
+                                                        for number, (_, amap) in zip(numbers, results[path])])
         for (score_before, map_before), (score_after, map_after) in zip(results["before"], results["after"]):
             score_diff = max(score_diff, abs(score_before - score_after))
             map_diff = max(map_diff, float(np.abs(map_before - map_after).max()))
@@ -324,12 +326,17 @@ def profile_padim(extractor, model, images: list[np.ndarray], store) -> dict:
             else:
                 stack = np.stack([item.vectors for item in features])
                 grids[path] = list(timed(clock, "mahalanobis", model.patch_scores_many, stack))
+            rendered = []
             for number, (item, grid) in enumerate(zip(features, grids[path])):
                 amap = timed(clock, "render", anomaly_map, np.reshape(grid, model.grid), item.image_shape,
                              model.config.sigma, item.input_shape)
                 score = timed(clock, "rest", lambda: float(amap.max()))
                 timed(clock, "rest", finite_check, score, amap)
-                timed(clock, "zarr", store.write_map, f"padim-{first + number}", f"padim-{first + number}", "v", amap)
+                if path == "before":
+                    timed(clock, "zarr", store.write_map, f"padim-{first + number}", f"padim-{first + number}", "v", amap)
+                rendered.append((f"padim-{first + number}", f"padim-{first + number}", "v", amap))
+            if path == "after":  # as tasks.scoring.score_images: the task's maps written together, last
+                timed(clock, "zarr", store.write_maps, rendered)
         score_diff = max(score_diff, max(float(np.abs(np.ravel(b) - np.ravel(a)).max())
                                          for b, a in zip(grids["before"], grids["after"])))
     return {"clocks": clocks, "images": len(images), "patch_score_diff": score_diff}
