@@ -40,7 +40,7 @@ def test_maps_written_together_on_s3_read_back_as_written_one_by_one(s3_store):
         np.testing.assert_array_equal(zarr.open_array(url, mode="r")[...], values)
         assert zarr.open_array(url, mode="r").attrs.asdict() | {"image_id": None, "source_uri": None} == \
             zarr.open_array(other, mode="r").attrs.asdict() | {"image_id": None, "source_uri": None}
-        assert _objects(url) == _objects(other) == ["c/0/0", "zarr.json"]
+        assert _objects(url) == _objects(other) == ["c.0.0", "zarr.json"]
 
 
 def test_a_map_written_together_replaces_an_earlier_larger_array_whole(s3_store):
@@ -50,7 +50,7 @@ def test_a_map_written_together_replaces_an_earlier_larger_array_whole(s3_store)
     small = _maps(1)[0]
     [again, other] = s3_store.write_maps([("a.png", "/src/a.png", "v0001", small),
                                           ("a.png.bak", "/src/a.png.bak", "v0001", small)])
-    assert again == url and _objects(url) == ["c/0/0", "zarr.json"]
+    assert again == url and _objects(url) == ["c.0.0", "zarr.json"]
     np.testing.assert_array_equal(s3_store.read_map(url), small)
     np.testing.assert_array_equal(s3_store.read_map(other), small)
 
@@ -82,7 +82,7 @@ def test_a_stitched_maps_blocks_written_together_on_s3_read_back_and_an_unwritte
     expected = values.copy()
     expected[1024:, :512] = np.nan
     np.testing.assert_array_equal(found, expected)
-    assert _objects(writer.url) == ["c/0/0", "c/0/1", "c/1/0", "c/1/1", "c/2/1", "zarr.json"]
+    assert _objects(writer.url) == ["c.0.0", "c.0.1", "c.1.0", "c.1.1", "c.2.1", "zarr.json"]
 
 
 def test_s3_takes_a_tasks_requests_together_and_a_local_folder_one_after_another(s3_store, tmp_path):
