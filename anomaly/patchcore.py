@@ -53,9 +53,8 @@ def reweight_image_score(patch_vectors: np.ndarray, patch_scores: np.ndarray, ne
     return float((1.0 - softmax[0]) * max_score)
 
 
-# query rows per distance block: bounds the (memory x queries) matrix (8k rows x 512, bfloat16: 8 MiB);
-# 512 measured a little faster than 256 or 1024 for a task's 16 tiles or MTD images. Fewer for a
-# larger memory: the matrix stays within BLOCK_BYTES
+# query rows per distance block (_Format.query_block): bounds the (memory x queries) matrix; fewer
+# for a larger memory: the matrix stays within BLOCK_BYTES
 QUERY_BLOCK = 512
 BLOCK_BYTES = 64 << 20
 # rows of a product padded to a multiple of this: oneDNN compiles a kernel for each new shape (~3 ms
@@ -123,17 +122,23 @@ class _Format:
     norm_parts: "Callable[[np.ndarray], np.ndarray]"  # a squared norm as the operand's columns
     projection_by_query: bool   # the principal-axes pass's product queries by memory rows (else transposed)
     compiles_shapes: bool       # the product compiles a kernel per shape (oneDNN, bfloat16): warm up
+    query_block: int            # most queries in one product (at 8k memory rows; fewer for more rows)
 
 
 # bfloat16 where the CPU multiplies it natively (default_precision); float32 elsewhere: a bounded
 # ranking there too, so both find the exact nearest rows, and both rank on principal axes
-# (float32: MKL compiles nothing; warming up cost 0.4-0.5 s a model of 8k rows, its first task no faster)
+# (float32: MKL compiles nothing; warming up cost 0.4-0.5 s a model of 8k rows, its first task no faster).
+# Query blocks: bfloat16 512 (8k rows x 512: 8 MiB), measured a little faster than 256 or 1024 for a
+# task's 16 tiles or MTD images; float32 256 (8 MiB too): MKL's product of 8,021 x 66 rows by queries
+# took 0.88x the time a query in blocks of 256 as in blocks of 512 (medians of 5 alternated rounds),
+# worst_patches on 100 MTD images 3.80 against 3.99 ms an image (AVX2 host, 2026-12-03, medians of 6
+# alternated rounds)
 FORMATS = {"bfloat16": _Format(dtype=torch.bfloat16, bits=torch.int16, roundoff=BF16_ROUNDOFF,
                                norm_residue=BF16_ROUNDOFF ** 2, norm_parts=_two_parts,
-                               projection_by_query=True, compiles_shapes=True),
+                               projection_by_query=True, compiles_shapes=True, query_block=512),
            "float32": _Format(dtype=torch.float32, bits=torch.int32, roundoff=F32_ROUNDOFF,
                               norm_residue=F32_ROUNDOFF, norm_parts=_one_part,
-                              projection_by_query=False, compiles_shapes=False)}
+                              projection_by_query=False, compiles_shapes=False, query_block=256)}
 
 
 @dataclass
@@ -405,8 +410,8 @@ class PatchCore:
         self.precision = precision or default_precision()
         if self.precision not in FORMATS:
             raise ValueError(f"precision {self.precision!r} is not one of {sorted(FORMATS)}")
-        self._block = max(ROW_MULTIPLE, min(QUERY_BLOCK, BLOCK_BYTES // (4 * len(self.memory)))
-                          // ROW_MULTIPLE * ROW_MULTIPLE)
+        block = min(FORMATS[self.precision].query_block, BLOCK_BYTES // (4 * len(self.memory)))
+        self._block = max(ROW_MULTIPLE, block // ROW_MULTIPLE * ROW_MULTIPLE)
         self._full = _Ranking.of(centred, slice(None), self._block, self.precision)
         self._head = (_Ranking.of(centred, slice(0, self.map_split), self._block, self.precision)
                       if self.map_split else None)
