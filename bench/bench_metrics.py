@@ -50,7 +50,7 @@ import _common as common  # noqa: E402
 
 GOOD_TYPE = "free"
 SWEEP_BINS = (1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18)
-LAYOUT = "result store"  # how make_maps stores the maps (a cache in another layout is made again)
+LAYOUT = "result store, float16 maps"  # how make_maps stores the maps (a cache in another layout is made again)
 VERSION = "v0001"
 
 

@@ -358,7 +358,7 @@ def profile_tiled(extractor, model, image: np.ndarray, store) -> dict:
     """The score-tiles and stitch-map tasks' work on ``image``, per path."""
     from patchwatch.anomaly.maps import StitchedMap
     from patchwatch.anomaly.tiling import TilingConfig, blocks, stitch_grids, tile_grid, tile_sigma
-    from patchwatch.storage.results_store import MAP_CHUNK
+    from patchwatch.storage.results_store import MAP_CHUNK, largest_magnitude
     from patchwatch.tasks.tiles import _preview
 
     cold_map_axes()
@@ -394,7 +394,8 @@ def profile_tiled(extractor, model, image: np.ndarray, store) -> dict:
             array = timed(clock, "zarr", before_create_map, store, f"{path}-large", shape)
             rendered = None
         else:
-            writer = timed(clock, "zarr", store.open_map, f"{path}-large", "large", "v", shape)
+            # stored as the stitch-map task stores it: float16 where the grid's values fit
+            writer = timed(clock, "zarr", store.open_map, f"{path}-large", "large", "v", shape, largest_magnitude(grid))
             rendered = StitchedMap(grid, stitcher.stride, shape, sigma_px)
         for block in blocks(shape[0], shape[1], MAP_CHUNK):
             if rendered is None:
@@ -521,7 +522,8 @@ def main() -> None:
                      f"after vs before, largest |difference|: image score MTD {whole['score_diff']:.2g}, "
                      f"{args.large_side}px {tiled['score_diff']:.2g}; map MTD {whole['map_diff']:.2g} "
                      f"(map values up to {whole['map_scale']:.3g}), {args.large_side}px {tiled['map_diff']:.2g} "
-                     f"(up to {tiled['map_scale']:.3g})"]
+                     f"(up to {tiled['map_scale']:.3g}; after's stitched map as stored, in float16: its rounding, "
+                     "at most 2^-11 of a value, included)"]
             sections.append({"title": title, "rows": share_rows(profiles), "notes": notes,
                              "memory_rows": len(model.memory), "train_images": train_count,
                              "score_diff": {"MTD": whole["score_diff"], "large": tiled["score_diff"]},

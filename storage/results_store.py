@@ -3,7 +3,8 @@
     RESULTS/maps                  Zarr v3 group of the anomaly maps; one subgroup per model
                                  version (its attributes: model_version, image_threshold,
                                  pixel_threshold, threshold_quantile, units)
-    RESULTS/maps/VERSION/STEM-HASH   one array per image: (height, width) float32 at the
+    RESULTS/maps/VERSION/STEM-HASH   one array per image: (height, width) float16 (float32 where
+                                 its values exceed float16's range) at the
                                  image's original size, Blosc LZ4, one chunk (a tiled image's:
                                  512 x 512 chunks), dimensions y_H, x_W; attributes source_uri,
                                  image_id, model_version, shape and the version's thresholds
@@ -79,16 +80,65 @@ MAP_BLOSC = {"cname": "lz4", "clevel": 5}
 # alternated in one process (2026-12-02): 0.64 against 0.73 ms a map (medians of 6 rounds). Earlier
 # maps keep their keys (in their metadata)
 MAP_KEY_SEPARATOR = "."
+# A map is stored in float16 where its largest |value| lies in float16's normal range, [2^-14,
+# 65,504]: every value of at least 2^-14 is then held within 2^-11 of itself (smaller ones within
+# 2^-25), far finer than a map's own noise; elsewhere float32, exactly. Readers get float32 back.
+# MTD's 581 test maps (values up to 33, shuffled LZ4): 0.40x float32's bytes to write and send, 0.93x
+# its time to write and 0.87x to read a map; pixel AUROC and AUPRO from them within 1.5e-5 of
+# float32's (bench/results/map_precision.md)
+FLOAT16_LARGEST = 65504.0
+FLOAT16_SMALLEST_NORMAL = 2.0 ** -14
 
 
-def _map_settings(height: int, width: int, chunk_h: int, chunk_w: int) -> dict:
+def map_dtype(largest: float | None) -> str:
+    """The stored type of a map whose largest |value| is ``largest`` (None: not known, as for a
+    stitched map whose grid was not given): float16 within float16's normal range, else float32."""
+    if largest is not None and FLOAT16_SMALLEST_NORMAL <= largest <= FLOAT16_LARGEST:
+        return "float16"
+    return "float32"
+
+
+def largest_magnitude(values: np.ndarray) -> float:
+    """max |value| (NaN if any is NaN: such a map stays float32)."""
+    return float(max(values.max(initial=-np.inf), -values.min(initial=np.inf))) if values.size else 0.0
+
+
+def _stored(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``values`` as ``dtype`` (float16 or float32), contiguous; float16 through torch (F16C:
+    ~20x numpy's cast, which took ~0.5 ms an MTD map), rounded to nearest as numpy rounds."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if dtype == np.float16:
+        import torch  # here: commands that never write a map (models, promote) do not load it
+
+        return torch.from_numpy(values).to(torch.float16).numpy()
+    return values
+
+
+def _widened(values: np.ndarray) -> np.ndarray:
+    """A writable float16 array as float32 (exactly), through torch as :func:`_stored`."""
+    import torch
+
+    return torch.from_numpy(values).float().numpy()
+
+
+def _widen_into(target: np.ndarray, values: np.ndarray) -> None:
+    """``target[...] = values``: float32 from writable float16 (exactly), through torch."""
+    import torch
+
+    torch.from_numpy(target).copy_(torch.from_numpy(values))
+
+
+
+
+def _map_settings(height: int, width: int, chunk_h: int, chunk_w: int, dtype: str = "float32") -> dict:
     """zarr.create_array's settings of a map. Blosc LZ4 with byte shuffling: on MTD maps and 512 x
     512 chunks of stitched maps it compresses better than zarr's default (zstd level 0: ratio 1.7
-    against 1.2, 1.4 against 1.16) in a third of the time (0.6 against 1.8 ms a chunk), and keeps
-    float32, so values are exact. Maps written before keep their own codec (in their metadata).
+    against 1.2, 1.4 against 1.16) in a third of the time (0.6 against 1.8 ms a chunk), and loses
+    nothing of the stored values (float16 or float32: :func:`map_dtype`). Maps written before keep
+    their own codec (in their metadata).
     Dimensions are named by size: maps of one size share them, maps of different sizes never clash
     when xarray opens a version's group as one Dataset."""
-    return {"shape": (height, width), "dtype": "float32", "chunks": (chunk_h, chunk_w), "fill_value": np.nan,
+    return {"shape": (height, width), "dtype": dtype, "chunks": (chunk_h, chunk_w), "fill_value": np.nan,
             "compressors": [zarr.codecs.BloscCodec(**MAP_BLOSC, shuffle="shuffle")],
             "chunk_key_encoding": {"name": "default", "separator": MAP_KEY_SEPARATOR},
             "dimension_names": [f"y_{height}", f"x_{width}"], "zarr_format": 3}
@@ -98,27 +148,26 @@ MAPS_ABOUT = ("anomaly maps, one subgroup per model version, one array per image
               "say its source image, model version, thresholds and units")
 
 
-def _map_metadata(height: int, width: int, chunk_h: int, chunk_w: int) -> dict:
-    """zarr's metadata document of a map of this size, attributes aside: the one zarr writes for a
-    1 x 1 map, with the size's shape, chunks and dimension names (MTD images have as many sizes
-    as images: zarr itself, each time, took ~3 ms)."""
-    metadata = _map_template()
+def _map_metadata(height: int, width: int, chunk_h: int, chunk_w: int, dtype: str = "float32") -> dict:
+    """zarr's metadata document of a map of this size and type, attributes aside: the one zarr
+    writes for a 1 x 1 map, with the size's shape, chunks and dimension names (MTD images have as
+    many sizes as images: zarr itself, each time, took ~3 ms)."""
+    metadata = _map_template(dtype)
     metadata["chunk_grid"]["configuration"]["chunk_shape"] = [chunk_h, chunk_w]
     return {**metadata, "shape": [height, width], "dimension_names": [f"y_{height}", f"x_{width}"]}
 
 
-def _map_template() -> dict:
-    global _TEMPLATE
-    if _TEMPLATE is None:
+def _map_template(dtype: str) -> dict:
+    if dtype not in _TEMPLATES:
         objects: dict = {}
-        zarr.create_array(zarr.storage.MemoryStore(objects), **_map_settings(1, 1, 1, 1))
+        zarr.create_array(zarr.storage.MemoryStore(objects), **_map_settings(1, 1, 1, 1, dtype))
         template = json.loads(objects["zarr.json"].to_bytes())
         template.pop("attributes", None)
-        _TEMPLATE = json.dumps(template)
-    return json.loads(_TEMPLATE)  # a fresh copy
+        _TEMPLATES[dtype] = json.dumps(template)
+    return json.loads(_TEMPLATES[dtype])  # a fresh copy
 
 
-_TEMPLATE: str | None = None
+_TEMPLATES: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -142,7 +191,8 @@ def _group_json(attributes: dict) -> bytes:
 
 class MapWriter:
     """A map array written as plain objects in zarr's layout: chunks encoded here (Blosc LZ4 with
-    byte shuffling, float32), metadata zarr's own document for the size (:func:`_map_metadata`).
+    byte shuffling, in the metadata's type: float16 or float32), metadata zarr's own document for
+    the size and type (:func:`_map_metadata`).
     Through zarr each metadata or chunk write was a round trip to its event-loop thread: ~5 ms for
     a small map, ~3.7 ms for each 512 x 512 chunk of a stitched map against ~1 ms here."""
 
@@ -152,6 +202,7 @@ class MapWriter:
         self._local = is_local_filesystem(self._fs)
         self._folders: set[str] = set()           # made by this writer: one makedirs per folder
         self._codec = numcodecs.Blosc(**MAP_BLOSC, shuffle=numcodecs.Blosc.SHUFFLE)
+        self.dtype = np.dtype(metadata["data_type"])
 
     def remove_earlier(self) -> None:
         """An earlier array of this name goes whole (its chunks could outnumber the new ones)."""
@@ -181,9 +232,9 @@ class MapWriter:
         expected = (min(chunk_h, self.shape[0] - top), min(chunk_w, self.shape[1] - left))
         if top % chunk_h or left % chunk_w or tuple(values.shape) != expected:
             raise ValueError(f"block at {top},{left} of shape {values.shape} is not one chunk of {self.chunks}")
-        block = np.ascontiguousarray(values, dtype=np.float32)
+        block = _stored(values, self.dtype)
         if block.shape != self.chunks:  # edge chunks are stored whole, padded with the fill value
-            padded = np.full(self.chunks, np.nan, np.float32)
+            padded = np.full(self.chunks, np.nan, self.dtype)
             padded[:block.shape[0], :block.shape[1]] = block
             block = padded
         return MAP_KEY_SEPARATOR.join(("c", str(top // chunk_h), str(left // chunk_w))), self._codec.encode(block)
@@ -245,12 +296,13 @@ def write_maps_together(writers: list[MapWriter], maps: list[np.ndarray]) -> Non
 
 # chunk codecs read_map_array decodes itself (decoding needs no settings); any other goes through zarr
 _PLAIN_COMPRESSORS = {"blosc": numcodecs.Blosc, "zstd": numcodecs.Zstd, "gzip": numcodecs.GZip}
-_PLAIN_TYPES = ("float32", "float64")
+_PLAIN_TYPES = ("float16", "float32", "float64")
 _PLAIN_FILLS = {"NaN": np.nan, "Infinity": np.inf, "-Infinity": -np.inf}
 
 
 def read_map_array(location: str, step: int = 1) -> np.ndarray:
-    """The map array at ``location``, every ``step``-th pixel of every ``step``-th row.
+    """The map array at ``location``, every ``step``-th pixel of every ``step``-th row; a float16
+    map as float32 (exactly: every float16 is a float32).
 
     A whole (step 1) local map in zarr v3's plain layout (float, one regular chunk grid, the default
     chunk keys, little-endian bytes and at most one of :data:`_PLAIN_COMPRESSORS`: what
@@ -262,7 +314,8 @@ def read_map_array(location: str, step: int = 1) -> np.ndarray:
         found = _read_plain_map(location)
         if found is not None:
             return found
-    return zarr.open_array(location, mode="r", zarr_format=3)[::step, ::step]
+    found = zarr.open_array(location, mode="r", zarr_format=3)[::step, ::step]
+    return _widened(np.ascontiguousarray(found)) if found.dtype == np.float16 else found
 
 
 def _read_plain_map(location: str) -> np.ndarray | None:
@@ -292,7 +345,7 @@ def _read_plain_map(location: str) -> np.ndarray | None:
         return None
     decoder = _PLAIN_COMPRESSORS[codecs[1]["name"]]() if len(codecs) == 2 else None
     kind = np.dtype(dtype).newbyteorder("<")
-    out = np.empty(shape, np.dtype(dtype))
+    out = np.empty(shape, np.float32 if kind == np.float16 else kind)
     for row in range(0, shape[0], chunks[0]):
         for column in range(0, shape[1], chunks[1]):
             target = out[row:row + chunks[0], column:column + chunks[1]]
@@ -302,6 +355,14 @@ def _read_plain_map(location: str) -> np.ndarray | None:
                     data = handle.read()
             except FileNotFoundError:  # a chunk never written holds the fill value, as in zarr
                 target[...] = fill
+                continue
+            if kind == np.float16:   # decoded into a writable array, widened by torch (numpy's cast: ~4x slower)
+                block = np.empty(chunks, kind)
+                if decoder:
+                    decoder.decode(data, out=block)
+                else:
+                    block.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
+                _widen_into(target, block[:target.shape[0], :target.shape[1]])  # edge chunks are stored whole
                 continue
             block = np.frombuffer(decoder.decode(data) if decoder else data, kind).reshape(chunks)
             target[...] = block[:target.shape[0], :target.shape[1]]  # edge chunks are stored whole
@@ -423,7 +484,7 @@ class ResultStore:
         metadata (a reader never meets metadata without its chunks). See :class:`MapWriter`:
         through zarr a small map cost ~5 ms, up to a fifth of an MTD image's score time."""
         values = np.ascontiguousarray(anomaly_map, dtype=np.float32)
-        writer = self._map_writer(image_id, uri, version, values.shape, whole=True)
+        writer = self._map_writer(image_id, uri, version, values.shape, whole=True, largest=largest_magnitude(values))
         for block in writer.whole_map_blocks(values):
             writer.write_block(*block)
         writer.write_metadata()
@@ -440,7 +501,8 @@ class ResultStore:
             return [self._write_map_or_error(*item) for item in maps]
         try:
             values = [np.ascontiguousarray(item[3], dtype=np.float32) for item in maps]
-            writers = [self._map_writer(image_id, uri, version, array.shape, whole=True, remove_earlier=False)
+            writers = [self._map_writer(image_id, uri, version, array.shape, whole=True, remove_earlier=False,
+                                        largest=largest_magnitude(array))
                        for (image_id, uri, version, _), array in zip(maps, values)]
             write_maps_together(writers, values)
             return [writer.url for writer in writers]
@@ -453,23 +515,25 @@ class ResultStore:
         except OSError as error:
             return error
 
-    def open_map(self, image_id: str, uri: str, version: str, shape: tuple[int, int]) -> "MapWriter":
+    def open_map(self, image_id: str, uri: str, version: str, shape: tuple[int, int],
+                 largest: float | None = None) -> "MapWriter":
         """A map to be written block by block (MAP_CHUNK-aligned blocks: a tiled image's stitched
         map), replacing any earlier array of that name; its metadata first, so a region never
-        written reads NaN (missing, not a nominal 0), as with :meth:`create_map`."""
-        writer = self._map_writer(image_id, uri, version, shape)
+        written reads NaN (missing, not a nominal 0), as with :meth:`create_map`. ``largest``: a
+        bound on the map's |values| (its type, :func:`map_dtype`; None: float32)."""
+        writer = self._map_writer(image_id, uri, version, shape, largest=largest)
         writer.write_metadata()
         return writer
 
     def _map_writer(self, image_id: str, uri: str, version: str, shape: tuple[int, int],
-                    whole: bool = False, remove_earlier: bool = True) -> "MapWriter":
+                    whole: bool = False, remove_earlier: bool = True, largest: float | None = None) -> "MapWriter":
         self._require_groups(version)
         height, width = int(shape[0]), int(shape[1])
         if whole and height * width <= WHOLE_MAP_PIXELS:
             chunks = (height, width)
         else:
             chunks = (min(MAP_CHUNK, height), min(MAP_CHUNK, width))
-        metadata = {**_map_metadata(height, width, *chunks),
+        metadata = {**_map_metadata(height, width, *chunks, dtype=map_dtype(largest)),
                     "attributes": self._map_attributes(image_id, uri, version, height, width)}
         writer = MapWriter(self.map_url(image_id, uri, version), (height, width), chunks, metadata)
         if remove_earlier:
@@ -481,14 +545,14 @@ class ResultStore:
                 **self._descriptions.get(version, MapDescription()).attributes()}
 
     def create_map(self, image_id: str, uri: str, version: str, shape: tuple[int, int],
-                   chunk: int = MAP_CHUNK) -> zarr.Array:
+                   chunk: int = MAP_CHUNK, dtype: str = "float32") -> zarr.Array:
         """An empty map (NaN until written: a region never written is not mistaken for a nominal
-        0) to be filled whole or region by region (tiled scoring of large images)."""
+        0) to be filled whole or region by region, through zarr (tiled scoring of large images)."""
         self._require_groups(version)
         height, width = int(shape[0]), int(shape[1])
         return zarr.create_array(self.map_url(image_id, uri, version), overwrite=True,
                                  attributes=self._map_attributes(image_id, uri, version, height, width),
-                                 **_map_settings(height, width, min(chunk, height), min(chunk, width)))
+                                 **_map_settings(height, width, min(chunk, height), min(chunk, width), dtype))
 
     def _require_groups(self, version: str) -> None:
         """The maps group and its VERSION subgroup exist, the latter with the version's description.

@@ -15,7 +15,7 @@ from patchwatch.anomaly.settings import mirror_views
 from patchwatch.anomaly.tiling import Tile, blocks, stitch_grids, tile_sigma
 from patchwatch.storage.images import TIFF_SUFFIXES, ImageReadError, LargeImage, remove_staged, stage_image, staged_location
 from patchwatch.storage.model_store import FeatureBank
-from patchwatch.storage.results_store import MAP_CHUNK, ResultStore, map_key
+from patchwatch.storage.results_store import MAP_CHUNK, ResultStore, largest_magnitude, map_key
 
 from .features import bank_index_row, view_id
 from .runtime import feature_extractor
@@ -137,7 +137,7 @@ def stitch_map_task(results: str, image_id: str, uri: str, version: str, shape: 
     out.require()
     if first.get("map_description") is not None:  # absent from tile results cached before it was added
         out.describe_maps(version, first["map_description"])
-    writer = out.open_map(image_id, uri, version, shape)
+    writer = out.open_map(image_id, uri, version, shape, largest=largest_magnitude(grid))  # the map is within its grid's range
     rendered = StitchedMap(grid, stitcher.stride, shape, sigma_px)
     every_block = blocks(shape[0], shape[1], MAP_CHUNK)
     for start in range(0, len(every_block), BLOCKS_TOGETHER):

@@ -23,8 +23,9 @@ def s3_store(s3_environment, request):
 
 
 def _maps(count: int, seed: int = 0) -> list[np.ndarray]:
+    """Maps of values float16 holds exactly (k / 2048): stored as float16, read back as written."""
     rng = np.random.default_rng(seed)
-    return [rng.random((40 + 7 * k, 30 + 3 * k)).astype(np.float32) for k in range(count)]
+    return [(rng.integers(1, 2048, (40 + 7 * k, 30 + 3 * k)) / 2048).astype(np.float32) for k in range(count)]
 
 
 def _objects(url: str) -> list[str]:

@@ -27,19 +27,23 @@ def store(tmp_path):
     return out
 
 
-# above WHOLE_MAP_PIXELS: 512 x 512 chunks with partial edge chunks; one chunk; a row of one chunk
+# above WHOLE_MAP_PIXELS: 512 x 512 chunks with partial edge chunks; one chunk; a row of one chunk;
+# values float16 holds (stored as float16, read back as its rounding) and values beyond it (float32)
 @pytest.mark.parametrize("shape", [(1100, 1000), (373, 248), (1, 513)])
-def test_a_written_map_reads_back_exactly_with_zarrs_own_metadata_and_edge_chunks(store, shape):
-    values = np.random.default_rng(0).random(shape).astype(np.float32) * 27
+@pytest.mark.parametrize(("scale", "stored"), [(27.0, np.float16), (1.0e5, np.float32)])
+def test_a_written_map_reads_back_as_stored_with_zarrs_own_metadata_and_edge_chunks(store, shape, scale, stored):
+    values = np.random.default_rng(0).random(shape).astype(np.float32) * np.float32(scale)
     url = store.write_map("scans/a.png", "/src/scans/a.png", "v0001", values)
-    np.testing.assert_array_equal(store.read_map(url), values)
-    np.testing.assert_array_equal(store.read_map(url, step=3), values[::3, ::3])  # a preview's read
+    expected = values.astype(stored).astype(np.float32)
+    np.testing.assert_array_equal(store.read_map(url), expected)
+    np.testing.assert_array_equal(store.read_map(url, step=3), expected[::3, ::3])  # a preview's read
     array = zarr.open_array(url, mode="r", zarr_format=3)
     # a map of an image that is not tiled is one chunk: no edge chunk padded and encoded
     chunks = shape if shape[0] * shape[1] <= WHOLE_MAP_PIXELS else (min(512, shape[0]), min(512, shape[1]))
-    assert array.chunks == chunks and array.dtype == np.float32
+    assert array.chunks == chunks and array.dtype == stored
     # the same document zarr writes for the map of create_map (the tiled path), attributes aside
-    reference = store.create_map("scans/b.png", "/src/scans/b.png", "v0001", values.shape, chunk=max(chunks))
+    reference = store.create_map("scans/b.png", "/src/scans/b.png", "v0001", values.shape, chunk=max(chunks),
+                                 dtype=np.dtype(stored).name)
     written = json.loads(open(url.removeprefix("file://") + "/zarr.json").read())
     expected = json.loads(open(store.map_url("scans/b.png", "/src/scans/b.png", "v0001").removeprefix("file://")
                                + "/zarr.json").read())
@@ -306,7 +310,7 @@ def test_a_batch_scored_together_gives_each_images_own_score_map_and_error_rows(
     for row, image in zip(rows, [images[0], images[2], images[4]]):   # as each image alone
         score, amap = model.score(image)
         assert row["score"] == pytest.approx(score, rel=1e-6) and row["is_anomalous"] == (score > 6.0)
-        np.testing.assert_allclose(store.read_map(row["map"]), amap, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(store.read_map(row["map"]), amap, rtol=2.0 ** -11, atol=2.0 ** -25)  # float16
 
 
 def test_a_padim_batch_scored_together_gives_each_image_its_own_score_map_and_error_rows(store):
@@ -335,7 +339,7 @@ def test_a_padim_batch_scored_together_gives_each_image_its_own_score_map_and_er
         for row in rows:
             score, amap = model.score(images[int(row["image_id"][1])])
             assert row["score"] == pytest.approx(score, rel=1e-9)
-            np.testing.assert_allclose(store.read_map(row["map"]), amap, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(store.read_map(row["map"]), amap, rtol=2.0 ** -11, atol=2.0 ** -25)  # float16
     stack = np.stack([features().vectors for _ in range(4)])
     np.testing.assert_allclose(model.patch_scores_many(stack), [model.patch_scores(v) for v in stack], rtol=1e-12)
 
