@@ -108,3 +108,41 @@ def test_maps_beyond_float16s_range_are_stored_in_float32_exactly(tmp_path):
     for url, values in zip(urls + [writer.url], (huge, tiny, negative, stitched)):
         assert zarr.open_array(url, mode="r").dtype == np.float32
         np.testing.assert_array_equal(store.read_map(url), values)
+
+
+def test_a_process_that_only_reads_maps_never_imports_torch_and_reads_the_same_values(tmp_path):
+    """Widening float16 maps needs no torch (~1 s and ~180 MiB to import) where the process has
+    not loaded it: a user's script, a report. Written here (torch loaded: its conversion), read
+    there (numpy's): the same float32 values, whole maps and a stitched map's edge chunks alike."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from patchwatch.storage.results_store import ResultStore
+
+    store = ResultStore(str(tmp_path / "results"))
+    small = _map_like((240, 320), 0.5, 30.0)
+    large = _map_like((1100, 700), 2.0, 900.0, seed=1)
+    whole = store.write_map("a.png", "/src/a.png", "v0001", small)
+    writer = store.open_map("big.tif", "/src/big.tif", "v0001", large.shape, largest=float(large.max()))
+    writer.write_blocks(writer.whole_map_blocks(large))
+    for name, values in (("small", small), ("large", large)):
+        np.save(tmp_path / f"{name}.npy", values.astype(np.float16).astype(np.float32))  # numpy's rounding
+    script = f"""
+import sys
+import numpy as np
+from patchwatch.storage.results_store import ResultStore, read_map_array
+store = ResultStore({str(tmp_path / "results")!r})
+for url, name in (({whole!r}, "small"), ({writer.url!r}, "large")):
+    expected = np.load({str(tmp_path)!r} + "/" + name + ".npy")
+    for found in (store.read_map(url), read_map_array(url, step=1), read_map_array(url, step=2)):
+        assert found.dtype == np.float32, found.dtype
+    assert np.array_equal(store.read_map(url), expected), name
+    assert np.array_equal(read_map_array(url, step=2), expected[::2, ::2]), name
+assert "torch" not in sys.modules, "reading maps imported torch"
+print("read without torch")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "read without torch" in run.stdout
