@@ -103,6 +103,7 @@ def test_defect_pasted_into_a_mosaic_is_where_the_full_resolution_map_peaks(fitt
     assert scores.image_id.tolist() == ["mosaic.tif"]
     amap = zarr.open_array(scores.set_index("image_id")["map"]["mosaic.tif"], mode="r")  # maps/VERSION/NAME-HASH
     assert amap.shape == canvas.shape
+    assert amap.dtype == np.float16  # the stitch task knows the map's range from its grid
     full = amap[...]
     row, col = np.unravel_index(np.argmax(full), full.shape)
     margin = 32
