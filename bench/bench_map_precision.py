@@ -15,6 +15,9 @@ float32 maps are then:
   and from the float16 ones as read back (``evaluate_detection``, binned as the evaluate flow
   computes them; its bound on the binning error is given beside).
 
+A mosaic of the test images (``--stitched-side``, ~21 MP by default) is scored in tiles and its
+stitched map stored both ways, 512 px chunks: bytes a pixel.
+
     python bench/bench_map_precision.py                       # the MTD split, all train and test rows
     python bench/bench_map_precision.py --limit 40 --test-limit 60 --out /tmp/bench   # a quick check
 """
@@ -43,6 +46,51 @@ TASK = 16          # maps a score-batch task writes together (flows' batch_size 
 VERSION = "v0001"
 
 
+def stitched_map(extractor, model, records, side: int):
+    """The full-resolution map of a ``side`` x ``side`` mosaic of the test images, scored in tiles
+    and stitched as the score-tiles and stitch-map tasks do: (StitchedMap, its grid's largest |value|)."""
+    from bench_score_profile import mosaic
+
+    from patchwatch.anomaly.maps import StitchedMap
+    from patchwatch.anomaly.tiling import TilingConfig, stitch_grids, tile_grid, tile_sigma
+    from patchwatch.storage.images import read_image
+    from patchwatch.storage.results_store import largest_magnitude
+
+    image = mosaic([read_image(r.uri) for r in records], side)
+    tiling = TilingConfig()
+    tiles = tile_grid(side, side, tiling.tile, tiling.overlap)
+    grids, features = [], []
+    for first in range(0, len(tiles), TASK):
+        features = [extractor.extract([image[t.top:t.bottom, t.left:t.right]])[0] for t in tiles[first:first + TASK]]
+        grids += [grid.astype(np.float32) for _, grid in model.image_scores_and_grids(features)]
+    stitcher = stitch_grids((side, side), tiles, grids, tiling.overlap)
+    grid = stitcher.grid()
+    sigma = tile_sigma(model.config.sigma, tiles[0].shape, features[0].input_shape)
+    return StitchedMap(grid, stitcher.stride, (side, side), sigma), largest_magnitude(grid)
+
+
+def store_stitched_both_ways(rendered, largest: float, work: Path) -> dict:
+    """Bytes a pixel of the stitched map written in 512 px chunks, float32 and float16 (as the
+    stitch-map task writes it), and the largest |float16 - float32| as read back."""
+    from patchwatch.anomaly.tiling import blocks
+    from patchwatch.storage.results_store import MAP_CHUNK, ResultStore
+
+    store = ResultStore(str(work / "stitched"))
+    store.prepare()
+    found = {}
+    for kind, bound in (("float32", None), ("float16", largest)):
+        writer = store.open_map(f"mosaic-{kind}", f"/mosaic-{kind}.tif", VERSION, rendered.image_shape, largest=bound)
+        writer.write_blocks([(b.top, b.left, rendered.block(b.top, b.left, b.bottom, b.right))
+                             for b in blocks(*rendered.image_shape, MAP_CHUNK)])
+        found[kind] = {"bytes": sum(p.stat().st_size for p in Path(writer.url).iterdir() if p.name.startswith("c.")),
+                       "values": store.read_map(writer.url), "dtype": str(writer.dtype)}
+    pixels = rendered.image_shape[0] * rendered.image_shape[1]
+    return {"bytes_per_pixel": {k: v["bytes"] / pixels for k, v in found.items()},
+            "dtype": {k: v["dtype"] for k, v in found.items()},
+            "largest_error": float(np.abs(found["float16"]["values"] - found["float32"]["values"]).max()),
+            "largest_value": float(np.abs(found["float32"]["values"]).max())}
+
+
 def scored_maps(split: str, limit: int | None, test_limit: int | None):
     """(test records, their float32 maps, image scores) from PatchCore fitted on the train rows."""
     from patchwatch.anomaly.detectors import default_features
@@ -58,7 +106,7 @@ def scored_maps(split: str, limit: int | None, test_limit: int | None):
         for score, amap in model.scores(features):
             scores.append(score)
             maps.append(amap)
-    return records, maps, np.array(scores), len(model.memory)
+    return records, maps, np.array(scores), len(model.memory), extractor, model
 
 
 def store_both_ways(records, maps: list[np.ndarray], rounds: int, work: Path) -> dict:
@@ -124,16 +172,19 @@ def main() -> None:
     parser = common.base_parser(__doc__, "map_precision")
     parser.add_argument("--test-limit", type=int, default=None, help="use only N test images, spread evenly")
     parser.add_argument("--rounds", type=int, default=4, help="write/read rounds per type (default %(default)s)")
+    parser.add_argument("--stitched-side", type=int, default=4608,
+                        help="side of the tiled mosaic whose stitched map is stored both ways (default %(default)s: ~21 MP)")
     args = parser.parse_args()
     allocator = common.as_on_the_workers()
     import torch
 
     torch.set_num_threads(1)
     started = time.perf_counter()
-    records, maps, scores, memory_rows = scored_maps(args.split, args.limit, args.test_limit)
+    records, maps, scores, memory_rows, extractor, model = scored_maps(args.split, args.limit, args.test_limit)
     work = Path(tempfile.mkdtemp(prefix="bench-map-precision-"))
     try:
         stored = store_both_ways(records, maps, args.rounds, work)
+        stitched = store_stitched_both_ways(*stitched_map(extractor, model, records, args.stitched_side), work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     half = stored["read_back"]["float16"]
@@ -162,6 +213,16 @@ def main() -> None:
             "float32: the same write with storage.results_store.map_dtype answering float32 (the store before "
             "float16 maps); bytes: the chunk files (each map's zarr.json aside)",
             f"the workers' allocator settings: {allocator}"]},
+        {"title": "A stitched map (a tiled image's), 512 px chunks", "rows": [
+            {"stored as": kind, "type written": stitched["dtype"][kind], "bytes / pixel": stitched["bytes_per_pixel"][kind],
+             "vs float32": stitched["bytes_per_pixel"][kind] / stitched["bytes_per_pixel"]["float32"]}
+            for kind in ("float32", "float16")], "notes": [
+            f"a {args.stitched_side} x {args.stitched_side} mosaic of the test images (512 px cells), scored in 512 px "
+            "tiles (overlap 128) and stitched as the score-tiles and stitch-map tasks do; written with "
+            "ResultStore.open_map + MapWriter.write_blocks, once with the grid's largest value (float16, as the "
+            "stitch-map task writes it) and once without (float32)",
+            f"largest |float16 - float32| read back: {stitched['largest_error']:.3g} "
+            f"(values up to {stitched['largest_value']:.3g})"]},
         {"title": "Values: float16 as stored against the float32 maps", "rows": [
             {"largest map value": largest, "largest |error|": max(float(e.max()) for e in errors),
              "largest relative error": relative, "float16's bound (2^-11)": 2.0 ** -11,
@@ -175,7 +236,7 @@ def main() -> None:
     ]
     meta = {"command": common.command_line(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": common.machine_info(), "wall_s": time.perf_counter() - started, "measures_memory": False,
-            "parameters": {"test images": len(maps), "rounds": args.rounds}}
+            "parameters": {"test images": len(maps), "rounds": args.rounds, "stitched side": args.stitched_side}}
     common.report(args.out, args.name, "Anomaly maps stored in float16 against float32", meta, sections)
 
 
