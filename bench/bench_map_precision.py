@@ -92,7 +92,8 @@ def store_stitched_both_ways(rendered, largest: float, work: Path) -> dict:
 
 
 def scored_maps(split: str, limit: int | None, test_limit: int | None):
-    """(test records, their float32 maps, image scores) from PatchCore fitted on the train rows."""
+    """(test records, their float32 maps, image scores, memory rows, the extractor, the model): PatchCore
+    fitted on the train rows."""
     from patchwatch.anomaly.detectors import default_features
     from patchwatch.anomaly.features import PatchFeatureExtractor
     from patchwatch.storage.images import read_image
