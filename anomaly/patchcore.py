@@ -53,9 +53,8 @@ def reweight_image_score(patch_vectors: np.ndarray, patch_scores: np.ndarray, ne
     return float((1.0 - softmax[0]) * max_score)
 
 
-# query rows per distance block (_Format.query_block): bounds the (memory x queries) matrix; fewer
-# for a larger memory: the matrix stays within BLOCK_BYTES
-QUERY_BLOCK = 512
+# query rows per distance block: _Format.query_block, fewer for a larger memory (the (memory x
+# queries) matrix stays within BLOCK_BYTES)
 BLOCK_BYTES = 64 << 20
 # rows of a product padded to a multiple of this: oneDNN compiles a kernel for each new shape (~3 ms
 # each with AMX at 8k memory rows, 6-27 ms for a process's first ones), so only a few shapes ever
@@ -156,19 +155,20 @@ class _Ranking:
     operand: torch.Tensor     # (rows, dims + 2 x norm columns) in the format's dtype
     norms: np.ndarray         # ||m|| of the centred rows
     dims: int
-    block: int = QUERY_BLOCK  # most queries in one product (the model's query block)
-    format: _Format = FORMATS["bfloat16"]
+    block: int                # most queries in one product (the model's query block)
+    format: _Format
 
     @classmethod
-    def of(cls, centred: np.ndarray, columns: slice, block: int = QUERY_BLOCK,
+    def of(cls, centred: np.ndarray, columns: slice, block: int | None = None,
            precision: str = "bfloat16") -> "_Ranking":
+        """``block``: the model's (None: the format's own)."""
         number_format = FORMATS[precision]
         part = centred[:, columns]
         squared = (part ** 2).sum(1)
         parts = number_format.norm_parts(squared)
         operand = np.concatenate([part, np.ones((len(part), len(parts))), parts.T], axis=1).astype(np.float32)
         return cls(columns, torch.from_numpy(np.ascontiguousarray(operand)).to(number_format.dtype),
-                   np.sqrt(squared).astype(np.float32), part.shape[1], block, number_format)
+                   np.sqrt(squared).astype(np.float32), part.shape[1], block or number_format.query_block, number_format)
 
     def distances(self, centred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the squared distances' bit patterns as integers, memory rows by queries, ||q||)

@@ -144,8 +144,6 @@ def _float16_table() -> np.ndarray:
     return np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
-
-
 def _map_settings(height: int, width: int, chunk_h: int, chunk_w: int, dtype: str = "float32") -> dict:
     """zarr.create_array's settings of a map. Blosc LZ4 with byte shuffling: on MTD maps and 512 x
     512 chunks of stitched maps it compresses better than zarr's default (zstd level 0: ratio 1.7
@@ -372,7 +370,7 @@ def _read_plain_map(location: str) -> np.ndarray | None:
             except FileNotFoundError:  # a chunk never written holds the fill value, as in zarr
                 target[...] = fill
                 continue
-            if kind == np.float16:   # decoded into a writable array, widened by torch (numpy's cast: ~4x slower)
+            if kind == np.float16:   # decoded into a writable array, then widened (_widen_into)
                 block = np.empty(chunks, kind)
                 if decoder:
                     decoder.decode(data, out=block)

@@ -110,13 +110,14 @@ def test_the_ranked_distances_stay_within_their_stated_bound(precision):
 @pytest.mark.parametrize("case", ["near ties", "far from the origin", "norms apart", "duplicates",
                                   "queries far from everything", "a memory of 3 rows"])
 def test_the_nearest_memory_vector_is_the_float64_one_where_no_float32_tie(case, precision):
-    from patchwatch.anomaly.patchcore import QUERY_BLOCK, PatchCore, PatchCoreConfig
+    from patchwatch.anomaly.patchcore import FORMATS, PatchCore, PatchCoreConfig
 
+    block = max(number_format.query_block for number_format in FORMATS.values())  # more than a block in either format
     rng = np.random.default_rng(1)
     dims = 48
     centres = rng.standard_normal((6, dims)) * 3
     memory = centres[rng.integers(0, 6, 900)] + 0.3 * rng.standard_normal((900, dims))
-    queries = centres[rng.integers(0, 6, QUERY_BLOCK + 40)] + 0.3 * rng.standard_normal((QUERY_BLOCK + 40, dims))
+    queries = centres[rng.integers(0, 6, block + 40)] + 0.3 * rng.standard_normal((block + 40, dims))
     if case == "near ties":      # every query has many memory vectors within 1e-3 of each other
         memory = centres[rng.integers(0, 6, 900)] + 1e-3 * rng.standard_normal((900, dims))
         queries = centres[rng.integers(0, 6, len(queries))] + 0.05 * rng.standard_normal((len(queries), dims))
@@ -184,10 +185,11 @@ def test_ranking_on_the_memorys_principal_axes_finds_the_same_nearest_rows(case,
     """Both nearest-neighbour passes rank on the memory's leading principal axes when they hold
     its variance: the distances, rows and map distances must be those of the full ranking, bit for
     bit, and the float64 ones where no float32 tie."""
-    from patchwatch.anomaly.patchcore import QUERY_BLOCK, PatchCore, PatchCoreConfig
+    from patchwatch.anomaly.patchcore import FORMATS, PatchCore, PatchCoreConfig
 
     rng = np.random.default_rng(11)
-    memory, queries = low_rank(rng, 1500), low_rank(rng, QUERY_BLOCK + 70)
+    block = max(number_format.query_block for number_format in FORMATS.values())
+    memory, queries = low_rank(rng, 1500), low_rank(rng, block + 70)  # more than a block in either format
     if case == "moved along the leading axes":
         queries = moved_along_the_leading_axes(rng, memory[rng.integers(0, 1500, len(queries))])
     elif case == "near ties":          # many memory vectors within 1e-3 of each other, around 8 points

@@ -16,7 +16,7 @@ from scipy.ndimage import gaussian_filter
 from patchwatch.anomaly.engine import score_features
 from patchwatch.anomaly.features import PatchFeatures
 from patchwatch.anomaly.maps import StitchedMap, anomaly_map
-from patchwatch.anomaly.patchcore import QUERY_BLOCK, PatchCore, PatchCoreConfig, build_index, reweight_image_score
+from patchwatch.anomaly.patchcore import FORMATS, PatchCore, PatchCoreConfig, build_index, reweight_image_score
 from patchwatch.anomaly.tiling import Tile, TilingConfig, blocks, render_block, stitch_grids, tile_grid, tile_sigma
 
 torch.set_num_threads(1)
@@ -43,7 +43,8 @@ def brute_force(queries: np.ndarray, memory: np.ndarray) -> tuple[np.ndarray, np
 @pytest.mark.parametrize("map_dims", [0, 24])
 def test_one_pass_gives_the_exact_nearest_distances_for_the_image_score_and_the_map(map_dims):
     rng = np.random.default_rng(0)
-    memory, queries = clustered(rng, 700, 48), clustered(rng, QUERY_BLOCK + 300, 48)  # two query blocks
+    block = max(number_format.query_block for number_format in FORMATS.values())
+    memory, queries = clustered(rng, 700, 48), clustered(rng, block + 300, 48)  # two query blocks or more
     model = PatchCore(memory, PatchCoreConfig(map_dims=map_dims))
     scores, rows, map_scores = model.nearest(queries)
     expected, expected_rows = brute_force(queries, memory)
