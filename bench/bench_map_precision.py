@@ -16,7 +16,12 @@ float32 maps are then:
   computes them; its bound on the binning error is given beside).
 
 A mosaic of the test images (``--stitched-side``, ~21 MP by default) is scored in tiles and its
-stitched map stored both ways, 512 px chunks: bytes a pixel.
+stitched map stored both ways, 512 px chunks: bytes a pixel. With ``--sets``, the pixel metrics'
+comparison is repeated on ``bench/eval_sets.py``'s evaluation sets (built into ``--work``, image
+counts x ``--set-scale``; MTD: ``--mtd-limit`` train and test images), PaDiM's and PatchCore's
+defaults on each.
+
+    python bench/bench_map_precision.py --sets all    # also every evaluation set, at 0.3x their images
 
     python bench/bench_map_precision.py                       # the MTD split, all train and test rows
     python bench/bench_map_precision.py --limit 40 --test-limit 60 --out /tmp/bench   # a quick check
@@ -91,15 +96,22 @@ def store_stitched_both_ways(rendered, largest: float, work: Path) -> dict:
             "largest_value": float(np.abs(found["float32"]["values"]).max())}
 
 
-def scored_maps(split: str, limit: int | None, test_limit: int | None):
-    """(test records, their float32 maps, image scores, memory rows, the extractor, the model): PatchCore
-    fitted on the train rows."""
+def scored_maps(split: str, limit: int | None, test_limit: int | None, detector: str = "patchcore"):
+    """(test records, their float32 maps, image scores, the extractor, the model): PatchCore, or
+    PaDiM at the input size a fit on the set sets (bench_score_profile.fit_padim), with their
+    default settings fitted on the train rows."""
+    from bench_score_profile import fit_padim, padim_features
+
     from patchwatch.anomaly.detectors import default_features
     from patchwatch.anomaly.features import PatchFeatureExtractor
     from patchwatch.storage.images import read_image
 
-    extractor = PatchFeatureExtractor(default_features("patchcore"), threads=1)
-    model = common.fit_default_patchcore(extractor, [r.uri for r in common.select_records(split, "train", limit)])
+    if detector == "padim":
+        extractor = PatchFeatureExtractor(padim_features(split), threads=1)
+        model, _ = fit_padim(extractor, split, limit)
+    else:
+        extractor = PatchFeatureExtractor(default_features("patchcore"), threads=1)
+        model = common.fit_default_patchcore(extractor, [r.uri for r in common.select_records(split, "train", limit)])
     records = common.select_records(split, "test", test_limit)
     maps, scores = [], []
     for first in range(0, len(records), TASK):
@@ -107,7 +119,7 @@ def scored_maps(split: str, limit: int | None, test_limit: int | None):
         for score, amap in model.scores(features):
             scores.append(score)
             maps.append(amap)
-    return records, maps, np.array(scores), len(model.memory), extractor, model
+    return records, maps, np.array(scores), extractor, model
 
 
 def store_both_ways(records, maps: list[np.ndarray], rounds: int, work: Path) -> dict:
@@ -169,19 +181,44 @@ def pixel_figures(records, maps: list[np.ndarray], scores: np.ndarray) -> dict:
     return {"figures": figures, "bounds": bounds}
 
 
+def every_set_rows(names: list[str], work: Path, scale: float, mtd_limit: int) -> list[dict]:
+    """Per evaluation set and detector (PaDiM: what --auto picked on every set; PatchCore:
+    --no-auto's): pixel AUROC and AUPRO from the float32 maps and from the same maps rounded to
+    float16, as the store keeps them (numpy's rounding: the store's, tested)."""
+    import eval_sets
+
+    rows = []
+    for name, detector in ((name, detector) for name in names for detector in ("padim", "patchcore")):
+        split = str(eval_sets.build(name, work, scale))
+        limit = mtd_limit if name == "mtd" else None
+        records, maps, scores, *_ = scored_maps(split, limit, limit, detector)
+        exact = pixel_figures(records, maps, scores)["figures"]
+        rounded = pixel_figures(records, [amap.astype(np.float16).astype(np.float32) for amap in maps], scores)["figures"]
+        rows.append({"set": name, "detector": detector, "test images": len(records), "largest map value": max(float(m.max()) for m in maps),
+                     **{f"{metric}, float{bits}": figures[("overall", metric)]
+                        for metric in ("pixel AUROC", "AUPRO") for bits, figures in ((32, exact), (16, rounded))},
+                     "largest |difference|, overall and per type": max(abs(rounded[key] - exact[key]) for key in exact
+                                                                      if np.isfinite(exact[key]))})
+    return rows
+
+
 def main() -> None:
     parser = common.base_parser(__doc__, "map_precision")
     parser.add_argument("--test-limit", type=int, default=None, help="use only N test images, spread evenly")
     parser.add_argument("--rounds", type=int, default=4, help="write/read rounds per type (default %(default)s)")
     parser.add_argument("--stitched-side", type=int, default=4608,
                         help="side of the tiled mosaic whose stitched map is stored both ways (default %(default)s: ~21 MP)")
+    parser.add_argument("--sets", default="", help="evaluation sets to compare pixel metrics on too: comma-separated, or all")
+    parser.add_argument("--set-scale", type=float, default=0.3, help="their image counts x this (default %(default)s)")
+    parser.add_argument("--mtd-limit", type=int, default=120, help="MTD among --sets: N train and test images")
+    parser.add_argument("--work", default="/tmp/evalsets-map-precision", help="where --sets are built")
     args = parser.parse_args()
     allocator = common.as_on_the_workers()
     import torch
 
     torch.set_num_threads(1)
     started = time.perf_counter()
-    records, maps, scores, memory_rows, extractor, model = scored_maps(args.split, args.limit, args.test_limit)
+    records, maps, scores, extractor, model = scored_maps(args.split, args.limit, args.test_limit)
     work = Path(tempfile.mkdtemp(prefix="bench-map-precision-"))
     try:
         stored = store_both_ways(records, maps, args.rounds, work)
@@ -233,11 +270,22 @@ def main() -> None:
             f"(PixelCurves.error_bounds, largest over both): {bound:.2g}",
             "binned as the evaluate flow computes them (evaluate_detection on a filled PixelCurves, default bins); "
             "per defect type: the good images and that type's",
-            f"PatchCore with its defaults fitted on the train rows ({memory_rows:,} memory rows), 1 thread"]},
+            f"PatchCore with its defaults fitted on the train rows ({len(model.memory):,} memory rows), 1 thread"]},
     ]
+    if args.sets:
+        import eval_sets
+
+        names = list(eval_sets.SETS) if args.sets == "all" else args.sets.split(",")
+        rows = every_set_rows(names, Path(args.work), args.set_scale, args.mtd_limit)
+        sections.append({"title": "Pixel metrics from float32 and float16 maps on every evaluation set", "rows": rows,
+                         "notes": [f"largest |difference| over every set: {max(r['largest |difference|, overall and per type'] for r in rows):.2g}",
+                                   f"bench/eval_sets.py's sets at {args.set_scale}x their images (MTD: {args.mtd_limit} "
+                                   "train and test images), PaDiM's and PatchCore's defaults fitted on each set's train images; "
+                                   "binned as the evaluate flow computes them"]})
     meta = {"command": common.command_line(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": common.machine_info(), "wall_s": time.perf_counter() - started, "measures_memory": False,
-            "parameters": {"test images": len(maps), "rounds": args.rounds, "stitched side": args.stitched_side}}
+            "parameters": {"test images": len(maps), "rounds": args.rounds, "stitched side": args.stitched_side,
+                           "sets": args.sets or "none", "set scale": args.set_scale}}
     common.report(args.out, args.name, "Anomaly maps stored in float16 against float32", meta, sections)
 
 

@@ -85,9 +85,10 @@ MAP_KEY_SEPARATOR = "."
 # A map is stored in float16 where its largest |value| lies in float16's normal range, [2^-14,
 # 65,504]: every value of at least 2^-14 is then held within 2^-11 of itself (smaller ones within
 # 2^-25), far finer than a map's own noise; elsewhere float32, exactly. Readers get float32 back.
-# MTD's 581 test maps (values up to 33, shuffled LZ4): 0.40x float32's bytes to write and send, 0.94x
-# its time to write and 0.86x to read a map; a tiled 21 MP image's stitched map 0.37x the bytes;
-# pixel AUROC and AUPRO from them within 1.5e-5 of float32's (bench/results/map_precision.md)
+# MTD's 581 test maps (values up to 33, shuffled LZ4): 0.40x float32's bytes to write and send, less
+# time to write and read a map; a tiled 21 MP image's stitched map 0.37x the bytes; pixel AUROC and
+# AUPRO from them within 1.5e-5 of float32's, on every evaluation set within 3.8e-4
+# (bench/results/map_precision.md)
 FLOAT16_LARGEST = 65504.0
 FLOAT16_SMALLEST_NORMAL = 2.0 ** -14
 
