@@ -68,10 +68,12 @@ def score_features(detector, views: list[tuple[Tile | None, PatchFeatures]], ima
         score, grid = score_grid(detector, views[0][1])
         features = views[0][1]
         return Scored(score, anomaly_map(grid, features.image_shape, sigma, features.input_shape).astype(np.float32))
-    scored = [score_grid(detector, features) for _, features in views]
+    scored = (detector.tile_scores_and_grids([features for _, features in views]) if isinstance(detector, PatchCore)
+              else [score_grid(detector, features) for _, features in views])
     grids = [grid for _, grid in scored]
     stitcher = stitch_grids(image_shape, [tile for tile, _ in views], grids, tiling.overlap)
-    best_score = scored[int(np.argmax([grid.max() for grid in grids]))][0]  # the tile holding the max patch
+    # the tile holding the max patch, chosen as the stitch-map task chooses it (max(): the first)
+    best_score = scored[max(range(len(grids)), key=lambda k: float(grids[k].max()))][0]
     first = views[0][1]
     sigma_px = tile_sigma(sigma, first.image_shape, first.input_shape)
     return Scored(best_score, StitchedMap(stitcher.grid(), stitcher.stride, image_shape, sigma_px).whole())

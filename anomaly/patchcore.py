@@ -63,6 +63,11 @@ BLOCK_BYTES = 64 << 20
 # queries), and a model compiles those few shapes when it is made (PatchCore.warm_up), not in its
 # first tasks
 ROW_MULTIPLE = 64
+# memory rows per chunk of a ranking's result matrix (_Results): 64 measured a little faster than
+# 128 or 256 (MTD's memory, blocks of 256 queries); the operand's padding rows give every query
+# PADDING_DISTANCE, far beyond any limit
+CHUNK_ROWS = 64
+PADDING_DISTANCE = 2.0 ** 100
 
 
 def query_rows(count: int, block: int) -> int:
@@ -148,12 +153,12 @@ class _Ranking:
     part), memory rows by queries: oneDNN then packs only the queries' small operand for AMX, not
     the memory's (25-30 % less time than queries by memory rows, measured at 8k rows). The
     product's result is a distance, read as its integer bit patterns (which order positive floats
-    as the floats), so the column minimum and the candidate test are the only passes over the
-    (memory x queries) matrix: those passes and the product are the cost."""
+    as the floats); the memory's rows are padded to whole chunks (:class:`_Results`), whose minima
+    are the only pass over the (memory x queries) matrix: that pass and the product are the cost."""
 
     columns: slice
-    operand: torch.Tensor     # (rows, dims + 2 x norm columns) in the format's dtype
-    norms: np.ndarray         # ||m|| of the centred rows
+    operand: torch.Tensor     # (rows padded to CHUNK_ROWS, dims + 2 x norm columns) in the format's dtype
+    norms: np.ndarray         # ||m|| of the centred rows (not the padding's)
     dims: int
     block: int                # most queries in one product (the model's query block)
     format: _Format
@@ -166,14 +171,19 @@ class _Ranking:
         part = centred[:, columns]
         squared = (part ** 2).sum(1)
         parts = number_format.norm_parts(squared)
-        operand = np.concatenate([part, np.ones((len(part), len(parts))), parts.T], axis=1).astype(np.float32)
-        return cls(columns, torch.from_numpy(np.ascontiguousarray(operand)).to(number_format.dtype),
-                   np.sqrt(squared).astype(np.float32), part.shape[1], block or number_format.query_block, number_format)
+        # rows padded to whole chunks (_Results) by rows whose every result is PADDING_DISTANCE
+        padded = -(-len(part) // CHUNK_ROWS) * CHUNK_ROWS
+        operand = np.zeros((padded, part.shape[1] + 2 * len(parts)), np.float32)
+        operand[:len(part)] = np.concatenate([part, np.ones((len(part), len(parts))), parts.T], axis=1)
+        operand[len(part):, part.shape[1] + len(parts)] = PADDING_DISTANCE
+        return cls(columns, torch.from_numpy(operand).to(number_format.dtype), np.sqrt(squared).astype(np.float32),
+                   part.shape[1], block or number_format.query_block, number_format)
 
     def distances(self, centred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the squared distances' bit patterns as integers, memory rows by queries, ||q||)
         for centred queries; the matrix has a column for each of the product's padded query rows
-        (:func:`query_rows`), its first ``len(centred)`` those of the queries."""
+        (:func:`query_rows`), its first ``len(centred)`` those of the queries, and a row for each
+        of the operand's padded rows, its first ``len(self.norms)`` those of the memory."""
         query, norms = self._query_operand(centred[:, self.columns])
         return (self.operand @ query.t()).view(self.format.bits).numpy(), norms
 
@@ -288,56 +298,68 @@ class _Projection:
         # through torch: its thread count is the process's (one on the workers; anomaly.maps._product)
         projected = (torch.from_numpy(part) @ torch.from_numpy(self.basis)).numpy()
         by_query = ranking.format.projection_by_query
-        if by_query:
-            bits, query_norms = ranking.distances_by_query(projected)
-            best = bits[:count].argmin(1)   # any row will do: its distance is an upper bound
-        else:
-            bits, query_norms = ranking.distances(projected)
-            best = _a_smallest_row(bits, count)
+        bits, query_norms = (ranking.distances_by_query if by_query else ranking.distances)(projected)
+        results = _Results(bits, by_query, len(ranking.norms))
+        best = results.a_smallest_row(count)   # any row will do: its distance is an upper bound
         known = np.sqrt(((queries[:, self.columns] - memory[best, self.columns]) ** 2).sum(1, dtype=np.float32))
         margin = self.rounding * (np.sqrt(np.einsum("ij,ij->i", part, part)) + self.largest_norm)
         # the float32 distance errs by at most (dims + 2) 2^-24 relative: 2^-12 is ample
         ceiling = (self.stretch * known * (1 + 2.0 ** -12) + margin) ** 2
         widest = ranking.error(query_norms, ranking.norms.max())
-        line, row, value = _results_within(bits, (ceiling + widest) / (1 - 2 * u), count, by_query=by_query)
+        line, row, value = results.within((ceiling + widest) / (1 - 2 * u))
         slack = np.abs(value) * u / (1 - u) + ranking.error(query_norms[line], ranking.norms[row])
         kept = value - slack <= ceiling[line]
         return line[kept], row[kept]
 
 
-def _a_smallest_row(bits: np.ndarray, count: int) -> np.ndarray:
-    """For each of the first ``count`` columns of a (memory rows x padded queries) matrix, a row
-    holding its smallest value: the column minima, then where they are (numpy's argmin along the
-    rows is ~15x slower than its min)."""
-    at = _flat_true(bits == bits.min(0))
-    row, line = np.divmod(at, bits.shape[1])
-    best = np.empty(bits.shape[1], np.int64)
-    best[line] = row
-    return best[:count]
+class _Results:
+    """A ranking's result matrix (bit patterns: memory rows, padded to whole chunks, by padded
+    queries; ``by_query`` transposed) as chunks of CHUNK_ROWS memory rows, and each chunk's smallest
+    result for each query: one pass over the matrix. A query's smallest result, and its results
+    within a limit, then lie only in the chunks whose smallest reaches them (a few of MTD's 126),
+    read there alone: the matrix's other passes (a search for each column's minimum, a test of
+    every result against a limit) had taken 3 times the product's time after it."""
 
+    def __init__(self, bits: np.ndarray, by_query: bool, rows: int):
+        self.by_query, self.rows, self.dtype = by_query, rows, bits.dtype
+        # torch's minimum over the chunks' rows: ~2x numpy's over the middle axis
+        if by_query:
+            self.chunks = bits.reshape(bits.shape[0], -1, CHUNK_ROWS)          # query, chunk, row
+            self.minima = torch.from_numpy(self.chunks).amin(2).numpy()
+        else:
+            self.chunks = bits.reshape(-1, CHUNK_ROWS, bits.shape[1])          # chunk, row, query
+            self.minima = torch.from_numpy(self.chunks).amin(1).numpy().T      # query, chunk
 
-def _flat_true(mask: np.ndarray) -> np.ndarray:
-    """``np.flatnonzero(mask)`` for a boolean array of a multiple of 8 elements, found among its
-    8-byte words (0.3 against 0.5 ms on a 8k x 512 mask of a few true per column)."""
-    words = mask.reshape(-1).view(np.uint64)
-    hit = np.flatnonzero(words != 0)
-    byte = np.flatnonzero(words[hit].view(np.uint8))
-    return hit[byte >> 3] * 8 + (byte & 7)
+    def _blocks(self, query: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+        """(len(query), CHUNK_ROWS): chunk ``chunk[i]``'s results for query ``query[i]``."""
+        return self.chunks[query, chunk] if self.by_query else self.chunks[chunk, :, query]
 
+    def smallest(self, count: int) -> np.ndarray:
+        """The bit pattern of each of the first ``count`` queries' smallest result (negative
+        results, rounding of 0, are the smallest bit patterns: negative integers)."""
+        return self.minima[:count].min(1)
 
-def _results_within(bits: np.ndarray, loose: np.ndarray, count: int, by_query: bool
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(query, memory row, computed distance) of every result of a ranking's matrix (bit patterns,
-    memory rows by padded queries, or ``by_query`` transposed) at most its query's ``loose``; the
-    padding's queries and queries whose ``loose`` is not finite (NaN features) have none."""
-    limit = np.full(bits.shape[0] if by_query else bits.shape[1], np.iinfo(bits.dtype).min, bits.dtype)
-    finite = np.flatnonzero(np.isfinite(loose))
-    limit[finite] = _bits_at_least(np.maximum(loose[finite], 2.0 ** -100), bits.dtype)
-    flat = _flat_true(bits <= (limit[:, None] if by_query else limit))
-    major, minor = np.divmod(flat, bits.shape[1])
-    line, row = (major, minor) if by_query else (minor, major)
-    kept = line < count   # a padding query's limit still admits -0.0
-    return line[kept], row[kept], _as_float(bits.ravel()[flat[kept]])
+    def a_smallest_row(self, count: int) -> np.ndarray:
+        """A memory row holding each of the first ``count`` queries' smallest result (among
+        negative results, any)."""
+        chunk = self.minima[:count].argmin(1)
+        row = chunk * CHUNK_ROWS + self._blocks(np.arange(count), chunk).argmin(1)
+        # a query of NaN features may end on a padding row: any row will do for it
+        return np.minimum(row, self.rows - 1)
+
+    def within(self, loose: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(query, memory row, computed distance) of every result at most its query's ``loose``
+        (one for each of the first ``len(loose)`` queries); queries whose ``loose`` is not finite
+        (NaN features) have none but -0.0."""
+        limit = np.full(len(loose), np.iinfo(self.dtype).min, self.dtype)
+        finite = np.flatnonzero(np.isfinite(loose))
+        limit[finite] = _bits_at_least(np.maximum(loose[finite], 2.0 ** -100), self.dtype)
+        query, chunk = np.nonzero(self.minima[:len(loose)] <= limit[:, None])
+        blocks = self._blocks(query, chunk)
+        at, offset = np.nonzero(blocks <= limit[query][:, None])
+        row = chunk[at] * CHUNK_ROWS + offset
+        kept = row < self.rows   # padding rows only for an absurd limit
+        return query[at][kept], row[kept], _as_float(blocks[at, offset][kept])
 
 
 def _as_float(bits: np.ndarray) -> np.ndarray:
@@ -475,18 +497,18 @@ class PatchCore:
         if isinstance(ranking, _Projection):
             line, row = ranking.candidates(queries, centred, self.memory)
             return self._closest(queries, line, row, ranking.columns)
-        bits, query_norms = ranking.distances(centred)   # the padding's columns too: contiguous passes
+        bits, query_norms = ranking.distances(centred)
+        results = _Results(bits, False, len(ranking.norms))
         u, count = ranking.format.roundoff, len(queries)
         # any vector's computed distance plus its bound is at least the nearest one's true distance:
-        # so is each query's smallest result plus the largest norm's bound (negative results, at most
-        # rounding, are the smallest bit patterns: negative integers; among them any will do)
-        found = _as_float(bits.min(0)[:count])
+        # so is each query's smallest result plus the largest norm's bound
+        found = _as_float(results.smallest(count))
         widest = ranking.error(query_norms, ranking.norms.max())
         ceiling = found + np.abs(found) * u / (1 - u) + widest
         # a vector is a candidate unless its distance less its bound exceeds that: first the whole
         # matrix against the largest norm's bound (in bit patterns), then those few exactly, against
         # the smallest distance plus bound among them (at most the ceiling: fewer candidates)
-        line, row, value = _results_within(bits, (ceiling + widest) / (1 - 2 * u), count, by_query=False)
+        line, row, value = results.within((ceiling + widest) / (1 - 2 * u))
         slack = np.abs(value) * u / (1 - u) + ranking.error(query_norms[line], ranking.norms[row])
         tight = np.full(count, np.inf, np.float32)
         np.minimum.at(tight, line, value + slack)
@@ -530,6 +552,11 @@ class PatchCore:
         queries = np.ascontiguousarray(vectors, dtype=np.float32)
         centred = queries - self._centre
         map_scores, map_rows = self._nearest_blocks(self._map_pass(), queries, centred)
+        return WorstPatches(map_scores, *self._worst_given_map(queries, centred, bounds, map_rows))
+
+    def _worst_given_map(self, queries: np.ndarray, centred: np.ndarray, bounds: np.ndarray, map_rows: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`worst_patches`' (patches, scores, rows) given every patch's map-nearest row."""
         upper = np.sqrt(((queries - self.memory[map_rows]) ** 2).sum(1, dtype=np.float32))
         image = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
         # by image, then the largest bound first (non-finite ones, NaN features, before all)
@@ -551,7 +578,7 @@ class PatchCore:
             scores[second], rows[second] = self._nearest_blocks(self._full_pass(), queries[second], centred[second])
         worst = np.array([start + int(np.argmax(scores[start:stop])) for start, stop in zip(bounds[:-1], bounds[1:])],
                          np.int64)
-        return WorstPatches(map_scores, worst, scores[worst], rows[worst])
+        return worst, scores[worst], rows[worst]
 
     def _nearest_blocks(self, ranking: _Ranking, queries: np.ndarray, centred: np.ndarray
                         ) -> tuple[np.ndarray, np.ndarray]:
@@ -589,6 +616,39 @@ class PatchCore:
                  found.map_scores[bounds[k]:bounds[k + 1]].reshape(item.grid))
                 for k, item in enumerate(features)]
 
+    def tile_scores_and_grids(self, features: list[PatchFeatures]) -> list[tuple[float | None, np.ndarray]]:
+        """The patch-score grids of some tiles of one image, and the image score (eq. 7) of only
+        the first tile holding their largest grid value (None for the others): a tiled image's
+        score is that of its tile holding the largest (``tasks.tiles``, ``engine.score_features``),
+        so the first such tile among these is the only one that can give it. The full vectors' pass
+        then runs on that tile's patches alone (MTD tiles of 512 px: ~15 % of the kNN time had gone
+        to every tile's)."""
+        if not features:
+            return []
+        vectors = np.concatenate([f.vectors for f in features])
+        bounds = np.cumsum([0] + [len(item.vectors) for item in features])
+        if self._head is None:   # the map's pass is the full vectors': every tile's worst patch comes with it
+            found = self.worst_patches(vectors, bounds)
+            map_scores = found.map_scores
+        else:
+            queries = np.ascontiguousarray(vectors, dtype=np.float32)
+            centred = queries - self._centre
+            map_scores, map_rows = self._nearest_blocks(self._map_pass(), queries, centred)
+        grids = [map_scores[bounds[k]:bounds[k + 1]].reshape(item.grid) for k, item in enumerate(features)]
+        best = max(range(len(grids)), key=lambda k: float(grids[k].max()))   # the first, as max() picks
+        if self._head is None:
+            patch, score, row = found.patches[best:best + 1], found.scores[best:best + 1], found.rows[best:best + 1]
+        else:
+            start, stop = bounds[best], bounds[best + 1]
+            patch, score, row = self._worst_given_map(queries[start:stop], centred[start:stop],
+                                                      np.array([0, stop - start]), map_rows[start:stop])
+            patch = patch + start
+        count = min(self.config.num_neighbors, len(self.memory))
+        support = self.neighbourhoods(row, count)[0] if count >= 2 else None
+        weighted = reweight_image_score(vectors[patch], score, row, self.memory, self.index,
+                                        self.config.num_neighbors, support)
+        return [(weighted if k == best else None, grid) for k, grid in enumerate(grids)]
+
     def neighbourhoods(self, rows: np.ndarray, count: int) -> np.ndarray:
         """(len(rows), count): the ``count`` nearest memory rows of each memory row in ``rows``,
         nearest first (itself, at distance 0; ties: the lower row), as faiss's flat search finds
@@ -606,6 +666,8 @@ class PatchCore:
         loose = (ceiling + self._full.error(query_norms, norms.max())) / (1 - 2 * u)
         flat = np.flatnonzero(bits <= _bits_at_least(loose, bits.dtype)[:, None])
         line, row = np.divmod(flat, bits.shape[1])
+        real = row < len(norms)   # padding rows only for an absurd limit
+        flat, line, row = flat[real], line[real], row[real]
         value = _as_float(bits.ravel()[flat])
         kept = value - np.abs(value) * u / (1 - u) - self._full.error(query_norms[line], norms[row]) <= ceiling[line]
         line, row = line[kept], row[kept]

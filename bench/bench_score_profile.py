@@ -14,7 +14,9 @@ other (alternating which goes first), so "before" and "after" share the machine'
   one ``PatchCore.worst_patches`` pass (candidates ranked in bfloat16, or float32 on CPUs without
   it, with a bound on the error, on the memory's principal axes
   where they hold it, exact distances: every patch's
-  map distance, the full vectors' only where a patch can hold its image's score), eq. 7,
+  map distance, the full vectors' only where a patch can hold its image's score; tiles:
+  ``PatchCore.tile_scores_and_grids``, the full vectors' pass and eq. 7 only in the task's tile
+  that can give the image's score, timed with the kNN), eq. 7,
   ``anomaly.maps`` (upsample and smooth as two small matrix products; tiles: ``StitchedMap``),
   ``ResultStore.write_map`` / ``create_map`` (Blosc LZ4).
 
@@ -380,8 +382,10 @@ def profile_tiled(extractor, model, image: np.ndarray, store) -> dict:
         for path in (("before", "after") if (first // TASK_BATCH) % 2 == 0 else ("after", "before")):
             clock = clocks[path]
             clock["backbone"] += backbone
+            # after: as the score-tiles task does, eq. 7 for the task's one tile that can give the image's
+            # score, timed within the kNN pass
             grids = ([before_model.grid(clock, item) for item in features] if path == "before"
-                     else after_grids(clock, model, features))
+                     else timed(clock, "knn_once", model.tile_scores_and_grids, features))
             scored[path].extend({"grid": grid.astype(np.float32), "max": float(grid.max()), "weighted": score}
                                 for score, grid in grids)
     sigma_px = tile_sigma(model.config.sigma, tiles[0].shape, features[0].input_shape)

@@ -108,8 +108,9 @@ def score_tiles_task(model: ModelRef, uri: str, tiles: list[Tile], staged: str |
     extractor, detector = load_model(model.root, model.fingerprint)
     with LargeImage(uri, staged) as image:
         features = extractor.extract([image.read(tile.top, tile.left, tile.bottom, tile.right) for tile in tiles])
-    # PatchCore: one nearest-neighbour pass over all the task's tiles (fewer, larger matrix products)
-    grids = (detector.image_scores_and_grids(features) if isinstance(detector, PatchCore)
+    # PatchCore: one nearest-neighbour pass over all the task's tiles (fewer, larger matrix products),
+    # eq. 7 only for the tile that can hold the image's score (the others' "weighted" is None)
+    grids = (detector.tile_scores_and_grids(features) if isinstance(detector, PatchCore)
              else [score_grid(detector, item) for item in features])
     return [{"tile": tile, "grid": grid.astype(np.float32), "max": float(grid.max()), "weighted": tile_score,
              "input_shape": item.input_shape,

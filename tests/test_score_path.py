@@ -96,7 +96,7 @@ def test_the_ranked_distances_stay_within_their_stated_bound(precision):
         queries = (rng.standard_normal((200, dims)) * scale).astype(np.float32)
         ranking = _Ranking.of(memory.astype(np.float64), slice(None), precision=precision)
         bits, query_norms = ranking.distances(queries.astype(np.float64))   # memory rows by padded queries
-        computed = _as_float(bits[:, :len(queries)].T).astype(np.float64)
+        computed = _as_float(bits[:len(memory), :len(queries)].T).astype(np.float64)   # less the padding's
         exact = ((queries[:, None, :].astype(np.float64) - memory[None]) ** 2).sum(-1)
         u = FORMATS[precision].roundoff
         allowed = ranking.error(query_norms[:, None], ranking.norms[None]) + np.abs(computed) * u / (1 - u)
@@ -248,7 +248,7 @@ def test_the_projected_distances_stay_within_the_bound_the_candidates_rest_on(pr
     projection = _Projection.of(memory - centre, slice(None), 512, precision)
     part = np.ascontiguousarray((queries - centre).astype(np.float32))
     bits, query_norms = projection.ranking.distances_by_query(part @ projection.basis)
-    computed = _as_float(bits[:len(queries)]).astype(np.float64)
+    computed = _as_float(bits[:len(queries), :len(memory)]).astype(np.float64)   # less the padding's
     true = np.sqrt(((queries[:, None, :] - memory[None]) ** 2).sum(-1))
     u, ranking = FORMATS[precision].roundoff, projection.ranking
     slack = np.abs(computed) * u / (1 - u) + ranking.error(query_norms[:, None], ranking.norms[None])
@@ -391,13 +391,38 @@ def test_a_large_memory_gets_smaller_query_blocks_and_the_same_answers():
         patchcore.BLOCK_BYTES = saved
 
 
-def test_true_places_found_among_words_are_flatnonzeros():
-    from patchwatch.anomaly.patchcore import _flat_true
+@pytest.mark.parametrize("by_query", [False, True])
+@pytest.mark.parametrize("dtype", [np.int16, np.int32])
+def test_results_found_through_chunk_minima_are_those_of_the_whole_matrix(by_query, dtype):
+    """_Results reads only the chunks whose minimum reaches a query's limit: each query's smallest
+    result, a row holding it, and every result within its limit must be the whole matrix's, the
+    padding rows and the padding queries never among them."""
+    from patchwatch.anomaly.patchcore import CHUNK_ROWS, _as_float, _bits_at_least, _Results
 
     rng = np.random.default_rng(8)
-    for shape, share in (((300, 64), 0.001), ((64, 128), 0.3), ((8, 64), 0.0), ((8, 64), 1.0)):
-        mask = rng.random(shape) < share
-        np.testing.assert_array_equal(_flat_true(mask), np.flatnonzero(mask))
+    rows, count, padded_queries = 3 * CHUNK_ROWS - 11, 50, 64
+    values = rng.exponential(10.0, (rows, padded_queries)).astype(np.float32)
+    values[rng.random(values.shape) < 0.02] = -1e-6      # negative rounding of 0 here and there
+    values[:, 7] = values[5, 7]                           # a query whose every result ties
+    padded = np.vstack([values, np.full((3 * CHUNK_ROWS - rows, padded_queries), 2.0 ** 100, np.float32)])
+    bits = padded.view(np.int32) if dtype == np.int32 else (padded.view(np.int32) >> 16).astype(np.int16)
+    exact = _as_float(bits[:rows, :count])                # what each result is, as the matrix holds it
+    matrix = np.ascontiguousarray(bits.T) if by_query else bits
+    results = _Results(matrix, by_query, rows)
+
+    np.testing.assert_array_equal(results.smallest(count), bits[:rows, :count].min(0))
+    found = results.a_smallest_row(count)
+    np.testing.assert_array_equal(bits[found, np.arange(count)], bits[:rows, :count].min(0))
+
+    loose = np.quantile(exact, 0.03, axis=0).astype(np.float64)
+    loose[3], loose[11] = np.nan, np.inf                  # NaN features: nothing but -0.0
+    line, row, value = results.within(loose)
+    expected_line, expected_row = np.nonzero(
+        (bits[:rows, :count] <= _bits_at_least(np.maximum(np.nan_to_num(loose, posinf=1.0), 2.0 ** -100), bits.dtype)).T
+        & np.isfinite(loose)[:, None])
+    assert sorted(zip(line, row)) == sorted(zip(expected_line, expected_row))
+    np.testing.assert_array_equal(value, exact[row, line])
+    assert row.max() < rows and len(set(line)) > count // 2 and not {3, 11} & set(line)
 
 
 def test_query_blocks_are_padded_to_a_few_row_counts():
@@ -534,6 +559,38 @@ def test_image_scores_from_the_worst_patches_alone_equal_those_from_every_patchs
         assert found.scores[k] == scores[found.patches[k]] and found.rows[k] == nearest[found.patches[k]]
     if case == "tied worst patches":
         assert found.patches[1] == 60 and found.patches[2] == 70         # 61+4 tied at 70..73 and 80..82
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
+@pytest.mark.parametrize("case", ["clusters", "tied largest map values", "a NaN tile", "no map split"])
+def test_tiles_get_every_grid_and_the_image_score_from_the_first_tile_holding_the_largest(case, precision):
+    """A tiled image's score is that of its tile holding the largest grid value (the first of ties,
+    as the stitch-map task's max() picks): tile_scores_and_grids gives every tile's grid, and that
+    tile's eq. 7 score alone, equal to what image_scores_and_grids gives every tile."""
+    from patchwatch.anomaly.patchcore import PatchCore, PatchCoreConfig
+
+    rng = np.random.default_rng(11)
+    dims, rows, sizes = 40, 1200, [64, 64, 64, 64, 64, 64]
+    centres = rng.standard_normal((8, dims)) * 3 + 10
+    memory = (centres[rng.integers(0, 8, rows)] + 0.5 * rng.standard_normal((rows, dims))).astype(np.float32)
+    patches = (centres[rng.integers(0, 8, sum(sizes))] + 0.6 * rng.standard_normal((sum(sizes), dims))).astype(np.float32)
+    patches[200] += 30.0                                   # tile 3 holds the largest
+    if case == "tied largest map values":                 # tile 1 holds the same patch: the first wins
+        patches[100] = patches[200]
+    elif case == "a NaN tile":                            # after the first tile, max() passes over NaN
+        patches[4 * 64 + 10] = np.nan
+    model = PatchCore(memory, PatchCoreConfig(map_dims=0 if case == "no map split" else 20, num_neighbors=9),
+                      precision=precision)
+    bounds = np.cumsum([0] + sizes)
+    features = [PatchFeatures_of(patches[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    every = model.image_scores_and_grids(features)
+    got = model.tile_scores_and_grids(features)
+    for (score, grid), (expected_score, expected_grid) in zip(got, every):
+        np.testing.assert_array_equal(grid, expected_grid)
+    best = max(range(len(every)), key=lambda k: float(every[k][1].max()))
+    assert best == (1 if case == "tied largest map values" else 3)
+    assert [k for k, (score, _) in enumerate(got) if score is not None] == [best]
+    assert got[best][0] == every[best][0]
 
 
 def PatchFeatures_of(vectors):

@@ -9,6 +9,7 @@ import tifffile
 import zarr
 from PIL import Image
 
+import patchwatch
 from patchwatch.anomaly.tiling import GridStitcher, Tile, blocks, render_block, tile_grid
 
 from .conftest import MTD, MTD_SPLIT, mtd_available
@@ -109,6 +110,9 @@ def test_defect_pasted_into_a_mosaic_is_where_the_full_resolution_map_peaks(fitt
     margin = 32
     assert top - margin <= row < bottom + margin and left - margin <= col < right + margin
     assert len(list((out / "previews").rglob("*.png"))) == 1
+    # eq. 7 ran only in the tile that can give the image's score: the score the API gives in one pass
+    assert scores.set_index("image_id")["score"]["mosaic.tif"] == pytest.approx(
+        patchwatch.load(root).score(canvas).score, rel=1e-5)
 
 
 def test_uniform_nominal_image_shows_no_seams_along_tile_borders(fitted_on_mtd):
