@@ -16,7 +16,7 @@ from .padim import Padim
 from .patchcore import PatchCore
 from .settings import mirror_views
 from .spade import Spade
-from .tiling import Tile, TilingConfig, stitch_grids, tile_grid, tile_sigma
+from .tiling import Tile, TilingConfig, holding_the_largest, stitch_grids, tile_grid, tile_sigma
 
 
 def image_views(image: np.ndarray, tiling: TilingConfig | None) -> list[tuple[Tile | None, np.ndarray]]:
@@ -72,8 +72,7 @@ def score_features(detector, views: list[tuple[Tile | None, PatchFeatures]], ima
               else [score_grid(detector, features) for _, features in views])
     grids = [grid for _, grid in scored]
     stitcher = stitch_grids(image_shape, [tile for tile, _ in views], grids, tiling.overlap)
-    # the tile holding the max patch, chosen as the stitch-map task chooses it (max(): the first)
-    best_score = scored[max(range(len(grids)), key=lambda k: float(grids[k].max()))][0]
+    best_score = scored[holding_the_largest([float(grid.max()) for grid in grids])][0]  # as stitch-map picks it
     first = views[0][1]
     sigma_px = tile_sigma(sigma, first.image_shape, first.input_shape)
     return Scored(best_score, StitchedMap(stitcher.grid(), stitcher.stride, image_shape, sigma_px).whole())

@@ -95,6 +95,13 @@ def stitch_grids(shape: tuple[int, int], tiles: list[Tile], grids: list[np.ndarr
     return stitcher
 
 
+def holding_the_largest(maxima: list[float]) -> int:
+    """The tile whose score a tiled image takes, given each tile's largest grid value: the first
+    holding the largest, or the first with a NaN one (NaN features score NaN, as a whole image's
+    do). The same tile whether chosen among all the tiles or, first, among each task's."""
+    return max(range(len(maxima)), key=lambda k: (bool(np.isnan(maxima[k])), maxima[k]))
+
+
 def tile_sigma(sigma: float, tile_shape: tuple[int, int], input_shape: tuple[int, int]) -> float:
     """The map's smoothing in image pixels: ``sigma`` is in network-input pixels, and each tile
     reached the network resized to ``input_shape``."""

@@ -359,7 +359,7 @@ def mosaic(images: list[np.ndarray], side: int, cell: int = 512) -> np.ndarray:
 def profile_tiled(extractor, model, image: np.ndarray, store) -> dict:
     """The score-tiles and stitch-map tasks' work on ``image``, per path."""
     from patchwatch.anomaly.maps import StitchedMap
-    from patchwatch.anomaly.tiling import TilingConfig, blocks, stitch_grids, tile_grid, tile_sigma
+    from patchwatch.anomaly.tiling import TilingConfig, blocks, holding_the_largest, stitch_grids, tile_grid, tile_sigma
     from patchwatch.storage.results_store import MAP_CHUNK, largest_magnitude
     from patchwatch.tasks.tiles import _preview
 
@@ -409,7 +409,7 @@ def profile_tiled(extractor, model, image: np.ndarray, store) -> dict:
             else:
                 values = timed(clock, "render", rendered.block, block.top, block.left, block.bottom, block.right)
                 timed(clock, "zarr", writer.write_block, block.top, block.left, values)
-        best = max(items, key=lambda item: item["max"])
+        best = items[holding_the_largest([item["max"] for item in items])]
         preview = before_preview if path == "before" else _preview
         timed(clock, "preview", preview, grid, float(np.percentile(grid, 50)), float(grid.max()))
         location = store.map_url(f"{path}-large", f"{path}-large" if path == "before" else "large", "v")

@@ -12,7 +12,7 @@ from patchwatch.anomaly.features import FeatureConfig
 from patchwatch.anomaly.maps import StitchedMap, heatmap_overlay
 from patchwatch.anomaly.patchcore import PatchCore
 from patchwatch.anomaly.settings import mirror_views
-from patchwatch.anomaly.tiling import Tile, blocks, stitch_grids, tile_sigma
+from patchwatch.anomaly.tiling import Tile, blocks, holding_the_largest, stitch_grids, tile_sigma
 from patchwatch.storage.images import TIFF_SUFFIXES, ImageReadError, LargeImage, remove_staged, stage_image, staged_location
 from patchwatch.storage.model_store import FeatureBank
 from patchwatch.storage.results_store import MAP_CHUNK, ResultStore, largest_magnitude, map_key
@@ -144,7 +144,7 @@ def stitch_map_task(results: str, image_id: str, uri: str, version: str, shape: 
     for start in range(0, len(every_block), BLOCKS_TOGETHER):
         writer.write_blocks([(block.top, block.left, rendered.block(block.top, block.left, block.bottom, block.right))
                              for block in every_block[start:start + BLOCKS_TOGETHER]])
-    best = max(tile_scores, key=lambda item: item["max"])  # the image's max patch, eq. 7 weighted
+    best = tile_scores[holding_the_largest([item["max"] for item in tile_scores])]  # its max patch, eq. 7 weighted
     preview = _preview(grid, float(np.percentile(grid, 50)), float(grid.max()))
     preview_url = out.write_file(f"previews/{map_key(image_id, uri, version)}.png", preview)
     return {"image_id": image_id, "score": best["weighted"], "height": shape[0], "width": shape[1],

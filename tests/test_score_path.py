@@ -564,9 +564,9 @@ def test_image_scores_from_the_worst_patches_alone_equal_those_from_every_patchs
 @pytest.mark.parametrize("precision", ["bfloat16", "float32"])
 @pytest.mark.parametrize("case", ["clusters", "tied largest map values", "a NaN tile", "no map split"])
 def test_tiles_get_every_grid_and_the_image_score_from_the_first_tile_holding_the_largest(case, precision):
-    """A tiled image's score is that of its tile holding the largest grid value (the first of ties,
-    as the stitch-map task's max() picks): tile_scores_and_grids gives every tile's grid, and that
-    tile's eq. 7 score alone, equal to what image_scores_and_grids gives every tile."""
+    """A tiled image's score is that of its tile holding the largest grid value (the first of ties;
+    the first NaN one before all, as the stitch-map task picks): tile_scores_and_grids gives every
+    tile's grid, and that tile's eq. 7 score alone, equal to what image_scores_and_grids gives."""
     from patchwatch.anomaly.patchcore import PatchCore, PatchCoreConfig
 
     rng = np.random.default_rng(11)
@@ -577,7 +577,7 @@ def test_tiles_get_every_grid_and_the_image_score_from_the_first_tile_holding_th
     patches[200] += 30.0                                   # tile 3 holds the largest
     if case == "tied largest map values":                 # tile 1 holds the same patch: the first wins
         patches[100] = patches[200]
-    elif case == "a NaN tile":                            # after the first tile, max() passes over NaN
+    elif case == "a NaN tile":                            # NaN features: the image scores NaN
         patches[4 * 64 + 10] = np.nan
     model = PatchCore(memory, PatchCoreConfig(map_dims=0 if case == "no map split" else 20, num_neighbors=9),
                       precision=precision)
@@ -587,10 +587,29 @@ def test_tiles_get_every_grid_and_the_image_score_from_the_first_tile_holding_th
     got = model.tile_scores_and_grids(features)
     for (score, grid), (expected_score, expected_grid) in zip(got, every):
         np.testing.assert_array_equal(grid, expected_grid)
-    best = max(range(len(every)), key=lambda k: float(every[k][1].max()))
-    assert best == (1 if case == "tied largest map values" else 3)
+    best = {"tied largest map values": 1, "a NaN tile": 4}.get(case, 3)
     assert [k for k, (score, _) in enumerate(got) if score is not None] == [best]
-    assert got[best][0] == every[best][0]
+    if case == "a NaN tile":
+        assert np.isnan(got[best][0]) and np.isnan(every[best][0])
+    else:
+        assert got[best][0] == every[best][0]
+
+
+def test_the_tile_chosen_among_all_is_the_one_chosen_first_within_its_task():
+    """Score-tiles tasks choose among their own tiles, stitch-map among all: the image's tile must
+    be its task's choice, whatever the ties and NaN values, so its eq. 7 score exists."""
+    from patchwatch.anomaly.tiling import holding_the_largest
+
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        maxima = list(rng.choice([1.0, 2.0, 3.0, np.nan], size=int(rng.integers(1, 40)), p=[0.4, 0.3, 0.25, 0.05]))
+        tasks = [maxima[start:start + 5] for start in range(0, len(maxima), 5)]
+        chosen = [start + holding_the_largest(task) for start, task in zip(range(0, len(maxima), 5), tasks)]
+        best = holding_the_largest(maxima)
+        assert best in chosen
+        expected = (next(k for k, value in enumerate(maxima) if np.isnan(value)) if np.isnan(maxima).any()
+                    else int(np.argmax(maxima)))   # the first NaN, else the first largest
+        assert best == expected
 
 
 def PatchFeatures_of(vectors):
