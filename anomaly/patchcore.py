@@ -263,7 +263,7 @@ class _Projection:
     exactly, as :meth:`PatchCore._nearest_over` compares its candidates: the same nearest rows and
     distances as the unprojected ranking. The residual's norm, one more column of the product,
     keeps fewer candidates than the axes alone (MTD's images 3.30 against 4.00 a patch, tiles of a
-    4096 px MTD mosaic 8.5 against 11.7); a query's comes from norms (||x||^2 - ||B^T x||^2, in
+    2048 px MTD mosaic 8.5 against 11.7); a query's comes from norms (||x||^2 - ||B^T x||^2, in
     float64) with a bound on its error: from its residual vector it had cost what it saved."""
 
     columns: slice
@@ -366,7 +366,7 @@ class _Results:
     within a limit, then lie only in the chunks whose smallest reaches them (a few of MTD's 126),
     read there alone: the matrix's other passes (a search for each column's minimum, a test of
     every result against a limit) had taken half the product's time after it (the minimum's row
-    alone 1.26 ms a block of 256 MTD queries, 0.36 through chunks)."""
+    alone 1.26 ms a block of 256 MTD queries, 0.34 through chunks)."""
 
     def __init__(self, bits: np.ndarray, by_query: bool, rows: int):
         self.by_query, self.rows, self.dtype = by_query, rows, bits.dtype
@@ -428,6 +428,11 @@ def _bits_at_least(values: np.ndarray, dtype) -> np.ndarray:
     if np.dtype(dtype) == np.int32:
         return bits
     return ((bits + 0xFFFF) >> 16).astype(np.int16)
+
+
+def _stacked(features: list[PatchFeatures]) -> tuple[np.ndarray, np.ndarray]:
+    """Every image's patch vectors in one array, and where each image's start (and the last ends)."""
+    return np.concatenate([f.vectors for f in features]), np.cumsum([0] + [len(item.vectors) for item in features])
 
 
 # patches per image whose full-vector nearest neighbour PatchCore.worst_patches finds first
@@ -540,7 +545,8 @@ class PatchCore:
         return self._full_projection or self._full
 
     def _map_pass(self) -> "_Ranking | _Projection":
-        return self._map_projection or self._head
+        """The map's pass: the full vectors' where the map takes every dimension."""
+        return self._map_projection or self._head or self._full_pass()
 
     def _nearest_over(self, ranking: "_Ranking | _Projection", queries: np.ndarray, centred: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray]:
@@ -609,20 +615,23 @@ class PatchCore:
         score, so the full vectors' exact pass runs on each image's FIRST_ROUND patches with the
         largest such bounds, then on any other whose bound reaches the largest score found (MTD:
         ~8 % of the patches in all)."""
-        bounds = np.asarray(bounds, np.int64)
-        if self._head is None:
-            scores, rows, map_scores = self.nearest(vectors)
-            worst = np.array([start + int(np.argmax(scores[start:stop]))
-                              for start, stop in zip(bounds[:-1], bounds[1:])], np.int64)
-            return WorstPatches(map_scores, worst, scores[worst], rows[worst])
+        queries, centred, map_scores, map_rows = self._map_distances(vectors)
+        return WorstPatches(map_scores, *self._worst_given_map(queries, centred, np.asarray(bounds, np.int64),
+                                                               map_scores, map_rows))
+
+    def _map_distances(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(the queries in float32, centred, every patch's map distance, its map-nearest row)."""
         queries = np.ascontiguousarray(vectors, dtype=np.float32)
         centred = queries - self._centre
-        map_scores, map_rows = self._nearest_blocks(self._map_pass(), queries, centred)
-        return WorstPatches(map_scores, *self._worst_given_map(queries, centred, bounds, map_rows))
+        return (queries, centred) + self._nearest_blocks(self._map_pass(), queries, centred)
 
-    def _worst_given_map(self, queries: np.ndarray, centred: np.ndarray, bounds: np.ndarray, map_rows: np.ndarray
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`worst_patches`' (patches, scores, rows) given every patch's map-nearest row."""
+    def _worst_given_map(self, queries: np.ndarray, centred: np.ndarray, bounds: np.ndarray, map_scores: np.ndarray,
+                         map_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`worst_patches`' (patches, scores, rows) given every patch's map distance and row."""
+        if self._head is None:   # the map's distances are the full vectors'
+            worst = np.array([start + int(np.argmax(map_scores[start:stop]))
+                              for start, stop in zip(bounds[:-1], bounds[1:])], np.int64)
+            return worst, map_scores[worst], map_rows[worst]
         upper = np.sqrt(((queries - self.memory[map_rows]) ** 2).sum(1, dtype=np.float32))
         image = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
         # by image, then the largest bound first (non-finite ones, NaN features, before all)
@@ -670,17 +679,20 @@ class PatchCore:
         few hundred rows than on one MTD image's ~100 (bench/results/score_profile.md)."""
         if not features:
             return []
-        vectors = np.concatenate([f.vectors for f in features])
-        bounds = np.cumsum([0] + [len(item.vectors) for item in features])
+        vectors, bounds = _stacked(features)
         found = self.worst_patches(vectors, bounds)
-        # eq. 7's m* of every image, their neighbourhoods in one ranked pass (a faiss search each
-        # took ~0.6 ms)
+        return [(score, found.map_scores[bounds[k]:bounds[k + 1]].reshape(item.grid))
+                for k, (score, item) in enumerate(zip(self._weighted(vectors, found.patches, found.scores, found.rows),
+                                                      features))]
+
+    def _weighted(self, vectors: np.ndarray, patches: np.ndarray, scores: np.ndarray, rows: np.ndarray) -> list[float]:
+        """Eq. 7's score of each image given its worst patch (an index into ``vectors``), that
+        patch's distance and nearest row: the rows' neighbourhoods in one ranked pass (a faiss
+        search each took ~0.6 ms)."""
         count = min(self.config.num_neighbors, len(self.memory))
-        supports = self.neighbourhoods(found.rows, count) if count >= 2 else [None] * len(features)
-        return [(reweight_image_score(vectors[found.patches[k:k + 1]], found.scores[k:k + 1], found.rows[k:k + 1],
-                                      self.memory, self.index, self.config.num_neighbors, supports[k]),
-                 found.map_scores[bounds[k]:bounds[k + 1]].reshape(item.grid))
-                for k, item in enumerate(features)]
+        supports = self.neighbourhoods(rows, count) if count >= 2 else [None] * len(rows)
+        return [reweight_image_score(vectors[patches[k:k + 1]], scores[k:k + 1], rows[k:k + 1], self.memory,
+                                     self.index, self.config.num_neighbors, supports[k]) for k in range(len(rows))]
 
     def tile_scores_and_grids(self, features: list[PatchFeatures]) -> list[tuple[float | None, np.ndarray]]:
         """The patch-score grids of some tiles of one image, and the image score (eq. 7) of only
@@ -691,28 +703,14 @@ class PatchCore:
         to every tile's)."""
         if not features:
             return []
-        vectors = np.concatenate([f.vectors for f in features])
-        bounds = np.cumsum([0] + [len(item.vectors) for item in features])
-        if self._head is None:   # the map's pass is the full vectors': every tile's worst patch comes with it
-            found = self.worst_patches(vectors, bounds)
-            map_scores = found.map_scores
-        else:
-            queries = np.ascontiguousarray(vectors, dtype=np.float32)
-            centred = queries - self._centre
-            map_scores, map_rows = self._nearest_blocks(self._map_pass(), queries, centred)
+        vectors, bounds = _stacked(features)
+        queries, centred, map_scores, map_rows = self._map_distances(vectors)
         grids = [map_scores[bounds[k]:bounds[k + 1]].reshape(item.grid) for k, item in enumerate(features)]
         best = holding_the_largest([float(grid.max()) for grid in grids])
-        if self._head is None:
-            patch, score, row = found.patches[best:best + 1], found.scores[best:best + 1], found.rows[best:best + 1]
-        else:
-            start, stop = bounds[best], bounds[best + 1]
-            patch, score, row = self._worst_given_map(queries[start:stop], centred[start:stop],
-                                                      np.array([0, stop - start]), map_rows[start:stop])
-            patch = patch + start
-        count = min(self.config.num_neighbors, len(self.memory))
-        support = self.neighbourhoods(row, count)[0] if count >= 2 else None
-        weighted = reweight_image_score(vectors[patch], score, row, self.memory, self.index,
-                                        self.config.num_neighbors, support)
+        tile = slice(bounds[best], bounds[best + 1])
+        found = self._worst_given_map(queries[tile], centred[tile], np.array([0, tile.stop - tile.start]),
+                                      map_scores[tile], map_rows[tile])
+        weighted = self._weighted(vectors[tile], *found)[0]
         return [(weighted if k == best else None, grid) for k, grid in enumerate(grids)]
 
     def neighbourhoods(self, rows: np.ndarray, count: int) -> np.ndarray:
