@@ -94,7 +94,7 @@ def run_on_dask(flow_function, address: str, **parameters):
     """Run ``flow_function`` with its tasks on the Dask cluster at ``address``."""
     from prefect_dask import DaskTaskRunner
 
-    _sanitise_worker_logs(address)
+    _set_up_worker_logging(address)
     return run_and_link(flow_function.with_options(task_runner=DaskTaskRunner(address=address)), **parameters)
 
 
@@ -214,14 +214,14 @@ def install_log_sanitiser() -> None:
     logging.setLogRecordFactory(factory)
 
 
-def _sanitise_worker_logs(address: str) -> None:
+def _set_up_worker_logging(address: str) -> None:
     from distributed import Client
 
-    from .worker_plugins import LogSanitiser
+    from .worker_plugins import WorkerLogging
 
     try:
         with Client(address, timeout=60) as client:
-            client.register_plugin(LogSanitiser(), name=LogSanitiser.name)
+            client.register_plugin(WorkerLogging(), name=WorkerLogging.name)
     except OSError as error:  # the task runner will say it better
         logger.debug("could not register the log sanitiser on %s: %s", address, error)
 

@@ -344,6 +344,43 @@ def test_13_a_cluster_that_does_not_shut_down_in_time_is_a_warning(monkeypatch, 
             raise KeyError("flow failed")
 
 
+def test_13_a_heartbeat_cut_off_by_its_workers_own_shutdown_prints_no_traceback():
+    """CI saw a failed run's output end in a worker's 'Failed to communicate with scheduler during
+    heartbeat' and its traceback: a heartbeat in flight while the worker closes its connections
+    (dask/distributed#7105). Said while the worker runs, it is still said in full."""
+    from distributed.comm.core import CommClosedError
+    from distributed.core import Status
+
+    from patchwatch.flows.worker_plugins import WorkerLogging
+
+    class StandInWorker:
+        status = Status.running
+
+    def heartbeat_fails(log):
+        try:
+            raise CommClosedError("in <TCP (closed) ConnectionPool.heartbeat_worker>: Stream is closed")
+        except OSError:  # distributed.worker.Worker.heartbeat's own words
+            log.exception("Failed to communicate with scheduler during heartbeat.")
+
+    worker = StandInWorker()
+    plugin = WorkerLogging()
+    plugin.setup(worker)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log = logging.getLogger("distributed.worker")
+    log.addHandler(handler)
+    try:
+        worker.status = Status.closing
+        heartbeat_fails(log)
+        assert stream.getvalue() == ""
+        worker.status = Status.running
+        heartbeat_fails(log)
+        assert "Failed to communicate" in stream.getvalue() and "Traceback" in stream.getvalue()
+    finally:
+        log.removeHandler(handler)
+        plugin.teardown(worker)
+
+
 # --------------------------------------------------------------------------- 14. what a split CSV may name
 
 
