@@ -438,3 +438,25 @@ def test_negative_and_offset_scores_bin_like_any_others(offset):
     bounds = curves.error_bounds()
     assert abs(curves.pixel_auroc() - pixel_auroc_exact(masks, shifted)) <= bounds["pixel_auroc"] < TOLERANCE
     assert abs(curves.aupro() - aupro_exact(masks, shifted)) <= bounds["aupro"] < TOLERANCE
+
+
+@pytest.mark.parametrize("width_exponent", [-20, -14, -3, 0, 4])
+def test_every_score_falls_in_the_bin_of_its_exact_quotient(width_exponent):
+    """A score's bin is floor(score / width) taken exactly, on and next to bin edges, near 0 and
+    where the quotient nears 2^23 and 2^31 (float32's integers, int32's range)."""
+    width = math.ldexp(1.0, width_exponent)
+    rng = np.random.default_rng(width_exponent + 40)
+    quotients = np.concatenate([np.arange(0, 64), rng.integers(0, 1 << 16, 500),
+                                [2**22 - 1, 2**22, 2**23 - 2, 2**23 - 1, 2**23, 2**23 + 2, 2**24, 2**30, 2**31 - 256]])
+    on_edges = quotients.astype(np.float64) * width
+    scores = np.concatenate([on_edges, np.nextafter(on_edges.astype(np.float32), np.float32(np.inf)),
+                             np.nextafter(on_edges.astype(np.float32), np.float32(0)),
+                             rng.uniform(0, 2**16 * width, 2000)]).astype(np.float32)
+    for part in (scores[scores < 2**16 * width], scores[scores < 2**23 * width], scores):  # below 2^16, 2^23, all
+        curves = PixelCurves()
+        curves.width = width
+        low, high = float(part.min()), float(part.max())
+        offset = math.floor(low / width)
+        index = curves._bin_index(part, low, high, offset)
+        expected = np.floor(part.astype(np.float64) / width).astype(np.int64) - offset
+        np.testing.assert_array_equal(index, expected)
