@@ -115,6 +115,24 @@ def test_anomaly_map_equals_upsampling_then_gaussian_smoothing(grid_shape, image
     np.testing.assert_allclose(amap, expected, rtol=0, atol=MAP_RTOL * grid.max())
 
 
+@pytest.mark.parametrize("mode", ["reflect", "nearest"])
+@pytest.mark.parametrize("pixels, cells, sigma", [
+    (293, 9, 7.9), (120, 4, 8.3), (37, 2, 30.0),  # filtered whole (WHOLE_AXIS_SAMPLES)
+    (373, 23, 4.1), (2048, 64, 8.0),               # in windows
+])
+def test_an_axis_is_its_hats_gaussian_filtered_whole_bit_for_bit(pixels, cells, sigma, mode):
+    """Whole or in windows, with the weights built once a sigma: scipy's gaussian_filter1d of every
+    column, the definition, to the bit."""
+    from scipy.ndimage import gaussian_filter1d
+
+    from patchwatch.anomaly.maps import _smoothed
+
+    identity = torch.eye(cells, dtype=torch.float64)[None]
+    hats = F.interpolate(identity, size=pixels, mode="linear", align_corners=False)[0].T.numpy()
+    expected = gaussian_filter1d(hats, sigma, axis=0, mode=mode).astype(np.float32)
+    np.testing.assert_array_equal(_smoothed(hats, sigma, mode), expected)
+
+
 @pytest.mark.parametrize("grid_shape, stride, image_shape, sigma, side", [
     ((40, 50), 16, (640, 800), 4.0, 128),
     ((47, 33), 32, (1500, 1040), 8.0, 512),      # partial last cells and blocks
