@@ -351,6 +351,7 @@ def test_13_a_heartbeat_cut_off_by_its_workers_own_shutdown_prints_no_traceback(
     from distributed.comm.core import CommClosedError
     from distributed.core import Status
 
+    from patchwatch.flows import worker_plugins
     from patchwatch.flows.worker_plugins import WorkerLogging
 
     class StandInWorker:
@@ -379,6 +380,7 @@ def test_13_a_heartbeat_cut_off_by_its_workers_own_shutdown_prints_no_traceback(
     finally:
         log.removeHandler(handler)
         plugin.teardown(worker)
+        log.removeFilter(worker_plugins._closing_heartbeats)  # this process is no Dask worker
 
 
 # --------------------------------------------------------------------------- 14. what a split CSV may name
