@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from scipy.ndimage import correlate1d
 
 
-# an axis of at most this many (pixels x cells) samples is filtered whole: one correlate1d call
-# costs less than the windows' indexing there (MTD's axes, 150-450 px of 5-14 cells, each new: 0.18
-# against 0.22 ms an axis with the weights built once a sigma, medians of alternated runs)
+# an axis of at most this many (pixels x cells) samples is filtered whole, without the windows'
+# indexing. With the weights built once a sigma, MTD's axes (150-450 px of 5-14 cells, each new)
+# took 0.18 against 0.22 ms (medians of 5 alternated runs); the limit itself was not tuned (at
+# 512 x 16 the two ways measured within the noise)
 WHOLE_AXIS_SAMPLES = 1 << 13
 
 

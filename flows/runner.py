@@ -223,7 +223,7 @@ def _set_up_worker_logging(address: str) -> None:
         with Client(address, timeout=60) as client:
             client.register_plugin(WorkerLogging(), name=WorkerLogging.name)
     except OSError as error:  # the task runner will say it better
-        logger.debug("could not register the log sanitiser on %s: %s", address, error)
+        logger.debug("could not register the worker logging plugin on %s: %s", address, error)
 
 
 # --------------------------------------------------------------------------- Prefect API
