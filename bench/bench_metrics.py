@@ -8,7 +8,8 @@ The maps are real: PatchCore with the defaults, fitted with the pure engine on t
 rows (no hold-out), scores the test rows once; the maps go to a result store in --work, written as
 the scoring flow writes them (``ResultStore.write_map``: Zarr arrays, 512 x 512 chunks, Blosc LZ4;
 kept for reruns), and every variant reads them from there one at a time, as ``flows/evaluate.py``
-does (``ResultStore.read_map``), masks from the data set's PNGs. Each variant runs in a fresh process:
+does (``ResultStore.read_map``), masks from the data set's PNGs. Each variant runs in a fresh process
+that has first imported the evaluate flow, as ``patchwatch evaluate``'s has (:func:`run_variant`):
 
 - old: read every map and mask into lists, then ``evaluate_detection_exact`` (the flow's former
   metrics path; it also kept the maps for the overlays);
@@ -309,7 +310,8 @@ def measure(split: str, limit: int | None = None, test_limit: int | None = None,
         f"images scored ({info['score_s']:.0f} s, the maps' writes included), {info['pixels'] / 1e6:.1f} M map pixels; "
         "written as the scoring flow writes them (ResultStore.write_map: Zarr, Blosc LZ4) and read one at a time by "
         "every variant as the evaluate flow reads them (ResultStore.read_map; before: through zarr), masks from the "
-        "split's PNGs",
+        "split's PNGs; each variant in a fresh process that first imported the evaluate flow, as "
+        "`patchwatch evaluate`'s process has (torch among its modules: float16 maps widened through it)",
         "4x: every test image four times (the same maps, read again): exact pixel AUROC and AUPRO do not change "
         "under repetition, so the 4x deltas are against the 1x exact figures",
         "max |Δ|: the largest |new - old 1x| over the overall figure and each defect type's (good images + that "
