@@ -59,8 +59,8 @@ FULL = {"runtime_rounds": 7, "runtime_images": 0, "runtime_train": 100, "runtime
         "metrics_train": 0, "metrics_test": 0, "metrics_scales": "1,4",
         "png_side": 12000, "png_repeats": 3, "noop_images": 6, "noop_repeats": 3}
 NOOP_LIMIT_S = 5.0
-# streamed-metrics runs (each a fresh process), the median kept: one run of ~2 s had ranged 1.4-3.2 s
-# on a busy host
+# streamed-metrics runs (each a fresh process), the median kept: on a busy host one run of MTD's 581
+# maps ranged 1.36-2.32 s over 6 such processes (1.61-3.24 s without the evaluate flow's imports)
 METRICS_ROUNDS = 3
 
 

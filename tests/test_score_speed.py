@@ -115,22 +115,36 @@ def test_anomaly_map_equals_upsampling_then_gaussian_smoothing(grid_shape, image
     np.testing.assert_allclose(amap, expected, rtol=0, atol=MAP_RTOL * grid.max())
 
 
+def _axis_sizes() -> list[tuple[int, int, float]]:
+    """Named cases, then 60 drawn ones spanning what any data set's maps can ask for: 2-3,000
+    pixels, 1-200 cells (a stride of 2-64 pixels), sigma 0.3-40 pixels, whole axes and windows."""
+    named = [(293, 9, 7.9), (120, 4, 8.3), (37, 2, 30.0),   # filtered whole (WHOLE_AXIS_SAMPLES)
+             (373, 23, 4.1), (2048, 64, 8.0)]               # in windows
+    rng = np.random.default_rng(15)
+    drawn = []
+    while len(drawn) < 60:
+        pixels = int(np.exp(rng.uniform(np.log(2), np.log(3000))))
+        cells = int(np.clip(pixels / np.exp(rng.uniform(np.log(2), np.log(64))), 1, 200))
+        drawn.append((pixels, cells, round(float(np.exp(rng.uniform(np.log(0.3), np.log(40)))), 3)))
+    return named + drawn
+
+
 @pytest.mark.parametrize("mode", ["reflect", "nearest"])
-@pytest.mark.parametrize("pixels, cells, sigma", [
-    (293, 9, 7.9), (120, 4, 8.3), (37, 2, 30.0),  # filtered whole (WHOLE_AXIS_SAMPLES)
-    (373, 23, 4.1), (2048, 64, 8.0),               # in windows
-])
-def test_an_axis_is_its_hats_gaussian_filtered_whole_bit_for_bit(pixels, cells, sigma, mode):
+def test_an_axis_is_its_hats_gaussian_filtered_whole_bit_for_bit(mode):
     """Whole or in windows, with the weights built once a sigma: scipy's gaussian_filter1d of every
-    column, the definition, to the bit."""
+    column, the definition, to the bit, at every size drawn (so a map is the same whatever the
+    data set's image and grid sizes)."""
     from scipy.ndimage import gaussian_filter1d
 
-    from patchwatch.anomaly.maps import _smoothed
+    from patchwatch.anomaly.maps import WHOLE_AXIS_SAMPLES, _smoothed
 
-    identity = torch.eye(cells, dtype=torch.float64)[None]
-    hats = F.interpolate(identity, size=pixels, mode="linear", align_corners=False)[0].T.numpy()
-    expected = gaussian_filter1d(hats, sigma, axis=0, mode=mode).astype(np.float32)
-    np.testing.assert_array_equal(_smoothed(hats, sigma, mode), expected)
+    sizes = _axis_sizes()
+    assert {pixels * cells <= WHOLE_AXIS_SAMPLES for pixels, cells, _ in sizes} == {True, False}  # both paths
+    for pixels, cells, sigma in sizes:
+        identity = torch.eye(cells, dtype=torch.float64)[None]
+        hats = F.interpolate(identity, size=pixels, mode="linear", align_corners=False)[0].T.numpy()
+        expected = gaussian_filter1d(hats, sigma, axis=0, mode=mode).astype(np.float32)
+        np.testing.assert_array_equal(_smoothed(hats, sigma, mode), expected, err_msg=f"{pixels} x {cells}, sigma {sigma}")
 
 
 @pytest.mark.parametrize("grid_shape, stride, image_shape, sigma, side", [

@@ -352,7 +352,6 @@ def test_13_a_heartbeat_cut_off_by_its_workers_own_shutdown_prints_no_traceback(
     from distributed.core import Status
 
     from patchwatch.flows import worker_plugins
-    from patchwatch.flows.worker_plugins import WorkerLogging
 
     class StandInWorker:
         status = Status.running
@@ -364,7 +363,7 @@ def test_13_a_heartbeat_cut_off_by_its_workers_own_shutdown_prints_no_traceback(
             log.exception("Failed to communicate with scheduler during heartbeat.")
 
     worker = StandInWorker()
-    plugin = WorkerLogging()
+    plugin = worker_plugins.WorkerLogging()
     plugin.setup(worker)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -380,7 +379,9 @@ def test_13_a_heartbeat_cut_off_by_its_workers_own_shutdown_prints_no_traceback(
     finally:
         log.removeHandler(handler)
         plugin.teardown(worker)
-        log.removeFilter(worker_plugins._closing_heartbeats)  # this process is no Dask worker
+        # the filter stays on after its workers' teardown (a late heartbeat must still be dropped);
+        # this process is no Dask worker
+        log.removeFilter(worker_plugins._closing_heartbeats)
 
 
 # --------------------------------------------------------------------------- 14. what a split CSV may name
