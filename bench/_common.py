@@ -143,6 +143,23 @@ def run_fresh(function, *args, **kwargs):
 
 
 # ---- images ---------------------------------------------------------------------------------------
+def one_thread_patchcore_extractor(runtime_name: str | None = None):
+    """(PatchCore's default feature extractor, its runtime) with one thread for torch, faiss and
+    the runtime, as on a Dask worker; ``runtime_name`` None: PATCHWATCH_RUNTIME, else the CPU
+    default."""
+    import faiss
+    import torch
+
+    from patchwatch.anomaly.detectors import default_features
+    from patchwatch.anomaly.features import PatchFeatureExtractor
+    from patchwatch.anomaly.runtime import resolve_runtime
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    runtime = resolve_runtime(runtime_name or os.environ.get("PATCHWATCH_RUNTIME"))
+    return PatchFeatureExtractor(default_features("patchcore"), runtime=runtime, threads=1), runtime
+
+
 def fit_default_patchcore(extractor, uris: list[str]):
     """PatchCore with its default settings fitted in this process on these images' features."""
     from patchwatch.anomaly.detectors import default_features, detector_config, for_features

@@ -484,21 +484,13 @@ def main() -> None:
     args = parser.parse_args()
     allocator = common.as_on_the_workers()
 
-    import faiss
-    import torch
-
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    from patchwatch.anomaly.detectors import default_features
     from patchwatch.anomaly.features import PatchFeatureExtractor
-    from patchwatch.anomaly.runtime import resolve_runtime
     from patchwatch.storage.images import read_image
     from patchwatch.storage.results_store import ResultStore
 
     wall = time.perf_counter()
+    extractor, runtime = common.one_thread_patchcore_extractor(args.runtime)
     machine = common.machine_info()
-    runtime = resolve_runtime(args.runtime or os.environ.get("PATCHWATCH_RUNTIME"))
-    extractor = PatchFeatureExtractor(default_features("patchcore"), runtime=runtime, threads=1)
     test_images = [read_image(r.uri) for r in common.select_records(args.split, "test", args.test_limit)]
     large = mosaic(test_images, args.large_side)
     folder = Path(tempfile.mkdtemp(prefix="score-profile-", dir=args.tmp))
